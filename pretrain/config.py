@@ -1,0 +1,387 @@
+"""One dataclass tree for a run: TOML files plus `--section.key=value` overrides, validated before any work.
+
+    cfg = load_config(["--config", "configs/transformer-tiny.toml", "--optim.lr=1e-3"])
+
+Precedence (later wins): field defaults < the model preset (`model.preset`) < the TOML file < the command
+line. Every field has a default and a one-line docstring; `--help` prints them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "transformer"
+    """Architecture: transformer | fox | gla | rwkv7."""
+    preset: str = ""
+    """Named bundle of defaults applied before the file and command line: '' or 'gpt' (Korthikanti et al. GPT)."""
+    d_model: int = 256
+    """Hidden size h."""
+    n_layers: int = 4
+    """Number of blocks."""
+    n_heads: int = 4
+    """Attention / recurrent heads; d_model must be divisible by it."""
+    vocab_size: int = 257
+    """Embedding rows; at least the tokenizer's vocabulary (257 for the byte tokenizer)."""
+    seq_len: int = 256
+    """Training context length in tokens (also the size of the learned position table)."""
+    norm: str = "rmsnorm"
+    """Normalisation layer: rmsnorm | layernorm."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    mlp: str = "swiglu"
+    """Feed-forward type: swiglu | gelu."""
+    mlp_ratio: float = 8 / 3
+    """Feed-forward hidden size as a multiple of d_model (rounded up to mlp_multiple_of)."""
+    mlp_multiple_of: int = 32
+    """Round the feed-forward hidden size up to a multiple of this (GPU-friendly shapes)."""
+    bias: bool = False
+    """Biases on linear layers and LayerNorm (the GPT preset uses them)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and residual branches."""
+    pos: str = "rope"
+    """Position information: rope | learned | none."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    attn_impl: str = "auto"
+    """Sequence-mixer kernel: auto | sdpa | flex | fla | unfused | torch (auto picks the fastest available)."""
+    pro: bool = False
+    """FoX/Transformer 'Pro' block: output gate, QK-norm, output norm, KV-shift."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the LM head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+
+
+MODEL_PRESETS: dict[str, dict[str, typing.Any]] = {
+    # The GPT of Korthikanti et al. 2022: its activation-memory formulas assume exactly this block.
+    "gpt": dict(arch="transformer", norm="layernorm", mlp="gelu", mlp_ratio=4.0, mlp_multiple_of=1,
+                bias=True, dropout=0.1, pos="learned", attn_impl="unfused", pro=False),
+}
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 0
+    """Data-parallel degree; 0 = every process (world size)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ".data/stdlib"
+    """Directory written by `python -m data.simple` (train.bin, val.bin, meta.json)."""
+    tokenizer: str = "byte"
+    """Tokenizer the data was prepared with: 'byte' or a local tokenizer.json (checked against the data)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: cosine | wsd | constant."""
+    warmup_steps: int = 20
+    """Linear warm-up steps from 0 to the peak."""
+    decay_fraction: float = 0.2
+    """WSD only: the fraction of train.steps spent in the final linear decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (never on norms, biases or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Planned optimizer steps: the horizon of the learning-rate schedule."""
+    global_batch: int = 16
+    """Sequences per optimizer step across all data-parallel ranks."""
+    micro_batch: int = 8
+    """Sequences per forward/backward on one rank; global_batch / (micro_batch * dp) micro-steps accumulate."""
+    exit_after_steps: int = 0
+    """Save a checkpoint and exit after this many steps of this process (0 = run to train.steps)."""
+    exit_after_minutes: float = 0.0
+    """Save a checkpoint and exit once this process has run this long (0 = no limit)."""
+    seed: int = 1234
+    """Seed for initialisation, data order and dropout."""
+    run_dir: str = "runs/default"
+    """Where checkpoints, metrics.jsonl and TensorBoard files go."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU) | cpu | cuda."""
+    dtype: str = "auto"
+    """Compute dtype under autocast: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."""
+    eval_interval: int = 50
+    """Compute validation loss every this many steps (0 = never)."""
+    eval_batches: int = 4
+    """Micro-batches per rank in each validation."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    """Save every this many steps (0 = only at exit)."""
+    keep_last: int = 3
+    """Keep the newest this many checkpoints (0 = keep all)."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in run_dir, if any) | none | a checkpoint directory."""
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10
+    """Log a summary line, metrics.jsonl row and TensorBoard scalars every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run_dir>/tb/."""
+    progress: bool = True
+    """Print the console progress line (rank 0 only)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+CHOICES = {
+    "model.arch": ("transformer", "fox", "gla", "rwkv7"),
+    "model.preset": ("", *MODEL_PRESETS),
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.mlp": ("swiglu", "gelu"),
+    "model.pos": ("rope", "learned", "none"),
+    "model.attn_impl": ("auto", "sdpa", "flex", "fla", "unfused", "torch"),
+    "optim.schedule": ("cosine", "wsd", "constant"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("auto", "bf16", "fp32"),
+}
+
+
+def _section_class(name: str) -> type:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}[name]
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value, typ):
+    """Turn a TOML or command-line value into the field's type, or explain why it cannot be."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                if text.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if text.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return typ(float(text)) if typ is int and "e" in text.lower() else typ(text)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not a valid {typ.__name__}.") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}={value!r} should be a {typ.__name__}, got {type(value).__name__}.")
+    return value
+
+
+def _merge(tree: dict, overrides: dict, origin: str) -> None:
+    """Check `overrides` ({section: {key: value}}) against the schema and merge it into `tree`."""
+    for section, values in overrides.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section [{section}] in {origin}.{_suggest(section, SECTIONS)} "
+                              f"Sections: {', '.join(SECTIONS)}.")
+        if not isinstance(values, dict):
+            raise ConfigError(f"'{section}' in {origin} must be a table of keys, e.g. [{section}].")
+        types = _field_types(_section_class(section))
+        for key, value in values.items():
+            if key not in types:
+                raise ConfigError(f"unknown key '{section}.{key}' in {origin}.{_suggest(key, types)} "
+                                  f"Run with --help to list every option.")
+            tree.setdefault(section, {})[key] = _coerce(f"{section}.{key}", value, types[key])
+
+
+def _parse_overrides(args: list[str]) -> dict:
+    """`--section.key=value` or `--section.key value` → {section: {key: "value"}}."""
+    out: dict[str, dict] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(f"cannot read argument '{arg}': overrides look like --section.key=value "
+                              f"(e.g. --optim.lr=3e-4).")
+        if "=" in arg:
+            name, value = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            name, value = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"'{arg}' needs a value: {arg}=VALUE.")
+        section, key = name.split(".", 1)
+        out.setdefault(section, {})[key] = value
+        i += 1
+    return out
+
+
+def build_config(file_values: dict | None = None, cli_values: dict | None = None, *,
+                 file_name: str = "the config file") -> Config:
+    """Layer defaults < preset < file < command line, build the dataclasses and validate them."""
+    tree: dict[str, dict] = {}
+    _merge(tree, file_values or {}, file_name)
+    _merge(tree, cli_values or {}, "the command line")
+    preset = tree.get("model", {}).get("preset", "")
+    if preset:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"model.preset='{preset}' is unknown.{_suggest(preset, MODEL_PRESETS)} "
+                              f"Presets: {', '.join(MODEL_PRESETS)}.")
+        tree["model"] = {**MODEL_PRESETS[preset], **tree["model"]}
+    cfg = Config(**{name: _section_class(name)(**tree.get(name, {})) for name in SECTIONS})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible or contradictory settings with a message that says how to fix them."""
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in options:
+            raise ConfigError(f"{key}='{value}' is not one of {', '.join(repr(o) for o in options)}."
+                              f"{_suggest(str(value), options)}")
+    m, t = cfg.model, cfg.train
+    positive = {"model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+                "model.vocab_size": m.vocab_size, "model.seq_len": m.seq_len, "train.steps": t.steps,
+                "train.global_batch": t.global_batch, "train.micro_batch": t.micro_batch,
+                "model.mlp_multiple_of": m.mlp_multiple_of, "log.interval": cfg.log.interval}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}.")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+                          f"pick n_heads among {[h for h in range(1, 65) if m.d_model % h == 0]}.")
+    if m.pos == "rope" and (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"RoPE needs an even head dim; d_model/n_heads = {m.d_model // m.n_heads}.")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
+    if m.mlp_ratio <= 0:
+        raise ConfigError(f"model.mlp_ratio must be positive, got {m.mlp_ratio}.")
+    if m.attn_impl == "unfused" and m.arch not in ("transformer", "fox"):
+        raise ConfigError(f"model.attn_impl='unfused' is softmax attention only; {m.arch} uses auto | torch | fla.")
+    if m.attn_impl == "sdpa" and m.arch != "transformer":
+        raise ConfigError(f"model.attn_impl='sdpa' cannot add {m.arch}'s gates; use auto.")
+    o = cfg.optim
+    if o.lr <= 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]; got {o.lr}, {o.min_lr_ratio}.")
+    if o.warmup_steps < 0 or o.warmup_steps >= t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}).")
+    if not 0.0 < o.decay_fraction <= 1.0:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}.")
+    if t.global_batch % t.micro_batch:
+        raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of "
+                          f"train.micro_batch={t.micro_batch} (times the data-parallel degree).")
+    if t.exit_after_steps < 0 or t.exit_after_minutes < 0:
+        raise ConfigError("train.exit_after_steps and train.exit_after_minutes must be >= 0 (0 = off).")
+    c = cfg.checkpoint
+    if c.interval < 0 or c.keep_last < 0:
+        raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0 (0 = off / keep all).")
+
+
+def validate_world(cfg: Config, world_size: int) -> int:
+    """Check the layout against the number of processes; return the data-parallel degree."""
+    dp = cfg.parallel.dp or world_size
+    if dp != world_size:
+        raise ConfigError(f"parallel.dp={dp} but {world_size} processes were started; set parallel.dp=0 "
+                          f"(all processes) or start {dp} processes.")
+    per_step = cfg.train.micro_batch * dp
+    if cfg.train.global_batch % per_step:
+        raise ConfigError(f"train.global_batch={cfg.train.global_batch} is not a multiple of micro_batch × dp "
+                          f"= {cfg.train.micro_batch} × {dp}; change train.global_batch or train.micro_batch.")
+    return dp
+
+
+def help_text() -> str:
+    lines = ["usage: python -m pretrain.train [--config FILE.toml] [--section.key=VALUE ...]", "",
+             "Options (default in brackets):"]
+    for section in SECTIONS:
+        cls = _section_class(section)
+        lines.append(f"\n[{section}]")
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{section}.{f.name:<22} {docs.get(f.name, '')} [{json.dumps(default)}]")
+    lines.append("\nPresets: " + "; ".join(f"{k}: {v}" for k, v in MODEL_PRESETS.items()))
+    return "\n".join(lines)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Field docstrings: the string literal that follows each field in the class body."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Parse `--config FILE` plus `--section.key=value` overrides; `--help` prints every option."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("-h", "--help", action="store_true")
+    known, rest = parser.parse_known_args(argv)
+    if known.help:
+        print(help_text())
+        raise SystemExit(0)
+    file_values = {}
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; the configs/ directory has examples.")
+        try:
+            file_values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    return build_config(file_values, _parse_overrides(rest), file_name=str(known.config))

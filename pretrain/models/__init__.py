@@ -1,0 +1,28 @@
+"""Model registry: `build_model(ModelConfig)` returns a plain `nn.Module` (no torch.distributed inside)."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch.nn as nn
+
+from pretrain.config import ModelConfig
+
+# arch → "module:function"; imported lazily so one architecture's optional kernels never burden another.
+REGISTRY = {
+    "transformer": "pretrain.models.transformer:build_transformer",
+}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Build and initialise the architecture `cfg.arch`.
+
+    Under `torch.device("meta")` nothing is allocated; call `model.to_empty(device=...)` and then
+    `model.init_weights()` to materialise it (the training loop does this).
+    """
+    if cfg.arch not in REGISTRY:
+        raise ValueError(f"model.arch='{cfg.arch}' has no implementation; available: {', '.join(REGISTRY)}")
+    module, fn = REGISTRY[cfg.arch].split(":")
+    model = getattr(importlib.import_module(module), fn)(cfg)
+    model.init_weights()
+    return model

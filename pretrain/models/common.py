@@ -1,0 +1,180 @@
+"""Pieces every architecture shares: norms, MLPs, RoPE, `Block(mixer, mlp)` and the `LanguageModel` shell.
+
+A sequence mixer is any module with `forward(x, carry=None) -> (y, carry)`. `carry` is a tensor a mixer may
+hand to the blocks after it (RWKV-7's first-layer value); mixers that need nothing pass it through. Mixers
+derive their local head count from tensor shapes, never from the config, so column-sharded projections
+under tensor parallelism just work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.d_model
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def mlp_hidden_size(cfg: ModelConfig) -> int:
+    """Feed-forward width: d_model × mlp_ratio rounded up to a multiple of mlp_multiple_of."""
+    m = cfg.mlp_multiple_of
+    return m * math.ceil(round(cfg.d_model * cfg.mlp_ratio, 6) / m)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) ⊙ up(x)) — the Llama feed-forward."""
+
+    def __init__(self, d_model: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """down(gelu(up(x))) — the GPT feed-forward."""
+
+    def __init__(self, d_model: int, hidden: int, bias: bool = True):
+        super().__init__()
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+def build_mlp(cfg: ModelConfig) -> nn.Module:
+    cls = SwiGLU if cfg.mlp == "swiglu" else GeluMLP
+    return cls(cfg.d_model, mlp_hidden_size(cfg), bias=cfg.bias)
+
+
+def rope_angles(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (T, head_dim / 2), computed in fp32."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, T, H, D) by the per-position angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2): broadcast over heads
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + drop(mixer(norm(x))), then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, mixer: nn.Module, mlp: nn.Module, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.mixer = mixer
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = mlp
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None):
+        y, carry = self.mixer(self.attn_norm(x), carry)
+        x = x + self.dropout(y)  # (B, T, d)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x, carry
+
+
+# Output projections of residual branches get std / sqrt(2 · n_layers) (GPT-2), so the residual stream's
+# variance does not grow with depth.
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+class LanguageModel(nn.Module):
+    """Token embedding → blocks → final norm → LM head; the shell all four architectures share.
+
+    `model(tokens)` returns logits (B, T, V); `model(tokens, labels=labels)` returns the mean
+    cross-entropy over labels != -100 through `self.loss`, which mini-sequence chunking can replace
+    without ever materialising the full logits. Submodules may be None (pipeline stages drop the
+    embedding or the head), in which case `tokens` is already a hidden state or the hidden state is returned.
+    """
+
+    def __init__(self, cfg: ModelConfig, make_mixer: Callable[[int], nn.Module]):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        # A dict keyed by layer index keeps parameter names stable when pipeline stages delete layers.
+        self.layers = nn.ModuleDict({str(i): Block(make_mixer(i), build_mlp(cfg), cfg) for i in range(cfg.n_layers)})
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.tok_emb(tokens) if self.tok_emb is not None else tokens  # (B, T, d)
+        if self.pos_emb is not None:
+            if h.shape[1] > self.cfg.seq_len:
+                raise ValueError(f"sequence of {h.shape[1]} tokens exceeds the learned position table "
+                                 f"(model.seq_len={self.cfg.seq_len})")
+            h = h + self.pos_emb(torch.arange(h.shape[1], device=h.device))
+        h = self.emb_dropout(h)
+        carry = None
+        for block in self.layers.values():
+            h, carry = block(h, carry)
+        if self.lm_head is None:
+            return h
+        h = self.norm(h)
+        if labels is None:
+            return self.lm_head(h)  # (B, T, V)
+        return self.loss(h, labels)
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the LM head's logits over labels != -100, computed in fp32."""
+        logits = self.lm_head(h).float()  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every parameter (also after building on the meta device and `to_empty`).
+
+        Normal(0, init_std) for linears and embeddings, std / sqrt(2 · n_layers) on residual output
+        projections, ones/zeros for norms; then any submodule's own `init_weights()` (architecture-specific
+        schemes such as RWKV-7's) runs last so it wins.
+        """
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS else 1.0
+                nn.init.normal_(module.weight, std=std * scale, generator=generator)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std, generator=generator)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights(generator=generator)

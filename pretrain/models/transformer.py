@@ -1,0 +1,92 @@
+"""Transformer baseline: Llama-style (RMSNorm, SwiGLU, RoPE, SDPA), the `gpt` preset, and the Pro block.
+
+The Pro additions follow the FoX paper (Lin et al. 2025) and its reference code: data-dependent KV-shift
+k̃_t = α_t k_{t−1} + (1 − α_t) k_t with α = σ(W_s x) per head (separately for keys and values), per-head
+QK-norm, per-head RMSNorm on the output and a sigmoid output gate σ(W_g x).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+from pretrain.models.common import LanguageModel, apply_rope, rope_angles
+from pretrain.ops import causal_attention
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over each head's channels with a separate scale per head and channel (weight of size H·D).
+
+    The head count comes from the weight's size, so a weight sharded with its heads under tensor
+    parallelism normalises the local heads.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
+        x = F.rms_norm(x, x.shape[-1:], eps=self.eps)
+        return x * self.weight.view(-1, x.shape[-1])  # (H, D) broadcast over B, T
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def kv_shift(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x̃_t = α_t x_{t−1} + (1 − α_t) x_t with x_{−1} = 0; x (B, T, H, D), alpha (B, T, H)."""
+    prev = F.pad(x, (0, 0, 0, 0, 1, -1))  # (B, T, H, D): x shifted one step later in time
+    alpha = alpha.unsqueeze(-1)  # (B, T, H, 1)
+    return alpha * prev + (1 - alpha) * x
+
+
+class Attention(nn.Module):
+    """Multi-head causal softmax attention with optional RoPE and Pro additions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.head_dim = d // cfg.n_heads
+        self.q_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.k_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.v_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.o_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.rope_theta = cfg.rope_theta if cfg.pos == "rope" else None
+        self.dropout_p = cfg.dropout
+        self.impl = "sdpa" if cfg.attn_impl == "auto" else cfg.attn_impl
+        self.pro = cfg.pro
+        if cfg.pro:
+            self.k_shift_proj = nn.Linear(d, cfg.n_heads, bias=False)
+            self.v_shift_proj = nn.Linear(d, cfg.n_heads, bias=False)
+            self.q_norm = HeadRMSNorm(d, cfg.norm_eps)
+            self.k_norm = HeadRMSNorm(d, cfg.norm_eps)
+            self.o_norm = HeadRMSNorm(d, cfg.norm_eps)
+            self.g_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D), H = local heads
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        if self.pro:
+            k = kv_shift(k, torch.sigmoid(self.k_shift_proj(x)))
+            v = kv_shift(v, torch.sigmoid(self.v_shift_proj(x)))
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_theta is not None:
+            cos, sin = rope_angles(T, self.head_dim, self.rope_theta, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = self.attend(q, k, v, x)  # (B, T, H, D)
+        if self.pro:
+            o = self.o_norm(o) * torch.sigmoid(self.g_proj(x)).view_as(o)
+        return self.o_proj(o.flatten(2)), carry
+
+    def attend(self, q, k, v, x):
+        dropout_p = self.dropout_p if self.training else 0.0
+        return causal_attention(q, k, v, dropout_p=dropout_p, impl=self.impl)
+
+
+def build_transformer(cfg: ModelConfig) -> LanguageModel:
+    return LanguageModel(cfg, lambda layer: Attention(cfg))
