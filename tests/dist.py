@@ -14,6 +14,7 @@ import socket
 import time
 import traceback
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -29,6 +30,7 @@ def _worker(rank, world_size, port, fn, args, queue):
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
+    torch.set_num_threads(1)  # as torchrun does: N processes on a few cores must not oversubscribe them
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(*args)

@@ -11,6 +11,9 @@ from pretrain.config import ModelConfig
 # arch → "module:function"; imported lazily so one architecture's optional kernels never burden another.
 REGISTRY = {
     "transformer": "pretrain.models.transformer:build_transformer",
+    "fox": "pretrain.models.fox:build_fox",
+    "gla": "pretrain.models.gla:build_gla",
+    "rwkv7": "pretrain.models.rwkv7:build_rwkv7",
 }
 
 

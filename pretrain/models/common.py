@@ -161,7 +161,7 @@ class LanguageModel(nn.Module):
         """Initialise every parameter (also after building on the meta device and `to_empty`).
 
         Normal(0, init_std) for linears and embeddings, std / sqrt(2 · n_layers) on residual output
-        projections, ones/zeros for norms; then any submodule's own `init_weights()` (architecture-specific
+        projections, each other leaf's own `reset_parameters()` (norms: ones/zeros); then any submodule's own `init_weights()` (architecture-specific
         schemes such as RWKV-7's) runs last so it wins.
         """
         std = self.cfg.init_std
@@ -173,8 +173,8 @@ class LanguageModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std, generator=generator)
-            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
-                module.reset_parameters()
+            elif hasattr(module, "reset_parameters") and any(True for _ in module.parameters(recurse=False)):
+                module.reset_parameters()  # norms of every kind: ones and zeros
         for module in self.modules():
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights(generator=generator)

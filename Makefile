@@ -1,0 +1,45 @@
+# The two commands of the README: `make demo` and `make test` (plus `make bench`).
+PYTHON ?= python3
+VENV ?= .venv
+# Pin torch so a CPU machine never pulls a multi-GB CUDA build; override on GPU clusters, e.g.
+#   make demo TORCH_SPEC="torch==2.11.0"
+TORCH_SPEC ?= torch==2.13.0
+ARCH ?= transformer
+PY := $(VENV)/bin/python
+# One process per GPU where there are GPUs, else 2 CPU processes (data parallel over gloo).
+NPROC ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)")
+DEMO_STEPS ?= 300
+DEMO_RUN := runs/demo-$(ARCH)
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]" "$(TORCH_SPEC)"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Prepare a real corpus (this interpreter's standard library), pretrain with $(NPROC) processes, stop at
+# half way as a preempted job would, then run the same command again: it resumes from the checkpoint.
+demo: install
+	$(PY) -m data.simple --input stdlib --output .data/stdlib --max-bytes 6000000
+	rm -rf $(DEMO_RUN)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pretrain.train \
+		--config configs/demo-$(ARCH).toml --train.run_dir=$(DEMO_RUN) --train.steps=$(DEMO_STEPS) \
+		--train.exit_after_steps=$$(( $(DEMO_STEPS) / 2 ))
+	@echo "--- stopped at half way; the same command resumes from the newest checkpoint ---"
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pretrain.train \
+		--config configs/demo-$(ARCH).toml --train.run_dir=$(DEMO_RUN) --train.steps=$(DEMO_STEPS)
+	@echo "--- TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_RUN)/tb ; metrics: $(DEMO_RUN)/metrics.jsonl ---"
+
+test: install
+	$(PY) -m pytest -q -ra
+
+bench: install
+	$(PY) bench/ops.py
+
+clean:
+	rm -rf runs .data $(VENV)

@@ -1,0 +1,88 @@
+"""Gated Linear Attention (Yang et al. 2023), following fla's `GatedLinearAttention` layer.
+
+    q = x W_q, k = x W_k (key dim d/2), v = x W_v (value dim d), split into H heads
+    log α = logsigmoid(x W₁ W₂ + b) / 16               per key channel, W₁ of rank 16
+    S_t = Diag(α_t) S_{t−1} + k_tᵀ v_t,  o_t = q_t S_t / √D_k
+    y = W_o (RMSNorm_head(o) ⊙ SiLU(x W_g))
+
+The per-head output norm has one scale per head and channel (size d, sharded with the heads under tensor
+parallelism) where fla shares one of size d/H across heads; they agree at initialisation. Projections have no
+biases (as in fla), so `model.bias` only reaches the norms of the shared block; `model.pos` must not be 'rope'
+(the recurrence carries order itself; 'learned' positions still go through the shared embedding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ConfigError, ModelConfig
+from pretrain.models.common import LanguageModel
+from pretrain.models.transformer import HeadRMSNorm
+from pretrain.ops.gla import gla
+
+GATE_RANK = 16  # low rank of the decay projection (GLA paper)
+GATE_NORMALIZER = 16  # log α = logsigmoid(·) / 16 keeps the decays near 1 (slow forgetting) at initialisation
+
+
+class LowRank(nn.Module):
+    """up(act(down(x))): a rank-r projection; `up` is column-sharded with the heads, `down` stays whole."""
+
+    ACTIVATIONS = {None: lambda t: t, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+    def __init__(self, d_in: int, rank: int, d_out: int, *, activation: str | None = None, bias: bool = True):
+        super().__init__()
+        self.down = nn.Linear(d_in, rank, bias=False)
+        self.up = nn.Linear(rank, d_out, bias=bias)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.ACTIVATIONS[self.activation](self.down(x)))
+
+
+def linear_mixer_impl(cfg: ModelConfig) -> str:
+    """model.attn_impl → the linear-recurrence ops' impl (auto | torch | fla)."""
+    if cfg.attn_impl not in ("auto", "torch", "fla"):
+        raise ConfigError(f"model.attn_impl='{cfg.attn_impl}' is softmax-attention only; {cfg.arch} uses "
+                          f"auto | torch | fla.")
+    return cfg.attn_impl
+
+
+def reject_rope(cfg: ModelConfig) -> None:
+    if cfg.pos == "rope":
+        raise ConfigError(f"model.arch='{cfg.arch}' has no rotary embeddings; set model.pos='none'.")
+
+
+class GatedLinearAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        reject_rope(cfg)
+        d, H = cfg.d_model, cfg.n_heads
+        key_dim = d // 2
+        if key_dim % H:
+            raise ConfigError(f"GLA's key dim d_model/2 = {key_dim} must be divisible by model.n_heads={H}.")
+        self.head_k_dim, self.head_v_dim = key_dim // H, d // H
+        self.impl = linear_mixer_impl(cfg)
+        self.q_proj = nn.Linear(d, key_dim, bias=False)
+        self.k_proj = nn.Linear(d, key_dim, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.gk_proj = LowRank(d, GATE_RANK, key_dim, bias=True)
+        self.g_proj = nn.Linear(d, d, bias=False)
+        self.o_norm = HeadRMSNorm(d, cfg.norm_eps)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk), H = local heads
+        k = self.k_proj(x).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk)
+        v = self.v_proj(x).view(B, T, -1, self.head_v_dim)  # (B, T, H, Dv)
+        # the log decay is formed in fp32: under bf16 autocast logsigmoid(·)/16 would lose the small values
+        g = F.logsigmoid(self.gk_proj(x).float()).view(B, T, -1, self.head_k_dim) / GATE_NORMALIZER  # (B, T, H, Dk)
+        o = gla(q, k, v, g, impl=self.impl)  # (B, T, H, Dv)
+        o = self.o_norm(o) * F.silu(self.g_proj(x)).view_as(o)  # (B, T, H, Dv)
+        return self.o_proj(o.flatten(2)), carry
+
+
+def build_gla(cfg: ModelConfig) -> LanguageModel:
+    return LanguageModel(cfg, lambda layer: GatedLinearAttention(cfg))

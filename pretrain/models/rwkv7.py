@@ -1,0 +1,221 @@
+"""RWKV-7 "Goose" (Peng et al. 2025), following BlinkDL/RWKV-LM `RWKV-v7/train_temp/src/model.py` (x070) and
+fla's `RWKV7Attention`.
+
+Time mix (the sequence mixer), per token with δ = shift(x) − x and x_□ = x + δ ⊙ μ_□ for □ ∈ {r, w, k, v, a, g}:
+
+    r = x_r W_r,  k = x_k W_k,  v = x_v W_v
+    w = −e^{−½} σ(w₀ + tanh(x_w W₁) W₂)          log decay, so the decay e^w lies in (0.545, 1)
+    v ← v + (v_first − v) σ(v₀ + x_v V₁ V₂)       value residual from layer 0 (layers > 0)
+    a = σ(a₀ + x_a A₁ A₂),  g = σ(x_g G₁) G₂
+    κ̂ = L2norm_head(k ⊙ k_k),  k ← k ⊙ (1 + (a − 1) ⊙ k_a)
+    S_t = Diag(e^{w_t}) S_{t−1} − (κ̂_t ⊙ a_t)(κ̂_tᵀ S_{t−1}) + k_tᵀ v_t,  o_t = r_t S_t
+    y = W_o ((GroupNorm_head(o) + Σ_head(r ⊙ k ⊙ r_k) v) ⊙ g)
+
+Channel mix (it replaces the block's MLP, so `model.mlp` is unused; its width is still d_model · mlp_ratio
+rounded to mlp_multiple_of, 4 · d in the reference): W_down relu(x_k W_up)² with x_k = x + δ ⊙ μ_k.
+
+Layout choices: the per-channel vectors that act on the heads (k_k, k_a, r_k, the GroupNorm affine) are 1-D of
+size H·D and w₀, a₀, v₀ are the biases of the LoRA up-projections, so all of them shard with their heads; μ acts
+on the (replicated) input channels. The first block also normalises the embeddings (the reference's ln0), as
+`layers.0.emb_norm`. Projections have no biases (as in the reference); `model.bias` only reaches the norms.
+The token shift is a plain function of the whole (B, T, d) sequence: under sequence parallelism it must run
+after the all-gather. Not ported: the reference's L2Wrap logit penalty and its 2× learning rate on w₀.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ConfigError, ModelConfig
+from pretrain.models.common import Block, LanguageModel, make_norm, mlp_hidden_size
+from pretrain.models.gla import LowRank, linear_mixer_impl, reject_rope
+from pretrain.ops.rwkv7 import rwkv7
+
+DECAY_SCALE = math.exp(-0.5)  # w = −e^{−½}·σ(·) ∈ (−0.607, 0): a step keeps at least e^{−0.607} ≈ 0.545 of S
+GROUP_NORM_EPS = 64e-5  # the reference's ln_x eps (larger than usual: o is small early in training)
+MIXED_INPUTS = ("r", "w", "k", "v", "a", "g")
+
+
+def lora_rank(d_model: int, factor: float) -> int:
+    """The reference's suggested LoRA width: factor·√d rounded to a multiple of 32, at least 32."""
+    return max(32, round(factor * math.sqrt(d_model) / 32) * 32)
+
+
+def token_shift(x: torch.Tensor) -> torch.Tensor:
+    """δ_t = x_{t−1} − x_t with x_{−1} = 0, for x (B, T, d) holding the whole sequence."""
+    return F.pad(x, (0, 0, 1, -1)) - x  # (B, T, d)
+
+
+def _init_lora(lora: LowRank, bias: torch.Tensor | None, generator: torch.Generator | None) -> None:
+    """Zero down-projection, orthogonal up-projection ×0.1 (so the LoRA term starts at 0 but gets gradient)."""
+    nn.init.zeros_(lora.down.weight)
+    out, rank = lora.up.weight.shape
+    nn.init.orthogonal_(lora.up.weight, gain=0.1 * (math.sqrt(rank / out) if rank > out else 1.0), generator=generator)
+    if bias is not None:
+        lora.up.bias.copy_(bias)
+
+
+class HeadGroupNorm(nn.Module):
+    """GroupNorm with one group per head (a LayerNorm over each head's channels); affine of size H·D."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
+        D = x.shape[-1]
+        return F.layer_norm(x, (D,), eps=self.eps) * self.weight.view(-1, D) + self.bias.view(-1, D)
+
+
+class RWKV7TimeMix(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        reject_rope(cfg)
+        d = cfg.d_model
+        self.head_dim = d // cfg.n_heads
+        if self.head_dim < 2:
+            raise ConfigError(f"RWKV-7 needs a head size d_model/n_heads of at least 2, got {self.head_dim}.")
+        self.layer, self.n_layers = layer, cfg.n_layers
+        self.impl = linear_mixer_impl(cfg)
+        for name in MIXED_INPUTS:
+            self.register_parameter(f"mu_{name}", nn.Parameter(torch.empty(d)))
+        self.r_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.w_lora = LowRank(d, lora_rank(d, 2.5), d, activation="tanh")  # bias: w₀
+        self.a_lora = LowRank(d, lora_rank(d, 2.5), d)  # bias: a₀
+        self.v_lora = LowRank(d, lora_rank(d, 1.7), d) if layer > 0 else None  # bias: v₀
+        self.g_lora = LowRank(d, lora_rank(d, 5.0), d, activation="sigmoid", bias=False)
+        self.k_k = nn.Parameter(torch.empty(d))
+        self.k_a = nn.Parameter(torch.empty(d))
+        self.r_k = nn.Parameter(torch.empty(d))
+        self.o_norm = HeadGroupNorm(d, GROUP_NORM_EPS)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None = None):
+        B, T, _ = x.shape
+        D = self.head_dim
+        delta = token_shift(x)  # (B, T, d)
+        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, delta, getattr(self, f"mu_{n}")) for n in MIXED_INPUTS)
+        r = self.r_proj(xr).view(B, T, -1, D)  # (B, T, H, D), H = local heads
+        # fp32 log decay: its cumulative sums inside the op span whole chunks
+        w = -DECAY_SCALE * torch.sigmoid(self.w_lora(xw).float()).view(B, T, -1, D)  # (B, T, H, D)
+        k = self.k_proj(xk)  # (B, T, H·D)
+        v = self.v_proj(xv)  # (B, T, H·D)
+        if self.v_lora is None:
+            v_first = v  # layer 0 hands its values to every later layer
+        elif v_first is None:
+            raise ValueError("RWKV-7 layers after the first need the first layer's values as their carry")
+        else:
+            v = torch.lerp(v, v_first, torch.sigmoid(self.v_lora(xv)))  # (B, T, H·D)
+        a = torch.sigmoid(self.a_lora(xa))  # (B, T, H·D): in-context learning rate
+        g = self.g_lora(xg)  # (B, T, H·D): output gate
+        kk = F.normalize((k * self.k_k).view(B, T, -1, D), dim=-1)  # (B, T, H, D): κ̂, unit length per head
+        k = k * (1 + (a - 1) * self.k_a)  # (B, T, H·D)
+        k, v, a = (t.view(B, T, -1, D) for t in (k, v, a))  # (B, T, H, D) each
+        o = rwkv7(r, w, k, v, -kk, kk * a, impl=self.impl)  # (B, T, H, D)
+        bonus = (r * k * self.r_k.view(-1, D)).sum(-1, keepdim=True) * v  # (B, T, H, D): the current token's own term
+        o = self.o_norm(o) + bonus  # (B, T, H, D)
+        return self.o_proj(o.flatten(2) * g), v_first
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The reference's init: per-channel ramps that vary with depth, zero-start LoRAs, orthogonal matrices."""
+        d, C, D = self.r_proj.in_features, self.r_proj.out_features, self.head_dim
+        dev = self.r_proj.weight.device
+        depth = self.layer / max(self.n_layers - 1, 1)  # 0 → 1 over the layers
+        shallowness = 1.0 - self.layer / self.n_layers  # 1 → 1/L
+        ramp = torch.arange(d, device=dev) / d  # (d,) in [0, 1)
+        # μ near 1 (mostly the previous token) on early channels of early layers, near 0 deep in the stack
+        for name, power in zip(MIXED_INPUTS, (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)):
+            getattr(self, f"mu_{name}").copy_(1.0 - ramp ** (power * shallowness))
+
+        n = torch.arange(C, device=dev, dtype=torch.float32)
+        linear = n / (C - 1) - 0.5  # (C,) −½ → ½ across channels
+        zigzag = ((n % D) - (D - 1) / 2) / ((D - 1) / 2)  # (C,) −1 → 1 within each head
+        zigzag = zigzag * zigzag.abs()
+        decay_speed = -6 + 6 * (n / (C - 1)) ** (1 + depth ** 0.3)  # (C,) slow → fast decay across channels
+        _init_lora(self.w_lora, decay_speed + 0.5 + 2.5 * zigzag, generator)
+        _init_lora(self.a_lora, -0.19 + 0.3 * zigzag + 0.4 * linear, generator)
+        if self.v_lora is not None:
+            _init_lora(self.v_lora, 0.73 - 0.4 * linear, generator)
+        _init_lora(self.g_lora, None, generator)
+        self.k_k.copy_(0.71 - 0.1 * linear)
+        self.k_a.fill_(1.02)
+        self.r_k.fill_(-0.04)
+
+        nn.init.orthogonal_(self.r_proj.weight, gain=1.0, generator=generator)
+        nn.init.orthogonal_(self.k_proj.weight, gain=0.1, generator=generator)
+        nn.init.orthogonal_(self.v_proj.weight, gain=1.0, generator=generator)
+        nn.init.zeros_(self.o_proj.weight)  # every block starts as the identity
+        self.o_norm.weight.fill_(((self.layer + 1) / self.n_layers) ** 0.7)
+        nn.init.zeros_(self.o_norm.bias)
+
+
+class RWKV7ChannelMix(nn.Module):
+    """down(relu(up(x + δ ⊙ μ_k))²): RWKV-7's feed-forward, with its own token shift."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        d = cfg.d_model
+        self.layer, self.n_layers = layer, cfg.n_layers
+        self.mu_k = nn.Parameter(torch.empty(d))
+        self.up_proj = nn.Linear(d, mlp_hidden_size(cfg), bias=False)
+        self.down_proj = nn.Linear(mlp_hidden_size(cfg), d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.addcmul(x, token_shift(x), self.mu_k)  # (B, T, d)
+        return self.down_proj(F.relu(self.up_proj(h)).square())
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        d = self.mu_k.shape[0]
+        shallowness = 1.0 - self.layer / self.n_layers
+        self.mu_k.copy_(1.0 - (torch.arange(d, device=self.mu_k.device) / d) ** (shallowness ** 4))
+        nn.init.orthogonal_(self.up_proj.weight, gain=1.0, generator=generator)
+        nn.init.zeros_(self.down_proj.weight)
+
+
+class RWKV7Block(Block):
+    """The shared pre-norm block; the first one also normalises the (tiny-initialised) embeddings (ln0)."""
+
+    def __init__(self, mixer: nn.Module, mlp: nn.Module, cfg: ModelConfig, *, first: bool):
+        super().__init__(mixer, mlp, cfg)
+        self.emb_norm = make_norm(cfg) if first else None
+
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None):
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)  # (B, T, d)
+        return super().forward(x, carry)
+
+
+class RWKV7(LanguageModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, lambda layer: RWKV7TimeMix(cfg, layer))
+        # The shell builds a `model.mlp` feed-forward per block; RWKV-7 rebuilds each block around its
+        # time mix with the channel mix instead (same parameter names: layers.<i>.mixer / .mlp / norms).
+        for name, block in list(self.layers.items()):
+            self.layers[name] = RWKV7Block(block.mixer, RWKV7ChannelMix(cfg, int(name)), cfg, first=name == "0")
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Shared init plus every block's own, then the reference's embedding (uniform ±1e-4, which the first
+        block's emb_norm rescales) and orthogonal LM head; a tied embedding keeps the shared normal init."""
+        super().init_weights(generator)
+        if self.cfg.tie_embeddings:
+            return
+        if self.tok_emb is not None:
+            nn.init.uniform_(self.tok_emb.weight, -1e-4, 1e-4, generator=generator)
+        if self.lm_head is not None:
+            V, d = self.lm_head.weight.shape
+            nn.init.orthogonal_(self.lm_head.weight, gain=0.5 * math.sqrt(V / d) if V > d else 0.5, generator=generator)
+
+
+def build_rwkv7(cfg: ModelConfig) -> RWKV7:
+    return RWKV7(cfg)

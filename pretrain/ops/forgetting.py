@@ -1,0 +1,198 @@
+"""Forgetting attention (FoX, Lin et al. 2025): causal softmax attention whose logits get c_i − c_j, with
+c = cumsum(log f) over time and log f = log σ(forget gate) ≤ 0 per head.
+
+Backends:
+- "torch": blockwise, FlashAttention-style autograd Function: queries in blocks, keys in blocks with an online
+  softmax, the backward recomputes each block's probabilities from the saved log-sum-exp, so nothing of
+  size T×T is ever held (peak extra memory is one [block_q, block_k] tile per batch·head).
+- "fla": fla-core's `parallel_forgetting_attn` Triton kernel (CUDA).
+- "flex": `torch.nn.attention.flex_attention` with a `score_mod` adding c_i − c_j (compiled on CUDA; on CPU
+  PyTorch supports it forward-only, unfused).
+
+Cache ("past"): a sequence split into pieces gives the same output as the whole when each call gets the
+previous pieces' keys, values and gates, `past = (k_prev, v_prev, log_f_prev)`; `output_past=True` returns
+the extended triple to pass to the next call. Gates are kept raw (not as c) so every call recomputes c from
+the same cumulative sum the whole-sequence call would use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from pretrain.ops.gla import _compute_dtype, _resolve_impl
+
+Past = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor,
+                         scale: float | None = None, *, past: Past | None = None, output_past: bool = False,
+                         impl: str = "auto", block_q: int = 128,
+                         block_k: int = 1024) -> torch.Tensor | tuple[torch.Tensor, Past]:
+    """softmax_j(q_i·k_j·scale + c_i − c_j) over j ≤ i, times v; equals fla's `naive_forgetting_attn`.
+
+    q, k: [B, T, H, D]; v: [B, T, H, Dv]; log_f: [B, T, H]; scale defaults to D^-0.5.
+    past: (k_prev [B, T0, H, D], v_prev [B, T0, H, Dv], log_f_prev [B, T0, H]) of the T0 preceding steps;
+    queries then sit at positions T0 … T0+T−1 and attend to all T0+T keys.
+    Returns o [B, T, H, Dv], or (o, (k_all, v_all, log_f_all)) when output_past.
+    impl: "auto" (fla for CUDA tensors when fla imports, else "torch"), "torch", "fla", "flex".
+    block_q, block_k: torch path tile sizes.
+    """
+    if (q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]
+            or tuple(log_f.shape) != tuple(q.shape[:3])):
+        raise ValueError(f"forgetting_attention wants q, k as [B, T, H, D], v as [B, T, H, Dv] and log_f as "
+                         f"[B, T, H]; got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, "
+                         f"log_f {list(log_f.shape)}")
+    if block_q <= 0 or block_k <= 0:
+        raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
+    impl = _resolve_impl(impl, q, ("auto", "torch", "fla", "flex"), "forgetting_attention")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if past is not None:
+        k, v, log_f = _extend(past, k, v, log_f)  # (B, T0+T, H, ·)
+
+    if impl == "fla":
+        o = _fla(q, k, v, log_f, scale)
+    elif impl == "flex":
+        o = _flex(q, k, v, log_f, scale)
+    else:
+        o = _torch(q, k, v, log_f, scale, block_q, block_k)
+    return (o, (k, v, log_f)) if output_past else o
+
+
+def _extend(past: Past, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor):
+    if not isinstance(past, (tuple, list)) or len(past) != 3:
+        raise ValueError("forgetting_attention: past must be a (k_prev, v_prev, log_f_prev) triple")
+    k0, v0, f0 = past
+    B, _, H, D = k.shape
+    T0 = k0.shape[1] if k0.ndim == 4 else -1
+    if (tuple(k0.shape) != (B, T0, H, D) or tuple(v0.shape) != (B, T0, H, v.shape[-1])
+            or tuple(f0.shape) != (B, T0, H)):
+        raise ValueError(f"forgetting_attention: past must be k [B, T0, H, D], v [B, T0, H, Dv], log_f "
+                         f"[B, T0, H] matching the new inputs; got {list(k0.shape)}, {list(v0.shape)}, "
+                         f"{list(f0.shape)}")
+    return torch.cat((k0, k), 1), torch.cat((v0, v), 1), torch.cat((f0, log_f), 1)
+
+
+def _torch(q, k, v, log_f, scale, block_q, block_k):
+    dt, out_dtype = _compute_dtype(q.dtype), q.dtype
+    q, k, v = (x.to(dt).transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, T·, ·)
+    # c grows linearly with T: keep it in float64 so that c_i − c_j of nearby steps keeps its digits at any T
+    c = log_f.to(torch.float64).cumsum(1).transpose(1, 2).contiguous()  # (B, H, Tk)
+    o = _BlockwiseForgettingAttention.apply(q, k, v, c, scale, block_q, block_k)  # (B, H, Tq, Dv)
+    return o.transpose(1, 2).to(out_dtype)  # (B, Tq, H, Dv)
+
+
+def _tiles(Tq: int, Tk: int, block_q: int, block_k: int):
+    """Yield (i0, i1, [(j0, j1, needs_mask), ...]) over causal tiles; query i sits at key position Tk−Tq+i."""
+    off = Tk - Tq
+    for i0 in range(0, Tq, block_q):
+        i1 = min(i0 + block_q, Tq)
+        last = off + i1  # keys [0, last) are visible to some query of this block
+        yield i0, i1, [(j0, min(j0 + block_k, last), min(j0 + block_k, last) - 1 > off + i0)
+                       for j0 in range(0, last, block_k)]
+
+
+def _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask):
+    """Scaled q·k plus c_i − c_j for one tile, −inf above the causal diagonal. qs is q·scale."""
+    off = c.shape[-1] - qs.shape[-2]
+    ref = c[..., off + i0, None]  # (B, H, 1)  differences taken near the tile so float32 keeps them exact
+    cq = (c[..., off + i0:off + i1] - ref).to(qs.dtype)  # (B, H, bq)
+    ck = (c[..., j0:j1] - ref).to(qs.dtype)  # (B, H, bk)
+    s = qs[..., i0:i1, :] @ k[..., j0:j1, :].transpose(-1, -2) + (cq[..., :, None] - ck[..., None, :])  # (B,H,bq,bk)
+    if needs_mask:
+        qpos = torch.arange(off + i0, off + i1, device=s.device)
+        kpos = torch.arange(j0, j1, device=s.device)
+        s = s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+    return s
+
+
+class _BlockwiseForgettingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, c, scale, block_q, block_k):
+        # q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv), c (B, H, Tk) float64
+        B, H, Tq, _ = q.shape
+        Tk = k.shape[2]
+        qs = q * scale
+        o = q.new_empty(B, H, Tq, v.shape[-1])  # (B, H, Tq, Dv)
+        lse = q.new_empty(B, H, Tq)  # (B, H, Tq)  log-sum-exp per query, all backward needs
+        for i0, i1, tiles in _tiles(Tq, Tk, block_q, block_k):
+            m = q.new_full((B, H, i1 - i0), float("-inf"))  # (B, H, bq)  running max
+            den = q.new_zeros(B, H, i1 - i0)  # (B, H, bq)
+            acc = q.new_zeros(B, H, i1 - i0, v.shape[-1])  # (B, H, bq, Dv)
+            for j0, j1, needs_mask in tiles:
+                s = _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask)  # (B, H, bq, bk)
+                # key 0 is in the first tile for every query, so m is finite from then on
+                m_new = torch.maximum(m, s.amax(-1))
+                p = (s - m_new[..., None]).exp()
+                rescale = (m - m_new).exp()
+                den = den * rescale + p.sum(-1)
+                acc = acc * rescale[..., None] + p @ v[..., j0:j1, :]
+                m = m_new
+            o[..., i0:i1, :] = acc / den[..., None]
+            lse[..., i0:i1] = m + den.log()
+        ctx.save_for_backward(q, k, v, c, o, lse)
+        ctx.config = (scale, block_q, block_k)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, c, o, lse = ctx.saved_tensors
+        scale, block_q, block_k = ctx.config
+        qs = q * scale
+        delta = (do * o).sum(-1)  # (B, H, Tq)  Σ_j p_ij dp_ij
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dc = torch.zeros(c.shape, dtype=q.dtype, device=q.device)  # (B, H, Tk)
+        for i0, i1, tiles in _tiles(q.shape[2], k.shape[2], block_q, block_k):
+            do_i = do[..., i0:i1, :]  # (B, H, bq, Dv)
+            for j0, j1, needs_mask in tiles:
+                s = _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask)  # (B, H, bq, bk)
+                p = (s - lse[..., i0:i1, None]).exp()
+                dv[..., j0:j1, :] += p.transpose(-1, -2) @ do_i
+                ds = p * (do_i @ v[..., j0:j1, :].transpose(-1, -2) - delta[..., i0:i1, None])  # (B,H,bq,bk)
+                dq[..., i0:i1, :] += ds @ k[..., j0:j1, :]
+                dk[..., j0:j1, :] += ds.transpose(-1, -2) @ qs[..., i0:i1, :]
+                # logit_ij has +c_i and −c_j; the +c_i part sums ds over a softmax row, which is exactly 0
+                dc[..., j0:j1] -= ds.sum(-2)
+        return dq * scale, dk, dv, dc.to(c.dtype), None, None, None
+
+
+def _fla(q, k, v, log_f, scale):
+    from fla.ops.forgetting_attn import parallel_forgetting_attn
+
+    T0 = k.shape[1] - q.shape[1]
+    if T0:
+        # the kernel is square-causal: stand-in zero queries cover the past positions and are dropped
+        q = torch.cat((q.new_zeros(q.shape[0], T0, *q.shape[2:]), q), 1)  # (B, T0+T, H, D)
+    return parallel_forgetting_attn(q, k, v, log_f, scale=scale)[:, T0:]  # (B, T, H, Dv)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, log_f, scale):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    Tq, Tk = q.shape[1], k.shape[1]
+    off = Tk - Tq
+    c = log_f.float().cumsum(1).transpose(1, 2)  # (B, H, Tk)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + c[b, h, q_idx + off] - c[b, h, kv_idx]
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + off
+
+    block_mask = create_block_mask(causal, None, None, Tq, Tk, device=q.device)
+    # unfused flex runs (forward only) off CUDA; on CUDA the compiled kernel is the point of this backend
+    attend = _compiled_flex() if q.is_cuda else flex_attention
+    o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
+               block_mask=block_mask, scale=scale)  # (B, H, Tq, Dv)
+    return o.transpose(1, 2)  # (B, Tq, H, Dv)
+
+
+__all__ = ["forgetting_attention"]

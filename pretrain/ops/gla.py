@@ -1,0 +1,169 @@
+"""Gated linear attention (GLA, Yang et al. 2023): chunkwise-parallel PyTorch, or fla-core's Triton kernel on GPU.
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_tᵀ v_t          S: [K, V] per head
+    o_t = scale · q_t S_t
+
+The torch path splits time into chunks of C tokens. Inside a chunk everything is matmuls; only the [K, V]
+state crosses chunk boundaries, in a loop over T / C chunks, so memory is linear in T. Decays enter as
+exponentials of *differences* of within-chunk cumulative log decays that are never positive (the GLA paper's
+secondary chunking), so any decay strength, e.g. g ≈ -50 per step, stays finite and exact.
+
+The chunk helpers here (`_to_chunks`, `_lower_scores`, `_resolve_impl`, ...) are shared with `rwkv7.py` and
+`forgetting.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+SUB = 16  # sub-chunk length: the only place pairwise decays are materialised per channel ([SUB, SUB, K])
+
+
+@functools.cache
+def _fla_importable() -> bool:
+    try:
+        import fla.ops  # noqa: F401  (triton must import too, so probe the real package)
+    except Exception:
+        return False
+    return True
+
+
+def _resolve_impl(impl: str, x: torch.Tensor, valid: tuple[str, ...], op: str) -> str:
+    """Map impl="auto" to a concrete backend and reject impossible requests with a clear message."""
+    if impl not in valid:
+        raise ValueError(f"{op}: impl must be one of {', '.join(repr(v) for v in valid)}; got {impl!r}")
+    if impl == "auto":
+        return "fla" if x.is_cuda and _fla_importable() else "torch"
+    if impl == "fla" and not x.is_cuda:
+        raise ValueError(f"{op}: impl='fla' runs Triton kernels and needs CUDA tensors; use impl='torch' on CPU")
+    return impl
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 inputs are upcast (as fla's references do); fp64 stays fp64 so tests can check to 1e-10.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_len(T: int, chunk_size: int) -> int:
+    if chunk_size <= 0 or chunk_size % SUB:
+        raise ValueError(f"chunk_size must be a positive multiple of {SUB}; got {chunk_size}")
+    # short sequences get one small chunk instead of padding up to a full one
+    return min(chunk_size, -(-T // SUB) * SUB)
+
+
+def _to_chunks(x: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, H, D) → (B, H, N, C, D), zero-padded at the end of time to N·C steps."""
+    B, T, H, D = x.shape
+    N = -(-T // C)
+    x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, N * C - T))  # (B, N·C, H, D)
+    return x.view(B, N, C, H, D).permute(0, 3, 1, 2, 4)  # (B, H, N, C, D)
+
+
+def _from_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, H, N, C, D) → (B, T, H, D), dropping the padding."""
+    B, H, N, C, D = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, D)[:, :T]  # (B, T, H, D)
+
+
+def _lower_scores(x: torch.Tensor, bx: torch.Tensor, y: torch.Tensor, by: torch.Tensor, *,
+                  strict: bool) -> torch.Tensor:
+    """Decay-weighted scores inside each chunk, lower triangular:
+
+        A[t, s] = Σ_k x[t, k] · y[s, k] · exp(bx[t, k] − by[s, k])   for s ≤ t (s < t if strict), else 0.
+
+    x, bx: (..., C, K); y, by broadcast against them. bx, by are within-chunk cumulative log decays, and the
+    caller guarantees bx[t] ≤ by[s] for every s < t, so every kept exponent is ≤ 0.
+
+    Splitting the exponent as (bx[t] − r) + (r − by[s]) lets whole blocks become one matmul, but both
+    halves are ≤ 0 (no overflow) only when the reference r sits between s and t. So the chunk is cut into
+    sub-chunks of SUB steps: a pair of different sub-chunks uses r = by at the end of the key sub-chunk, a
+    pair inside one sub-chunk takes the exact pairwise exponent per channel.
+    """
+    *lead, C, K = torch.broadcast_shapes(x.shape, y.shape)
+    n = C // SUB
+    xs, bxs, ys, bys = (z.unflatten(-2, (n, SUB)) for z in (x, bx, y, by))  # (..., n, SUB, K)
+    dev = x.device
+    keep = torch.ones(SUB, SUB, dtype=torch.bool, device=dev).tril(-1 if strict else 0)  # [t, s]
+
+    # same sub-chunk: exact exponents; masked pairs become exp(-inf) = 0 before they can overflow
+    d = bxs.unsqueeze(-2) - bys.unsqueeze(-3)  # (..., n, SUB, SUB, K)
+    decay = d.masked_fill(~keep[:, :, None], float("-inf")).exp()
+    diag = torch.einsum("...tk,...sk,...tsk->...ts", xs, ys, decay)  # (..., n, SUB, SUB)
+
+    # query sub-chunk X after key sub-chunk Y: reference r_Y = by at the last step of Y
+    r = bys[..., -1, :]  # (..., n, K)
+    y_r = ys * (r.unsqueeze(-2) - bys).exp()  # (..., n, SUB, K)
+    later = torch.ones(n, n, dtype=torch.bool, device=dev).tril(-1)  # [X, Y]: X > Y
+    e = bxs.unsqueeze(-3) - r.unsqueeze(-2).unsqueeze(-4)  # (..., n, n, SUB, K)
+    x_r = xs.unsqueeze(-3) * e.masked_fill(~later[:, :, None, None], float("-inf")).exp()  # (..., n, n, SUB, K)
+    off = torch.einsum("...xytk,...ysk->...xyts", x_r, y_r)  # (..., n, n, SUB, SUB)
+
+    eye = torch.eye(n, dtype=off.dtype, device=dev)[:, :, None, None]  # (n, n, 1, 1)
+    A = off + eye * diag.unsqueeze(-3)  # (..., n, n, SUB, SUB)
+    return A.transpose(-3, -2).reshape(*lead, C, C)  # (..., C, C)
+
+
+def _check_state(state: torch.Tensor | None, B: int, H: int, K: int, V: int, op: str) -> None:
+    if state is not None and tuple(state.shape) != (B, H, K, V):
+        raise ValueError(f"{op}: initial_state must be [B, H, K, V] = {[B, H, K, V]}; got {list(state.shape)}")
+
+
+def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None, *,
+        initial_state: torch.Tensor | None = None, output_final_state: bool = False, impl: str = "auto",
+        chunk_size: int = 64) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Gated linear attention; equals fla's `naive_recurrent_gla(q, k, v, g)`.
+
+    q, k, g: [B, T, H, K] (g = log decay ≤ 0 per key channel); v: [B, T, H, V]; scale defaults to K^-0.5.
+    initial_state: [B, H, K, V] state before the first step. Returns o [B, T, H, V] in q's dtype, or
+    (o, final_state [B, H, K, V], float32 or wider) when output_final_state.
+    impl: "auto" (fla's `chunk_gla` for CUDA tensors when fla imports, else "torch"), "torch", "fla".
+    chunk_size: torch path only, a multiple of 16.
+    """
+    if q.ndim != 4 or k.shape != q.shape or g.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"gla wants q, k, g as [B, T, H, K] (all alike) and v as [B, T, H, V]; got q "
+                         f"{list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, g {list(g.shape)}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    _check_state(initial_state, B, H, K, V, "gla")
+    scale = K ** -0.5 if scale is None else scale
+    if _resolve_impl(impl, q, ("auto", "torch", "fla"), "gla") == "fla":
+        from fla.ops.gla import chunk_gla
+
+        # fla asserts a float32 initial state; it returns the final state in float32 too
+        h0 = None if initial_state is None else initial_state.float()
+        o, state = chunk_gla(q, k, v, g, scale=scale, initial_state=h0, output_final_state=output_final_state)
+    else:
+        o, state = _gla_torch(q, k, v, g, scale, initial_state, chunk_size)
+    return (o, state) if output_final_state else o
+
+
+def _gla_torch(q, k, v, g, scale, initial_state, chunk_size):
+    B, T, H, K = q.shape
+    V, out_dtype = v.shape[-1], q.dtype
+    dt = _compute_dtype(q.dtype)
+    C = _chunk_len(T, chunk_size)
+    # padding steps have k = v = 0 and g = 0 (no decay), so they leave the final state untouched
+    q, k, v, g = (_to_chunks(x, C, dt) for x in (q, k, v, g))  # (B, H, N, C, ·)
+    N = q.shape[2]
+
+    b = g.cumsum(-2)  # (B, H, N, C, K)  log decay from the chunk start through step t
+    A = _lower_scores(q, b, k, b, strict=False)  # (B, H, N, C, C)
+    b_end = b[..., -1:, :]  # (B, H, N, 1, K)
+    kv = (k * (b_end - b).exp()).transpose(-1, -2) @ v  # (B, H, N, K, V)  chunk's own contribution at its end
+    decay = b_end.transpose(-1, -2).exp()  # (B, H, N, K, 1)
+
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)  # (B, H, K, V)
+    starts = []
+    for n in range(N):  # the only sequential part: one elementwise update per chunk
+        starts.append(S)
+        S = decay[:, :, n] * S + kv[:, :, n]
+    S_in = torch.stack(starts, dim=2)  # (B, H, N, K, V)  state entering each chunk
+
+    o = ((q * b.exp()) @ S_in + A @ v) * scale  # (B, H, N, C, V)
+    return _from_chunks(o, T).to(out_dtype), S
+
+
+__all__ = ["gla"]

@@ -1,0 +1,99 @@
+"""RWKV-7 state update (a diagonal-plus-low-rank, "generalised delta rule" recurrence): chunkwise-parallel
+PyTorch, or fla-core's Triton kernel on GPU.
+
+    S_t = Diag(exp(w_t)) S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_tᵀ v_t          S: [K, V] per head
+    o_t = r_t S_t
+
+Chunkwise form (torch path). Within a chunk, with B_t the cumulative log decay from the chunk start through
+step t and S_0 the state entering it, write u_t = a_tᵀ S_{t-1} (a row of V). Then S evolves like GLA fed by
+two key/value pairs, (k_t, v_t) and (b_t, u_t):
+
+    S_t = e^{B_t} ⊙ S_0 + Σ_{s≤t} e^{B_t − B_s} ⊙ (k_sᵀ v_s + b_sᵀ u_s)
+    u_t = (a_t ⊙ e^{B_{t-1}}) S_0 + Σ_{s<t} [A_ak]_{ts} v_s + Σ_{s<t} [A_ab]_{ts} u_s
+
+so U = (I − A_ab)⁻¹ (W S_0 + A_ak V) with W_t = a_t ⊙ e^{B_{t-1}}: one unit-lower-triangular solve per chunk
+(the WY / UT transform of DeltaNet). Writing U = W' S_0 + U', each chunk maps its entering state linearly,
+S_end = (Diag(e^{B_C}) + b̃ᵀ W') S_0 + (k̃ᵀ V + b̃ᵀ U') with k̃, b̃ decayed to the chunk end, so the only
+sequential work is one [K, K] × [K, V] matmul per chunk. All decays are exponentials of non-positive
+differences (sub-chunked as in `gla._lower_scores`), so strong decay cannot overflow; memory is linear in T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.ops.gla import _check_state, _chunk_len, _compute_dtype, _from_chunks, _lower_scores, \
+    _resolve_impl, _to_chunks
+
+
+def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+          initial_state: torch.Tensor | None = None, output_final_state: bool = False, impl: str = "auto",
+          chunk_size: int = 64) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RWKV-7 recurrence (scale 1); equals fla's `dplr_recurrence(r·√K, k, v, a, b, w)` in head-first layout.
+
+    r, w, k, a, b: [B, T, H, K] (w = log decay ≤ 0); v: [B, T, H, V]. In the RWKV-7 layer a = −κ̂, b = κ̂ ⊙ α.
+    initial_state: [B, H, K, V]. Returns o [B, T, H, V] in r's dtype, or (o, final_state [B, H, K, V],
+    float32 or wider) when output_final_state.
+    impl: "auto" (fla's `chunk_rwkv7` for CUDA tensors when fla imports, else "torch"), "torch", "fla".
+    chunk_size: torch path only, a multiple of 16.
+    """
+    shape = r.shape
+    if r.ndim != 4 or any(x.shape != shape for x in (w, k, a, b)) or v.ndim != 4 or v.shape[:3] != shape[:3]:
+        raise ValueError(f"rwkv7 wants r, w, k, a, b as [B, T, H, K] (all alike) and v as [B, T, H, V]; got r "
+                         f"{list(r.shape)}, w {list(w.shape)}, k {list(k.shape)}, v {list(v.shape)}, "
+                         f"a {list(a.shape)}, b {list(b.shape)}")
+    B, T, H, K = shape
+    _check_state(initial_state, B, H, K, v.shape[-1], "rwkv7")
+    if _resolve_impl(impl, r, ("auto", "torch", "fla"), "rwkv7") == "fla":
+        from fla.ops.rwkv7 import chunk_rwkv7
+
+        h0 = None if initial_state is None else initial_state.float()
+        o, state = chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=h0,
+                               output_final_state=output_final_state)
+    else:
+        o, state = _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size)
+    return (o, state) if output_final_state else o
+
+
+def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size):
+    B, T, H, K = r.shape
+    V, out_dtype = v.shape[-1], r.dtype
+    dt = _compute_dtype(r.dtype)
+    C = _chunk_len(T, chunk_size)
+    # zero padding: w = 0 (no decay) and k = b = 0 (nothing written), so the final state is untouched
+    r, w, k, v, a, b = (_to_chunks(x, C, dt) for x in (r, w, k, v, a, b))  # (B, H, N, C, ·)
+    N = r.shape[2]
+
+    lw = w.cumsum(-2)  # (B, H, N, C, K)  B_t: log decay from the chunk start through step t
+    lw_prev = F.pad(lw[..., :-1, :], (0, 0, 1, 0))  # (B, H, N, C, K)  B_{t-1}: what a_t reads S_{t-1} under
+
+    # one call each for the a-side (strict: u_t reads S_{t-1}) and r-side (inclusive) scores against k and b
+    kb = torch.stack((k, b))  # (2, B, H, N, C, K)
+    A_a = _lower_scores(a, lw_prev, kb, lw, strict=True)  # (2, B, H, N, C, C)  [A_ak, A_ab]
+    A_r = _lower_scores(r, lw, kb, lw, strict=False)  # (2, B, H, N, C, C)  [A_rk, A_rb]
+
+    # WY / UT transform: (I − A_ab) [W' | U'] = [W | A_ak V]
+    eye = torch.eye(C, dtype=dt, device=r.device)
+    rhs = torch.cat((a * lw_prev.exp(), A_a[0] @ v), dim=-1)  # (B, H, N, C, K + V)
+    wu = torch.linalg.solve_triangular(eye - A_a[1], rhs, upper=False, unitriangular=True)
+    W, U = wu.split((K, V), dim=-1)  # (B, H, N, C, K), (B, H, N, C, V)
+
+    to_end = (lw[..., -1:, :] - lw).exp()  # (B, H, N, C, K)
+    k_end, b_end = (k * to_end).transpose(-1, -2), (b * to_end).transpose(-1, -2)  # (B, H, N, K, C)
+    trans = torch.diag_embed(lw[..., -1, :].exp()) + b_end @ W  # (B, H, N, K, K)  state map over a chunk
+    const = k_end @ v + b_end @ U  # (B, H, N, K, V)
+
+    S = r.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)  # (B, H, K, V)
+    starts = []
+    for n in range(N):  # the only sequential part: one [K, K] @ [K, V] per chunk
+        starts.append(S)
+        S = trans[:, :, n] @ S + const[:, :, n]
+    S_in = torch.stack(starts, dim=2)  # (B, H, N, K, V)  state entering each chunk
+
+    u = W @ S_in + U  # (B, H, N, C, V)  u_t = a_t S_{t-1}
+    o = (r * lw.exp()) @ S_in + A_r[0] @ v + A_r[1] @ u  # (B, H, N, C, V)
+    return _from_chunks(o, T).to(out_dtype), S
+
+
+__all__ = ["rwkv7"]

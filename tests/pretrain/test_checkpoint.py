@@ -1,0 +1,385 @@
+"""Checkpoints: bitwise resume, RNG, keep_last, atomic publish under SIGKILL, corrupt and unsafe checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.checkpoint import Checkpointer, UnsafeCheckpointError, read_dcp_metadata
+from tests.dist import run_distributed
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_CONFIG = {"model": {"arch": "tiny", "d_model": 8, "n_layers": 2, "dims": (8, 16)},
+              "train": {"steps": 10}, "checkpoint": {"interval": 1}}
+
+
+@dataclass
+class Cfg:
+    interval: int = 1
+    keep_last: int = 0
+    resume: str = "auto"
+
+
+def make(seed: int = 0):
+    """A tiny model with dropout (so resume depends on the RNG) and a decaying AdamW."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.2), nn.Linear(16, 16))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def train(model, optimizer, steps: int) -> list[float]:
+    """Draws data from torch, numpy and python RNGs so each of them must be restored for equal losses."""
+    losses = []
+    for _ in range(steps):
+        tokens = torch.randint(0, 16, (4, 6))
+        scale = float(np.random.rand()) + random.random()
+        loss = nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.roll(1, 1).flatten()) * scale
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def save_steps(run_dir, steps, cfg=None):
+    """Train one step before each save; return the checkpointer and the params saved at each step."""
+    ck = Checkpointer(cfg or Cfg(), run_dir, run_config=RUN_CONFIG)
+    model, opt = make()
+    saved = {}
+    for step in steps:
+        train(model, opt, 1)
+        ck.save(step, model=model, optimizer=opt, state={"tokens": 24 * step})
+        saved[step] = params(model)
+    return ck, saved
+
+
+def test_due():
+    ck = Checkpointer(Cfg(interval=5), "unused", run_config=RUN_CONFIG)
+    assert [s for s in range(12) if ck.due(s)] == [5, 10]
+    assert not any(Checkpointer(Cfg(interval=0), "unused", run_config=RUN_CONFIG).due(s) for s in range(12))
+
+
+def test_round_trip_is_bitwise(tmp_path):
+    model, opt = make()
+    train(model, opt, 3)
+    ck = Checkpointer(Cfg(), tmp_path, run_config=RUN_CONFIG)
+    state = {"scheduler": {"last_epoch": 3, "_last_lr": [0.01]}, "data": {"shard": 2, "offset": 17}}
+    path = ck.save(3, model=model, optimizer=opt, state=state)
+    ref_losses, ref_params = train(model, opt, 4), params(model)
+    ref_opt = opt.state_dict()
+
+    model, opt = make(seed=1)  # different weights, empty optimizer state
+    result = ck.load(model=model, optimizer=opt)
+    assert result == {"step": 3, "state": state, "path": str(path)}
+    assert train(model, opt, 4) == ref_losses
+    assert_same(params(model), ref_params)
+    for k, v in ref_opt["state"].items():
+        assert all(torch.equal(v[n], opt.state_dict()["state"][k][n]) for n in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_rng_states_restored(tmp_path):
+    model, opt = make()
+    ck = Checkpointer(Cfg(), tmp_path, run_config=RUN_CONFIG)
+    ck.save(1, model=model, optimizer=opt, state={})
+    draws = torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)]
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    ck.load(model=model, optimizer=opt)
+    again = torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)]
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and draws[2] == again[2]
+    rng = json.loads((tmp_path / "checkpoints/step_00000001/rng/rank_0.json").read_text())
+    assert set(rng) >= {"python", "numpy", "torch"}
+
+
+def test_keep_last_and_latest(tmp_path):
+    save_steps(tmp_path, [1, 2, 3, 4], Cfg(keep_last=2))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+    assert (ckpts / "latest").read_text().strip() == "step_00000004"
+    meta = json.loads((ckpts / "step_00000004/meta.json").read_text())
+    assert meta["step"] == 4 and meta["complete"] and meta["config"]["model"]["d_model"] == 8
+
+
+def test_resume_none_and_nothing_to_resume(tmp_path):
+    model, opt = make()
+    assert Checkpointer(Cfg(), tmp_path, run_config=RUN_CONFIG).load(model=model, optimizer=opt) is None
+    save_steps(tmp_path, [1])
+    assert Checkpointer(Cfg(resume="none"), tmp_path, run_config=RUN_CONFIG).load(model=model, optimizer=opt) is None
+
+
+def _delete_payload(d: Path):
+    next(d.glob("*.distcp")).unlink()
+
+
+def _truncate_payload(d: Path):
+    f = next(d.glob("*.distcp"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _scramble_payload(d: Path):  # same size, so only reading the tensors finds it
+    f = next(d.glob("*.distcp"))
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("corrupt", [
+    _delete_payload, _truncate_payload, _scramble_payload,
+    lambda d: (d / "meta.json").unlink(),
+    lambda d: (d / ".metadata").write_bytes(b"\x80\x04garbage"),
+], ids=["deleted-distcp", "truncated-distcp", "scrambled-distcp", "no-meta.json", "garbage-metadata"])
+def test_broken_newest_checkpoint_is_skipped(tmp_path, caplog, corrupt):
+    ck, saved = save_steps(tmp_path, [1, 2])
+    corrupt(tmp_path / "checkpoints/step_00000002")
+    unfinished = tmp_path / "checkpoints/.tmp-step_00000003-0123abcd"
+    unfinished.mkdir()
+    (unfinished / "__0_0.distcp").write_bytes(b"partial")
+
+    model, opt = make(seed=1)
+    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+        result = ck.load(model=model, optimizer=opt)
+    assert result["step"] == 1
+    assert_same(params(model), saved[1])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("step_00000002" in w for w in warnings), warnings
+    assert any(unfinished.name in w for w in warnings), warnings
+
+
+def test_latest_pointing_nowhere_falls_back_to_newest(tmp_path, caplog):
+    ck, saved = save_steps(tmp_path, [1, 2])
+    (tmp_path / "checkpoints/latest").write_text("step_00000009\n")
+    model, opt = make(seed=1)
+    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+        assert ck.load(model=model, optimizer=opt)["step"] == 2
+    assert "step_00000009" in caplog.text
+    assert_same(params(model), saved[2])
+
+
+def test_explicit_resume_path(tmp_path):
+    _, saved = save_steps(tmp_path, [1, 2])
+    model, opt = make(seed=1)
+    for resume in (str(tmp_path / "checkpoints/step_00000001"), "step_00000001"):
+        ck = Checkpointer(Cfg(resume=resume), tmp_path, run_config=RUN_CONFIG)
+        assert ck.load(model=model, optimizer=opt)["step"] == 1
+        assert_same(params(model), saved[1])
+    (tmp_path / "checkpoints/step_00000002/meta.json").unlink()
+    ck = Checkpointer(Cfg(resume="step_00000002"), tmp_path, run_config=RUN_CONFIG)
+    with pytest.raises(ValueError, match="step_00000002 cannot be used: no meta.json"):
+        ck.load(model=model, optimizer=opt)
+
+
+def test_other_model_config_is_refused(tmp_path):
+    save_steps(tmp_path, [1])
+    other = {**RUN_CONFIG, "model": {**RUN_CONFIG["model"], "d_model": 16, "n_layers": 3}}
+    ck = Checkpointer(Cfg(), tmp_path, run_config=other)
+    model, opt = make()
+    with pytest.raises(ValueError) as err:
+        ck.load(model=model, optimizer=opt)
+    msg = str(err.value)
+    assert "step_00000001" in msg and "--checkpoint.resume=none" in msg
+    assert "model.d_model=8 in the checkpoint, 16 in this run" in msg
+    assert "model.n_layers=2 in the checkpoint, 3 in this run" in msg
+    assert "dims" not in msg  # a tuple in the config equals the list JSON gives back
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_metadata_is_refused(tmp_path, caplog):
+    save_steps(tmp_path, [1, 2])
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "checkpoints/step_00000002"
+    (bad / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
+
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to unpickle (posix|os)\.system"):
+        read_dcp_metadata(bad)
+    model, opt = make()
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        Checkpointer(Cfg(resume=str(bad)), tmp_path, run_config=RUN_CONFIG).load(model=model, optimizer=opt)
+    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+        result = Checkpointer(Cfg(), tmp_path, run_config=RUN_CONFIG).load(model=model, optimizer=opt)
+    assert result["step"] == 1 and "step_00000002" in caplog.text
+    assert not marker.exists()
+
+
+def test_malicious_non_tensor_item_is_refused(tmp_path):
+    """DCP stores optimizer hyper-parameters as pickled bytes; they too must not run code on load."""
+    marker = tmp_path / "pwned"
+    model, opt = make()
+    opt.param_groups[0]["evil"] = _Exploit(marker)
+    train(model, opt, 1)
+    ck = Checkpointer(Cfg(resume="step_00000001"), tmp_path, run_config=RUN_CONFIG)
+    ck.save(1, model=model, optimizer=opt, state={})
+    model, opt = make()
+    opt.param_groups[0]["evil"] = 0  # so that the load asks for the item
+    with pytest.raises(RuntimeError, match="(?i)unsupported global (posix|os).system"):
+        ck.load(model=model, optimizer=opt)
+    assert not marker.exists()
+
+
+def _save_then_die(run_dir: str) -> None:
+    """Child of the SIGKILL test: save step 1, then hang inside the DCP write of step 2 until killed."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    ck = Checkpointer(Cfg(), run_dir, run_config=RUN_CONFIG)
+    model, opt = make()
+    train(model, opt, 1)
+    ck.save(1, model=model, optimizer=opt, state={"tokens": 24})
+    torch.save(model.state_dict(), Path(run_dir) / "step1.pt")
+    train(model, opt, 1)
+
+    def hang(self, *args, **kwargs):  # the payload is written, .metadata and meta.json are not
+        print("WRITING", flush=True)
+        signal.pause()
+
+    FileSystemWriter.finish = hang
+    ck.save(2, model=model, optimizer=opt, state={"tokens": 48})
+
+
+def test_save_killed_midway_keeps_previous_checkpoint(tmp_path, caplog):
+    code = f"from tests.pretrain.test_checkpoint import _save_then_die; _save_then_die({str(tmp_path)!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert "WRITING" in child.stdout.readline(), child.stderr.read()
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    ckpts = tmp_path / "checkpoints"
+    (unfinished,) = ckpts.glob(".tmp-step_00000002-*")
+    assert list(unfinished.glob("*.distcp"))
+    assert (ckpts / "latest").read_text().strip() == "step_00000001"
+
+    ck = Checkpointer(Cfg(), tmp_path, run_config=RUN_CONFIG)
+    model, opt = make(seed=1)
+    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+        result = ck.load(model=model, optimizer=opt)
+    assert result["step"] == 1 and result["state"] == {"tokens": 24}
+    assert unfinished.name in caplog.text
+    ref = torch.load(tmp_path / "step1.pt", weights_only=True)
+    assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items())
+
+    train(model, opt, 1)  # training continues; the next save clears the dead one's leftovers
+    ck.save(2, model=model, optimizer=opt, state={"tokens": 48})
+    assert not unfinished.exists()
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+
+
+def test_model_parts(tmp_path):
+    """Pipeline stages held by one rank: one optimizer per part, keys by parameter name."""
+    def parts(seed):
+        model, _ = make(seed)
+        stages = [model[:2], model[2:]]
+        return model, stages, [torch.optim.AdamW(s.parameters(), lr=1e-2) for s in stages]
+
+    model, stages, opts = parts(0)
+    ck = Checkpointer(Cfg(), tmp_path, run_config=RUN_CONFIG)
+    model(torch.randint(0, 16, (2, 3))).sum().backward()
+    for o in opts:
+        o.step()
+    ck.save(1, model=stages, optimizer=opts, state={})
+    model2, stages2, opts2 = parts(1)
+    ck.load(model=stages2, optimizer=opts2)
+    assert_same(params(model2), params(model))
+    for o, o2 in zip(opts, opts2):
+        for s, s2 in zip(o.state_dict()["state"].values(), o2.state_dict()["state"].values()):
+            assert all(torch.equal(s[k], s2[k]) for k in s)
+
+
+def _ddp_case(run_dir: str) -> dict:
+    rank = dist.get_rank()
+    model, opt = make()
+    model = nn.parallel.DistributedDataParallel(model)
+    torch.manual_seed(100 + rank)  # each rank its own data and dropout masks: per-rank RNG states matter
+    train(model, opt, 2)
+    ck = Checkpointer(Cfg(), run_dir, run_config=RUN_CONFIG)
+    ck.save(2, model=model, optimizer=opt, state={"tokens": 96})
+    saved = [p.tolist() for p in params(model)]
+    ref_losses, ref_params = train(model, opt, 2), params(model)
+
+    model2, opt2 = make(seed=7)
+    model2 = nn.parallel.DistributedDataParallel(model2)
+    result = ck.load(model=model2, optimizer=opt2)
+    losses = train(model2, opt2, 2)
+    return {"result": result, "ref": ref_losses, "got": losses, "saved": saved,
+            "same_params": all(torch.equal(a, b) for a, b in zip(params(model2), ref_params))}
+
+
+def _fsdp_case(run_dir: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+
+    def sharded(seed):
+        model, _ = make(seed)
+        fully_shard(model, mesh=mesh)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    model, opt = sharded(0)
+    torch.manual_seed(100 + dist.get_rank())
+    train(model, opt, 2)
+    ck = Checkpointer(Cfg(), run_dir, run_config=RUN_CONFIG)
+    ck.save(2, model=model, optimizer=opt, state={})
+    full = {k: v.full_tensor().tolist() for k, v in model.state_dict().items()}
+    ref = train(model, opt, 2)
+    model2, opt2 = sharded(7)
+    ck.load(model=model2, optimizer=opt2)
+    return {"ref": ref, "got": train(model2, opt2, 2), "full": full}
+
+
+def _two_rank_worker(run_dir: str) -> dict:
+    # one set of processes for both cases: starting them costs more than the cases themselves
+    return {"ddp": _ddp_case(f"{run_dir}/ddp"), "fsdp": _fsdp_case(f"{run_dir}/fsdp")}
+
+
+def test_two_ranks_ddp_and_fsdp2(tmp_path):
+    results = run_distributed(_two_rank_worker, 2, str(tmp_path))
+
+    ddp = [r["ddp"] for r in results]
+    for r in ddp:
+        assert r["result"]["step"] == 2 and r["result"]["state"] == {"tokens": 96}
+        assert r["got"] == r["ref"] and r["same_params"]
+    assert ddp[0]["ref"] != ddp[1]["ref"]  # the ranks really had different data
+    ckpt = tmp_path / "ddp/checkpoints/step_00000002"
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_0.json", "rank_1.json"]
+    assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
+    # DDP's "module." prefix is not in the checkpoint: a plain single-process model loads it
+    model, opt = make(seed=1)
+    Checkpointer(Cfg(), tmp_path / "ddp", run_config=RUN_CONFIG).load(model=model, optimizer=opt)
+    assert all(p.tolist() == s for p, s in zip(model.parameters(), ddp[0]["saved"]))
+
+    fsdp = [r["fsdp"] for r in results]
+    assert all(r["got"] == r["ref"] for r in fsdp)
+    # the DTensor shards of 2 ranks load into one unsharded model
+    model, opt = make(seed=1)
+    Checkpointer(Cfg(), tmp_path / "fsdp", run_config=RUN_CONFIG).load(model=model, optimizer=opt)
+    assert {k: v.tolist() for k, v in model.state_dict().items()} == fsdp[0]["full"]
