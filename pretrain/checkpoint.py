@@ -140,6 +140,23 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def _on_rank0(fn, what: str):
+    """Collective: run `fn` on rank 0 only and hand its result to every rank; if it fails, every rank raises
+    (rank 0 its own exception), so no rank is left waiting in a later collective."""
+    result = error = None
+    if _rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    result, message = _from_rank0((result, None if error is None else _describe(error)))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"{what} failed on rank 0: {message}")
+    return result
+
+
 def _raise_if_any(error: str | None, what: str) -> None:
     """Collective: raise on every rank if any rank reports an error (so no rank is left waiting)."""
     errors = [error]
@@ -171,11 +188,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, obj) -> None:
-    """Write JSON durably and atomically: a reader sees the old file, the whole new one, or none."""
+def _write_text(path: Path, text: str) -> None:
+    """Write durably and atomically: a reader sees the old file, the whole new one, or none."""
     tmp = path.with_name(f"{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -280,15 +297,7 @@ class Checkpointer:
         and prune to keep_last. `model`/`optimizer` may be lists (one optimizer per model part)."""
         json.dumps(state)  # identical on all ranks, so all fail here together
         final = self.dir / f"step_{step:08d}"
-        tmp = error = None
-        if _rank() == 0:
-            try:
-                tmp = self._begin(final)
-            except OSError as e:  # tell the other ranks instead of leaving them in a collective
-                error = f"{type(e).__name__}: {e}"
-        tmp, error = _from_rank0((tmp, error))
-        if error is not None:
-            raise RuntimeError(f"cannot start checkpoint {final} on rank 0: {error}")
+        tmp = _on_rank0(lambda: self._begin(final), f"starting checkpoint {final}")
 
         sd, _ = _state_dict(_parts(model, optimizer))
         with _single_process_ok():
@@ -296,20 +305,12 @@ class Checkpointer:
         error = None
         try:
             (tmp / "rng").mkdir(exist_ok=True)
-            _write_json(tmp / "rng" / f"rank_{_rank()}.json", _rng_state())
+            _write_text(tmp / "rng" / f"rank_{_rank()}.json", json.dumps(_rng_state()))
         except OSError as e:
             error = f"{type(e).__name__}: {e}"
         _raise_if_any(error, f"saving RNG states into {tmp}")
 
-        error = None
-        if _rank() == 0:
-            try:
-                self._publish(tmp, final, step=step, state=state)
-            except Exception as e:  # tell the other ranks instead of leaving them in a collective
-                error = f"{type(e).__name__}: {e}"
-        error = _from_rank0(error)
-        if error is not None:
-            raise RuntimeError(f"publishing checkpoint {final} failed on rank 0: {error}")
+        _on_rank0(lambda: self._publish(tmp, final, step=step, state=state), f"publishing checkpoint {final}")
         return final
 
     def _begin(self, final: Path) -> Path:
@@ -327,8 +328,8 @@ class Checkpointer:
         meta = {"format": FORMAT_VERSION, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "world_size": _world_size(), "torch": torch.__version__, "config": self.run_config,
                 "state": state, "complete": True}
-        _fsync_dir(tmp / "rng")
-        _write_json(tmp / "meta.json", meta)  # last file written: it marks the checkpoint complete
+        # Last file written, and its directory fsynced with every other entry: it marks the checkpoint complete.
+        _write_text(tmp / "meta.json", json.dumps(meta))
         if final.exists():  # e.g. resumed from an older checkpoint and reached this step again
             old = self.dir / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
@@ -337,9 +338,7 @@ class Checkpointer:
         else:
             os.rename(tmp, final)
         _fsync_dir(self.dir)
-        (self.dir / "latest.tmp").write_text(final.name + "\n")
-        os.replace(self.dir / "latest.tmp", self.dir / "latest")
-        _fsync_dir(self.dir)
+        _write_text(self.dir / "latest", final.name + "\n")
         logger.info("saved checkpoint %s", final)
         self._prune(keep=final)
 
@@ -363,13 +362,13 @@ class Checkpointer:
         if resume == "none":
             return None
         explicit = resume != "auto"
-        ordered = _from_rank0(([self._explicit_path(resume)] if explicit else self._auto_order())
-                              if _rank() == 0 else None)
+        ordered = _on_rank0(lambda: [self._explicit_path(resume)] if explicit else self._auto_order(),
+                            f"looking for checkpoints in {self.dir}")
         parts = _parts(model, optimizer)
         touched = False
         for path in ordered:
             # rank 0 inspects the files, so every rank takes the same decision
-            reason, meta = _from_rank0(_inspect(path) if _rank() == 0 else None)
+            reason, meta = _on_rank0(lambda: _inspect(path), f"inspecting checkpoint {path}")
             if reason is not None:
                 if explicit:
                     raise ValueError(f"checkpoint {path} cannot be used: {reason}")
@@ -472,6 +471,8 @@ def _incomplete_reason(path: Path) -> str | None:
         meta = _read_meta(path)
     except (OSError, ValueError) as e:
         return f"unreadable meta.json ({e})"
+    if meta.get("format") != FORMAT_VERSION:
+        return f"checkpoint format {meta.get('format')!r}, this code reads format {FORMAT_VERSION}"
     if not meta.get("complete") or meta.get("step") != int(_STEP_DIR.fullmatch(path.name).group(1)):
         return "meta.json does not mark it complete for this step"
     return None
@@ -483,13 +484,12 @@ def _inspect(path: Path) -> tuple[str | None, dict | None]:
     reason = _incomplete_reason(path)
     if reason is not None:
         return reason, None
-    try:
-        metadata = read_dcp_metadata(path)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-        return f"unreadable .metadata ({type(e).__name__}: {e})", None
     needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    try:
+        for info in read_dcp_metadata(path).storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as e:  # a corrupt or crafted file fails in many ways; each means "do not load it"
+        return f"unreadable .metadata ({_describe(e)})", None
     for name, size in sorted(needed.items()):
         file = path / name
         if not file.is_file():
