@@ -459,10 +459,10 @@ def _read_meta(path: Path) -> dict:
 
 def _incomplete_reason(path: Path) -> str | None:
     """Why `path` is not a complete checkpoint (cheap checks), or None."""
+    if not path.is_dir():
+        return "no such directory"
     if not _STEP_DIR.fullmatch(path.name):
         return "not a step_<N> checkpoint directory (a temporary or foreign directory)"
-    if not path.is_dir():
-        return "not a directory"
     if not (path / ".metadata").is_file():
         return "no DCP .metadata (the save did not finish)"
     if not (path / "meta.json").is_file():

@@ -127,8 +127,6 @@ def train(cfg: Config) -> list[float]:
         step = resumed["step"]
         loader.load_state_dict(resumed["state"]["data"])
         tokens_seen = resumed["state"]["tokens_seen"]
-        if is_main:
-            print(f"resumed from {resumed['path']} at step {step}", flush=True)
 
     flops = flops_per_token(cfg.model)
     peak = peak_flops(device)

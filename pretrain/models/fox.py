@@ -12,6 +12,7 @@ The forget-gate bias starts at zero (σ(0) = ½ before the data-dependent term),
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -36,7 +37,9 @@ class ForgettingAttention(Attention):
         self.fgate_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=True)
 
     def attend(self, q, k, v, x):
-        log_f = F.logsigmoid(self.fgate_proj(x).float())  # (B, T, H); fp32 because its cumsum spans the sequence
+        logit = self.fgate_proj(x)  # (B, T, H)
+        # fp32 (or wider): the op sums log f over the whole sequence
+        log_f = F.logsigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))  # (B, T, H)
         return forgetting_attention(q, k, v, log_f, impl=self.impl)  # (B, T, H, D)
 
 

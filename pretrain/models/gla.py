@@ -41,6 +41,10 @@ class LowRank(nn.Module):
         return self.up(self.ACTIVATIONS[self.activation](self.down(x)))
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def linear_mixer_impl(cfg: ModelConfig) -> str:
     """model.attn_impl → the linear-recurrence ops' impl (auto | torch | fla)."""
     if cfg.attn_impl not in ("auto", "torch", "fla"):
@@ -77,8 +81,9 @@ class GatedLinearAttention(nn.Module):
         q = self.q_proj(x).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk), H = local heads
         k = self.k_proj(x).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk)
         v = self.v_proj(x).view(B, T, -1, self.head_v_dim)  # (B, T, H, Dv)
-        # the log decay is formed in fp32: under bf16 autocast logsigmoid(·)/16 would lose the small values
-        g = F.logsigmoid(self.gk_proj(x).float()).view(B, T, -1, self.head_k_dim) / GATE_NORMALIZER  # (B, T, H, Dk)
+        # the log decay is formed in fp32 (or wider): under bf16 autocast logsigmoid(·)/16 loses small values
+        gk = at_least_fp32(self.gk_proj(x)).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk)
+        g = F.logsigmoid(gk) / GATE_NORMALIZER  # (B, T, H, Dk): log decay
         o = gla(q, k, v, g, impl=self.impl)  # (B, T, H, Dv)
         o = self.o_norm(o) * F.silu(self.g_proj(x)).view_as(o)  # (B, T, H, Dv)
         return self.o_proj(o.flatten(2)), carry

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from pretrain.config import ConfigError, ModelConfig
 from pretrain.models.common import Block, LanguageModel, make_norm, mlp_hidden_size
-from pretrain.models.gla import LowRank, linear_mixer_impl, reject_rope
+from pretrain.models.gla import LowRank, at_least_fp32, linear_mixer_impl, reject_rope
 from pretrain.ops.rwkv7 import rwkv7
 
 DECAY_SCALE = math.exp(-0.5)  # w = −e^{−½}·σ(·) ∈ (−0.607, 0): a step keeps at least e^{−0.607} ≈ 0.545 of S
@@ -105,7 +105,7 @@ class RWKV7TimeMix(nn.Module):
         xr, xw, xk, xv, xa, xg = (torch.addcmul(x, delta, getattr(self, f"mu_{n}")) for n in MIXED_INPUTS)
         r = self.r_proj(xr).view(B, T, -1, D)  # (B, T, H, D), H = local heads
         # fp32 log decay: its cumulative sums inside the op span whole chunks
-        w = -DECAY_SCALE * torch.sigmoid(self.w_lora(xw).float()).view(B, T, -1, D)  # (B, T, H, D)
+        w = -DECAY_SCALE * torch.sigmoid(at_least_fp32(self.w_lora(xw))).view(B, T, -1, D)  # (B, T, H, D)
         k = self.k_proj(xk)  # (B, T, H·D)
         v = self.v_proj(xv)  # (B, T, H·D)
         if self.v_lora is None:

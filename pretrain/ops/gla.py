@@ -147,7 +147,6 @@ def _gla_torch(q, k, v, g, scale, initial_state, chunk_size):
     C = _chunk_len(T, chunk_size)
     # padding steps have k = v = 0 and g = 0 (no decay), so they leave the final state untouched
     q, k, v, g = (_to_chunks(x, C, dt) for x in (q, k, v, g))  # (B, H, N, C, ·)
-    N = q.shape[2]
 
     b = g.cumsum(-2)  # (B, H, N, C, K)  log decay from the chunk start through step t
     A = _lower_scores(q, b, k, b, strict=False)  # (B, H, N, C, C)
@@ -157,9 +156,10 @@ def _gla_torch(q, k, v, g, scale, initial_state, chunk_size):
 
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)  # (B, H, K, V)
     starts = []
-    for n in range(N):  # the only sequential part: one elementwise update per chunk
+    # the only sequential part: one elementwise update per chunk (unbind: one backward op, not N scatters)
+    for decay_n, kv_n in zip(decay.unbind(2), kv.unbind(2)):
         starts.append(S)
-        S = decay[:, :, n] * S + kv[:, :, n]
+        S = decay_n * S + kv_n
     S_in = torch.stack(starts, dim=2)  # (B, H, N, K, V)  state entering each chunk
 
     o = ((q * b.exp()) @ S_in + A @ v) * scale  # (B, H, N, C, V)

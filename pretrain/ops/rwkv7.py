@@ -63,7 +63,6 @@ def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size):
     C = _chunk_len(T, chunk_size)
     # zero padding: w = 0 (no decay) and k = b = 0 (nothing written), so the final state is untouched
     r, w, k, v, a, b = (_to_chunks(x, C, dt) for x in (r, w, k, v, a, b))  # (B, H, N, C, ·)
-    N = r.shape[2]
 
     lw = w.cumsum(-2)  # (B, H, N, C, K)  B_t: log decay from the chunk start through step t
     lw_prev = F.pad(lw[..., :-1, :], (0, 0, 1, 0))  # (B, H, N, C, K)  B_{t-1}: what a_t reads S_{t-1} under
@@ -86,9 +85,10 @@ def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size):
 
     S = r.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)  # (B, H, K, V)
     starts = []
-    for n in range(N):  # the only sequential part: one [K, K] @ [K, V] per chunk
+    # the only sequential part: one [K, K] @ [K, V] per chunk (unbind: one backward op, not N scatters)
+    for trans_n, const_n in zip(trans.unbind(2), const.unbind(2)):
         starts.append(S)
-        S = trans[:, :, n] @ S + const[:, :, n]
+        S = torch.baddbmm(const_n.flatten(0, 1), trans_n.flatten(0, 1), S.flatten(0, 1)).view(B, H, K, V)
     S_in = torch.stack(starts, dim=2)  # (B, H, N, K, V)  state entering each chunk
 
     u = W @ S_in + U  # (B, H, N, C, V)  u_t = a_t S_{t-1}

@@ -112,6 +112,24 @@ def test_rng_states_restored(tmp_path):
     assert set(rng) >= {"python", "numpy", "torch"}
 
 
+@pytest.mark.gpu
+def test_cuda_model_and_rng_round_trip(tmp_path):
+    model, _ = make()
+    model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, 16, (2, 3), device="cuda")).sum().backward()
+    opt.step()
+    ck = Checkpointer(Cfg(), tmp_path, run_config=RUN_CONFIG)
+    ck.save(1, model=model, optimizer=opt, state={})
+    saved, draw = params(model), torch.rand(5, device="cuda")
+    model2, _ = make(seed=1)
+    model2.cuda()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    ck.load(model=model2, optimizer=opt2)
+    assert torch.equal(torch.rand(5, device="cuda"), draw)
+    assert_same(params(model2), saved)
+
+
 def test_keep_last_and_latest(tmp_path):
     save_steps(tmp_path, [1, 2, 3, 4], Cfg(keep_last=2))
     ckpts = tmp_path / "checkpoints"
@@ -137,8 +155,12 @@ def _truncate_payload(d: Path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
-def _scramble_payload(d: Path):  # same size, so only reading the tensors finds it
-    f = next(d.glob("*.distcp"))
+def _scramble_payload(d: Path):
+    _scramble_payload_of(d, "__0_0.distcp")
+
+
+def _scramble_payload_of(d: Path, name: str):  # same size, so only reading the tensors finds it
+    f = d / name
     data = bytearray(f.read_bytes())
     data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64
     f.write_bytes(bytes(data))
@@ -265,14 +287,15 @@ def _save_then_die(run_dir: str) -> None:
 def test_save_killed_midway_keeps_previous_checkpoint(tmp_path, caplog):
     code = f"from tests.pretrain.test_checkpoint import _save_then_die; _save_then_die({str(tmp_path)!r})"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert "WRITING" in child.stdout.readline(), child.stderr.read()
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
+    with open(tmp_path / "child.err", "w") as err:  # a file, not a pipe nobody drains while the child runs
+        child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=err)
+        try:
+            assert "WRITING" in child.stdout.readline(), (tmp_path / "child.err").read_text()
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait()
     ckpts = tmp_path / "checkpoints"
     (unfinished,) = ckpts.glob(".tmp-step_00000002-*")
     assert list(unfinished.glob("*.distcp"))
@@ -329,8 +352,16 @@ def _ddp_case(run_dir: str) -> dict:
     model2 = nn.parallel.DistributedDataParallel(model2)
     result = ck.load(model=model2, optimizer=opt2)
     losses = train(model2, opt2, 2)
-    return {"result": result, "ref": ref_losses, "got": losses, "saved": saved,
-            "same_params": all(torch.equal(a, b) for a, b in zip(params(model2), ref_params))}
+    same_params = all(torch.equal(a, b) for a, b in zip(params(model2), ref_params))
+
+    # a payload that fails only while reading tensors: all ranks agree to fall back to step 2
+    ck.save(3, model=model2, optimizer=opt2, state={})
+    if rank == 0:
+        _scramble_payload_of(Path(run_dir) / "checkpoints/step_00000003", "__1_0.distcp")
+    dist.barrier()
+    fallback = ck.load(model=model2, optimizer=opt2)["step"]
+    return {"result": result, "ref": ref_losses, "got": losses, "saved": saved, "same_params": same_params,
+            "fallback": fallback}
 
 
 def _fsdp_case(run_dir: str) -> dict:
@@ -367,7 +398,7 @@ def test_two_ranks_ddp_and_fsdp2(tmp_path):
     ddp = [r["ddp"] for r in results]
     for r in ddp:
         assert r["result"]["step"] == 2 and r["result"]["state"] == {"tokens": 96}
-        assert r["got"] == r["ref"] and r["same_params"]
+        assert r["got"] == r["ref"] and r["same_params"] and r["fallback"] == 2
     assert ddp[0]["ref"] != ddp[1]["ref"]  # the ranks really had different data
     ckpt = tmp_path / "ddp/checkpoints/step_00000002"
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_0.json", "rank_1.json"]
