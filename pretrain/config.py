@@ -53,8 +53,8 @@ class ModelConfig:
     """Biases on linear layers and LayerNorm (the GPT preset uses them)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches."""
-    pos: str = "rope"
-    """Position information: rope | learned | none."""
+    pos: str = "auto"
+    """Position information: auto (rope for transformer; none for fox, gla, rwkv7) | rope | learned | none."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     attn_impl: str = "auto"
@@ -178,11 +178,20 @@ CHOICES = {
     "model.preset": ("", *MODEL_PRESETS),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.mlp": ("swiglu", "gelu"),
-    "model.pos": ("rope", "learned", "none"),
+    "model.pos": ("auto", "rope", "learned", "none"),
     "model.attn_impl": ("auto", "sdpa", "flex", "fla", "unfused", "torch"),
     "optim.schedule": ("cosine", "wsd", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "bf16", "fp32"),
+}
+
+
+# Kernels each architecture can run: SDPA cannot add FoX's forget gate; GLA and RWKV-7 are not softmax.
+ATTN_IMPLS = {
+    "transformer": ("auto", "sdpa", "unfused"),
+    "fox": ("auto", "torch", "fla", "flex", "unfused"),
+    "gla": ("auto", "torch", "fla"),
+    "rwkv7": ("auto", "torch", "fla"),
 }
 
 
@@ -273,6 +282,9 @@ def build_config(file_values: dict | None = None, cli_values: dict | None = None
             raise ConfigError(f"model.preset='{preset}' is unknown.{_suggest(preset, MODEL_PRESETS)} "
                               f"Presets: {', '.join(MODEL_PRESETS)}.")
         tree["model"] = {**MODEL_PRESETS[preset], **tree["model"]}
+    model = tree.setdefault("model", {})
+    if model.get("pos", "auto") == "auto":  # FoX, GLA and RWKV-7 get order from their gates / recurrence
+        model["pos"] = "rope" if model.get("arch", "transformer") == "transformer" else "none"
     cfg = Config(**{name: _section_class(name)(**tree.get(name, {})) for name in SECTIONS})
     validate(cfg)
     return cfg
@@ -303,10 +315,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
     if m.mlp_ratio <= 0:
         raise ConfigError(f"model.mlp_ratio must be positive, got {m.mlp_ratio}.")
-    if m.attn_impl == "unfused" and m.arch not in ("transformer", "fox"):
-        raise ConfigError(f"model.attn_impl='unfused' is softmax attention only; {m.arch} uses auto | torch | fla.")
-    if m.attn_impl == "sdpa" and m.arch != "transformer":
-        raise ConfigError(f"model.attn_impl='sdpa' cannot add {m.arch}'s gates; use auto.")
+    if m.attn_impl not in ATTN_IMPLS[m.arch]:
+        raise ConfigError(f"model.attn_impl='{m.attn_impl}' is not available for {m.arch}; "
+                          f"use one of {', '.join(ATTN_IMPLS[m.arch])}.")
+    if m.pos == "rope" and m.arch != "transformer":
+        raise ConfigError(f"model.pos='rope' is for the transformer; {m.arch} takes order from its gates "
+                          f"(use model.pos=auto or none).")
     o = cfg.optim
     if o.lr <= 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]; got {o.lr}, {o.min_lr_ratio}.")

@@ -120,27 +120,36 @@ class LanguageModel(nn.Module):
     embedding or the head), in which case `tokens` is already a hidden state or the hidden state is returned.
     """
 
-    def __init__(self, cfg: ModelConfig, make_mixer: Callable[[int], nn.Module]):
+    def __init__(self, cfg: ModelConfig, make_mixer: Callable[[int], nn.Module] | None = None, *,
+                 make_block: Callable[[int], nn.Module] | None = None):
+        """Layer i is `make_block(i)` if given (architectures with their own block), else
+        `Block(make_mixer(i), <model.mlp feed-forward>, cfg)`."""
         super().__init__()
+        if make_block is None:
+            def make_block(i: int) -> nn.Module:
+                return Block(make_mixer(i), build_mlp(cfg), cfg)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.emb_dropout = nn.Dropout(cfg.dropout)
         # A dict keyed by layer index keeps parameter names stable when pipeline stages delete layers.
-        self.layers = nn.ModuleDict({str(i): Block(make_mixer(i), build_mlp(cfg), cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): make_block(i) for i in range(cfg.n_layers)})
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.tok_emb(tokens) if self.tok_emb is not None else tokens  # (B, T, d)
-        if self.pos_emb is not None:
-            if h.shape[1] > self.cfg.seq_len:
-                raise ValueError(f"sequence of {h.shape[1]} tokens exceeds the learned position table "
-                                 f"(model.seq_len={self.cfg.seq_len})")
-            h = h + self.pos_emb(torch.arange(h.shape[1], device=h.device))
-        h = self.emb_dropout(h)
+        if self.tok_emb is None:  # a later pipeline stage: the input is already the hidden state
+            h = tokens
+        else:
+            h = self.tok_emb(tokens)  # (B, T, d)
+            if self.pos_emb is not None:
+                if h.shape[1] > self.cfg.seq_len:
+                    raise ValueError(f"sequence of {h.shape[1]} tokens exceeds the learned position table "
+                                     f"(model.seq_len={self.cfg.seq_len})")
+                h = h + self.pos_emb(torch.arange(h.shape[1], device=h.device))
+            h = self.emb_dropout(h)
         carry = None
         for block in self.layers.values():
             h, carry = block(h, carry)

@@ -1,7 +1,8 @@
 """RWKV-7 "Goose" (Peng et al. 2025), following BlinkDL/RWKV-LM `RWKV-v7/train_temp/src/model.py` (x070) and
 fla's `RWKV7Attention`.
 
-Time mix (the sequence mixer), per token with δ = shift(x) − x and x_□ = x + δ ⊙ μ_□ for □ ∈ {r, w, k, v, a, g}:
+Time mix (the sequence mixer), per token with δ = shift(x) − x and x_□ = x + δ ⊙ μ_□ for
+□ ∈ {r, w, k, v, a, g}:
 
     r = x_r W_r,  k = x_k W_k,  v = x_v W_v
     w = −e^{−½} σ(w₀ + tanh(x_w W₁) W₂)          log decay, so the decay e^w lies in (0.545, 1)
@@ -36,7 +37,7 @@ from pretrain.models.gla import LowRank, at_least_fp32, linear_mixer_impl, rejec
 from pretrain.ops.rwkv7 import rwkv7
 
 DECAY_SCALE = math.exp(-0.5)  # w = −e^{−½}·σ(·) ∈ (−0.607, 0): a step keeps at least e^{−0.607} ≈ 0.545 of S
-GROUP_NORM_EPS = 64e-5  # the reference's ln_x eps (larger than usual: o is small early in training)
+GROUP_NORM_EPS = 64e-5  # the reference's ln_x eps for its 64-wide heads (fla: head_dim · 1e-5)
 MIXED_INPUTS = ("r", "w", "k", "v", "a", "g")
 
 
@@ -54,7 +55,8 @@ def _init_lora(lora: LowRank, bias: torch.Tensor | None, generator: torch.Genera
     """Zero down-projection, orthogonal up-projection ×0.1 (so the LoRA term starts at 0 but gets gradient)."""
     nn.init.zeros_(lora.down.weight)
     out, rank = lora.up.weight.shape
-    nn.init.orthogonal_(lora.up.weight, gain=0.1 * (math.sqrt(rank / out) if rank > out else 1.0), generator=generator)
+    gain = 0.1 * (math.sqrt(rank / out) if rank > out else 1.0)
+    nn.init.orthogonal_(lora.up.weight, gain=gain, generator=generator)
     if bias is not None:
         lora.up.bias.copy_(bias)
 
@@ -197,11 +199,9 @@ class RWKV7Block(Block):
 
 class RWKV7(LanguageModel):
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, lambda layer: RWKV7TimeMix(cfg, layer))
-        # The shell builds a `model.mlp` feed-forward per block; RWKV-7 rebuilds each block around its
-        # time mix with the channel mix instead (same parameter names: layers.<i>.mixer / .mlp / norms).
-        for name, block in list(self.layers.items()):
-            self.layers[name] = RWKV7Block(block.mixer, RWKV7ChannelMix(cfg, int(name)), cfg, first=name == "0")
+        # The channel mix takes the place of the shared MLP (same names: layers.<i>.mixer / .mlp / norms).
+        super().__init__(cfg, make_block=lambda i: RWKV7Block(RWKV7TimeMix(cfg, i), RWKV7ChannelMix(cfg, i), cfg,
+                                                              first=i == 0))
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -214,7 +214,8 @@ class RWKV7(LanguageModel):
             nn.init.uniform_(self.tok_emb.weight, -1e-4, 1e-4, generator=generator)
         if self.lm_head is not None:
             V, d = self.lm_head.weight.shape
-            nn.init.orthogonal_(self.lm_head.weight, gain=0.5 * math.sqrt(V / d) if V > d else 0.5, generator=generator)
+            gain = 0.5 * math.sqrt(V / d) if V > d else 0.5
+            nn.init.orthogonal_(self.lm_head.weight, gain=gain, generator=generator)
 
 
 def build_rwkv7(cfg: ModelConfig) -> RWKV7:

@@ -29,7 +29,7 @@ Past = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor,
                          scale: float | None = None, *, past: Past | None = None, output_past: bool = False,
                          impl: str = "auto", block_q: int = 128,
-                         block_k: int = 1024) -> torch.Tensor | tuple[torch.Tensor, Past]:
+                         block_k: int = 512) -> torch.Tensor | tuple[torch.Tensor, Past]:
     """softmax_j(q_i·k_j·scale + c_i − c_j) over j ≤ i, times v; equals fla's `naive_forgetting_attn`.
 
     q, k: [B, T, H, D]; v: [B, T, H, Dv]; log_f: [B, T, H]; scale defaults to D^-0.5.

@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-SUB = 16  # sub-chunk length: the only place pairwise decays are materialised per channel ([SUB, SUB, K])
+SUB = 8  # sub-chunk length: the only place pairwise decays are materialised per channel ([SUB, SUB, K])
 
 
 @functools.cache
@@ -90,20 +90,20 @@ def _lower_scores(x: torch.Tensor, bx: torch.Tensor, y: torch.Tensor, by: torch.
 
     # same sub-chunk: exact exponents; masked pairs become exp(-inf) = 0 before they can overflow
     d = bxs.unsqueeze(-2) - bys.unsqueeze(-3)  # (..., n, SUB, SUB, K)
-    decay = d.masked_fill(~keep[:, :, None], float("-inf")).exp()
-    diag = torch.einsum("...tk,...sk,...tsk->...ts", xs, ys, decay)  # (..., n, SUB, SUB)
+    decay = d.masked_fill_(~keep[:, :, None], float("-inf")).exp()
+    diag = (xs.unsqueeze(-2) * decay * ys.unsqueeze(-3)).sum(-1)  # (..., n, SUB, SUB)  x·decay first: y may be stacked
 
-    # query sub-chunk X after key sub-chunk Y: reference r_Y = by at the last step of Y
-    r = bys[..., -1, :]  # (..., n, K)
-    y_r = ys * (r.unsqueeze(-2) - bys).exp()  # (..., n, SUB, K)
-    later = torch.ones(n, n, dtype=torch.bool, device=dev).tril(-1)  # [X, Y]: X > Y
-    e = bxs.unsqueeze(-3) - r.unsqueeze(-2).unsqueeze(-4)  # (..., n, n, SUB, K)
-    x_r = xs.unsqueeze(-3) * e.masked_fill(~later[:, :, None, None], float("-inf")).exp()  # (..., n, n, SUB, K)
-    off = torch.einsum("...xytk,...ysk->...xyts", x_r, y_r)  # (..., n, n, SUB, SUB)
+    # steps of later sub-chunks against key sub-chunk Y, relative to r_Y = by at the last step of Y
+    r = bys[..., -1:, :]  # (..., n, 1, K)
+    y_r = ys * (r - bys).exp()  # (..., n, SUB, K)
+    later = torch.arange(C, device=dev) // SUB > torch.arange(n, device=dev)[:, None]  # (n, C)  [Y, t]
+    e = bx.unsqueeze(-3) - r  # (..., n, C, K)
+    x_r = x.unsqueeze(-3) * e.masked_fill_(~later[:, :, None], float("-inf")).exp()  # (..., n, C, K)
+    off = (x_r @ y_r.transpose(-1, -2)).movedim(-3, -2)  # (..., C, n, SUB)  [t, Y, s]
 
-    eye = torch.eye(n, dtype=off.dtype, device=dev)[:, :, None, None]  # (n, n, 1, 1)
-    A = off + eye * diag.unsqueeze(-3)  # (..., n, n, SUB, SUB)
-    return A.transpose(-3, -2).reshape(*lead, C, C)  # (..., C, C)
+    eye = torch.eye(n, dtype=off.dtype, device=dev)[:, None, :, None]  # (n, 1, n, 1)  [X, t, Y, s]
+    A = off.unflatten(-3, (n, SUB)) + eye * diag.unsqueeze(-2)  # (..., n, SUB, n, SUB)
+    return A.reshape(*lead, C, C)  # (..., C, C)
 
 
 def _check_state(state: torch.Tensor | None, B: int, H: int, K: int, V: int, op: str) -> None:
@@ -113,14 +113,14 @@ def _check_state(state: torch.Tensor | None, B: int, H: int, K: int, V: int, op:
 
 def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None, *,
         initial_state: torch.Tensor | None = None, output_final_state: bool = False, impl: str = "auto",
-        chunk_size: int = 64) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        chunk_size: int = 32) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Gated linear attention; equals fla's `naive_recurrent_gla(q, k, v, g)`.
 
     q, k, g: [B, T, H, K] (g = log decay ≤ 0 per key channel); v: [B, T, H, V]; scale defaults to K^-0.5.
     initial_state: [B, H, K, V] state before the first step. Returns o [B, T, H, V] in q's dtype, or
     (o, final_state [B, H, K, V], float32 or wider) when output_final_state.
     impl: "auto" (fla's `chunk_gla` for CUDA tensors when fla imports, else "torch"), "torch", "fla".
-    chunk_size: torch path only, a multiple of 16.
+    chunk_size: torch path only, a multiple of 8 (`gla.SUB`).
     """
     if q.ndim != 4 or k.shape != q.shape or g.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"gla wants q, k, g as [B, T, H, K] (all alike) and v as [B, T, H, V]; got q "

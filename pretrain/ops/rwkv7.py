@@ -29,14 +29,14 @@ from pretrain.ops.gla import _check_state, _chunk_len, _compute_dtype, _from_chu
 
 def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
           initial_state: torch.Tensor | None = None, output_final_state: bool = False, impl: str = "auto",
-          chunk_size: int = 64) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+          chunk_size: int = 32) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 recurrence (scale 1); equals fla's `dplr_recurrence(r·√K, k, v, a, b, w)` in head-first layout.
 
     r, w, k, a, b: [B, T, H, K] (w = log decay ≤ 0); v: [B, T, H, V]. In the RWKV-7 layer a = −κ̂, b = κ̂ ⊙ α.
     initial_state: [B, H, K, V]. Returns o [B, T, H, V] in r's dtype, or (o, final_state [B, H, K, V],
     float32 or wider) when output_final_state.
     impl: "auto" (fla's `chunk_rwkv7` for CUDA tensors when fla imports, else "torch"), "torch", "fla".
-    chunk_size: torch path only, a multiple of 16.
+    chunk_size: torch path only, a multiple of 8 (`gla.SUB`).
     """
     shape = r.shape
     if r.ndim != 4 or any(x.shape != shape for x in (w, k, a, b)) or v.ndim != 4 or v.shape[:3] != shape[:3]:

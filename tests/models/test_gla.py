@@ -14,6 +14,7 @@ from pretrain.models.gla import GatedLinearAttention
 VOCAB = 257  # bytes 0..255 and an end-of-document id 256
 
 
+
 def make(**model):
     cfg = build_config({}, {"model": {"arch": "gla", "d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "none",
                                       "vocab_size": VOCAB, "seq_len": 32, **model}}).model
@@ -147,7 +148,7 @@ def test_rejects_unsupported_settings(bad):
 
 
 def test_loss_falls_on_python_sources():
-    """50 AdamW steps on byte-level stdlib sources: the mean of the last 5 losses ends > 1 nat below the first."""
+    """50 AdamW steps on byte-level stdlib sources: the last 5 losses average > 2 nats below the first (~3 seen)."""
     data = stdlib_bytes()
     _, model = make()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
@@ -161,4 +162,4 @@ def test_loss_falls_on_python_sources():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+    assert sum(losses[-5:]) / 5 < losses[0] - 2.0, losses

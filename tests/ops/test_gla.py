@@ -1,0 +1,163 @@
+"""`pretrain.ops.gla`: equals fla's naive recurrence (outputs and every input gradient), the plain recurrence in
+float64, carries state across calls, keeps memory linear in T, and rejects bad input.
+
+Tolerances: float32 vs fla, max |error| ≤ 1e-4 · max(1, max |reference|); float64 vs the loop, 1e-10 (same
+scaling); bf16 on GPU vs the float32 torch path, normwise relative error ≤ 2e-2 (outputs) / 5e-2 (grads).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.ops.gla import gla
+
+
+def assert_near(actual, expected, tol, what=""):
+    err = (actual - expected).abs().max().item()
+    bound = tol * max(1.0, expected.abs().max().item())
+    assert err <= bound, f"{what}: max |error| {err:.3g} > {bound:.3g}"
+
+
+def rel_err(actual, expected):
+    return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+
+
+def make_inputs(B, T, H, K, V, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, T, H, K, generator=gen, dtype=dtype) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
+    # mostly mild gates, one in five very strong (down to ≈ −60 per step: cumulative decay underflows)
+    g = F.logsigmoid(3 * torch.randn(B, T, H, K, generator=gen, dtype=dtype))
+    g = g * torch.where(torch.rand(B, T, H, K, generator=gen) < 0.2, 20.0, 1.0).to(dtype)
+    h0 = torch.randn(B, H, K, V, generator=gen, dtype=dtype)
+    return [x.requires_grad_() for x in (q, k, v, g, h0)]
+
+
+def loop_gla(q, k, v, g, h0, scale):
+    """S_t = Diag(e^{g_t}) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t, one step at a time."""
+    S = h0.clone()  # (B, H, K, V)
+    out = []
+    for t in range(q.shape[1]):
+        S = g[:, t].exp()[..., None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(out, 1), S
+
+
+@pytest.mark.parametrize("T", [1, 37, 130])
+@pytest.mark.parametrize("K,V,chunk_size", [(16, 16, 16), (32, 16, 32), (16, 32, 32)])
+def test_matches_fla_naive(T, K, V, chunk_size):
+    from fla.ops.gla.naive import naive_recurrent_gla
+
+    q, k, v, g, h0 = make_inputs(2, T, 2, K, V)
+    o, ht = gla(q, k, v, g, initial_state=h0, output_final_state=True, chunk_size=chunk_size)
+    o_ref, ht_ref = naive_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert_near(o, o_ref, 1e-4, "o")
+    assert_near(ht, ht_ref, 1e-4, "final state")
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    grads = torch.autograd.grad((o * do).sum() + (ht * dht).sum(), (q, k, v, g, h0))
+    grads_ref = torch.autograd.grad((o_ref * do).sum() + (ht_ref * dht).sum(), (q, k, v, g, h0))
+    for name, a, b in zip("q k v g h0".split(), grads, grads_ref):
+        assert_near(a, b, 1e-4, f"d{name}")
+
+
+@pytest.mark.parametrize("T,chunk_size", [(37, 16), (130, 32)])
+def test_float64_matches_loop(T, chunk_size):
+    q, k, v, g, h0 = make_inputs(1, T, 2, 16, 24, dtype=torch.float64, seed=1)
+    scale = 0.3
+    o, ht = gla(q, k, v, g, scale, initial_state=h0, output_final_state=True, chunk_size=chunk_size)
+    o_ref, ht_ref = loop_gla(q, k, v, g, h0, scale)
+    assert_near(o, o_ref, 1e-10, "o")
+    assert_near(ht, ht_ref, 1e-10, "final state")
+    grads = torch.autograd.grad(o.sum() + ht.sum(), (q, k, v, g, h0))
+    grads_ref = torch.autograd.grad(o_ref.sum() + ht_ref.sum(), (q, k, v, g, h0))
+    for name, a, b in zip("q k v g h0".split(), grads, grads_ref):
+        assert_near(a, b, 1e-10, f"d{name}")
+
+
+def test_extreme_decay_is_finite():
+    q, k, v, g, _ = make_inputs(1, 64, 1, 16, 16)
+    o = gla(q, k, v, torch.full_like(g, -500.0), chunk_size=32)  # state forgets everything every step
+    scale = 16 ** -0.5
+    expected = scale * (q * k).sum(-1, keepdim=True) * v
+    assert torch.isfinite(o).all()
+    assert_near(o, expected, 1e-5, "o")
+
+
+def test_state_carries_across_calls():
+    q, k, v, g, h0 = make_inputs(2, 100, 2, 16, 32, seed=2)
+    o, ht = gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o1, h1 = gla(q[:, :45], k[:, :45], v[:, :45], g[:, :45], initial_state=h0, output_final_state=True)
+    o2, h2 = gla(q[:, 45:], k[:, 45:], v[:, 45:], g[:, 45:], initial_state=h1, output_final_state=True)
+    assert_near(torch.cat((o1, o2), 1), o, 1e-5, "o")
+    assert_near(h2, ht, 1e-5, "final state")
+
+
+def test_returns_output_alone_by_default():
+    q, k, v, g, _ = make_inputs(1, 5, 1, 16, 16)
+    o = gla(q, k, v, g)
+    assert isinstance(o, torch.Tensor) and o.shape == v.shape and o.dtype == q.dtype
+
+
+def saved_bytes(fn):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_saved_memory_is_linear_in_T():
+    def run(T):
+        q, k, v, g, _ = make_inputs(1, T, 1, 16, 16)
+        return saved_bytes(lambda: gla(q, k, v, g))
+
+    small, large = run(512), run(1024)
+    assert large <= 2.05 * small, f"saved bytes {small} at T=512, {large} at T=1024: not linear"
+
+
+@pytest.mark.parametrize("bad", ["ndim", "k_shape", "g_shape", "v_heads", "state", "impl", "fla_on_cpu", "chunk"])
+def test_bad_input_raises(bad):
+    q, k, v, g, h0 = (x.detach() for x in make_inputs(1, 8, 2, 16, 16))
+    kwargs = {}
+    if bad == "ndim":
+        q = q[0]
+    elif bad == "k_shape":
+        k = k[..., :8]
+    elif bad == "g_shape":
+        g = g[:, :4]
+    elif bad == "v_heads":
+        v = v[:, :, :1]
+    elif bad == "state":
+        kwargs["initial_state"] = h0[:, :1]
+    elif bad == "impl":
+        kwargs["impl"] = "triton"
+    elif bad == "fla_on_cpu":
+        kwargs["impl"] = "fla"
+    else:
+        kwargs["chunk_size"] = 20
+    with pytest.raises(ValueError):
+        gla(q, k, v, g, **kwargs)
+
+
+@pytest.mark.gpu
+def test_fla_kernel_matches_torch_path_bf16():
+    pytest.importorskip("fla")
+    q, k, v, g, h0 = (x.detach().cuda() for x in make_inputs(2, 300, 4, 64, 128, seed=3))
+    g = F.logsigmoid(torch.randn_like(g)) / 16  # GLA's gate range: fla's kernel is exact there
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    o_ref, ht_ref = gla(*ref_in[:4], initial_state=ref_in[4], output_final_state=True, impl="torch")
+    bf = [x.bfloat16().requires_grad_() for x in (q, k, v, g)]
+    h0_bf = h0.clone().requires_grad_()
+    o, ht = gla(*bf, initial_state=h0_bf, output_final_state=True, impl="fla")
+    assert o.dtype == torch.bfloat16
+    assert rel_err(o, o_ref) <= 2e-2 and rel_err(ht, ht_ref) <= 2e-2
+    do = torch.randn_like(o_ref)
+    grads_ref = torch.autograd.grad((o_ref * do).sum() + ht_ref.sum(), ref_in)
+    grads = torch.autograd.grad((o.float() * do).sum() + ht.sum(), [*bf, h0_bf])
+    for name, a, b in zip("q k v g h0".split(), grads, grads_ref):
+        assert rel_err(a, b) <= 5e-2, name
