@@ -77,7 +77,8 @@ def _extend(past: Past, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor):
 def _torch(q, k, v, log_f, scale, block_q, block_k):
     dt, out_dtype = _compute_dtype(q.dtype), q.dtype
     q, k, v = (x.to(dt).transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, T·, ·)
-    # c grows linearly with T: keep it in float64 so that c_i − c_j of nearby steps keeps its digits at any T
+    # c grows linearly with T: it stays float64, and each tile subtracts a nearby reference before rounding,
+    # so c_i − c_j of nearby steps keeps its digits at any T
     c = log_f.to(torch.float64).cumsum(1).transpose(1, 2).contiguous()  # (B, H, Tk)
     o = _BlockwiseForgettingAttention.apply(q, k, v, c, scale, block_q, block_k)  # (B, H, Tq, Dv)
     return o.transpose(1, 2).to(out_dtype)  # (B, Tq, H, Dv)
@@ -136,6 +137,7 @@ class _BlockwiseForgettingAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, c, o, lse = ctx.saved_tensors
         scale, block_q, block_k = ctx.config
@@ -174,8 +176,22 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@functools.lru_cache(maxsize=16)
+def _causal_block_mask(Tq: int, Tk: int, device: torch.device):
+    """Block mask for queries at key positions Tk−Tq … Tk−1; it depends on the lengths only, so it is cached."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    off = Tk - Tq
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + off
+
+    # compiled on CUDA: the eager builder evaluates the mask on the full Tq × Tk grid
+    return create_block_mask(causal, None, None, Tq, Tk, device=device, _compile=device.type == "cuda")
+
+
 def _flex(q, k, v, log_f, scale):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     Tq, Tk = q.shape[1], k.shape[1]
     off = Tk - Tq
@@ -184,14 +200,10 @@ def _flex(q, k, v, log_f, scale):
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + c[b, h, q_idx + off] - c[b, h, kv_idx]
 
-    def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + off
-
-    block_mask = create_block_mask(causal, None, None, Tq, Tk, device=q.device)
     # unfused flex runs (forward only) off CUDA; on CUDA the compiled kernel is the point of this backend
     attend = _compiled_flex() if q.is_cuda else flex_attention
     o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
-               block_mask=block_mask, scale=scale)  # (B, H, Tq, Dv)
+               block_mask=_causal_block_mask(Tq, Tk, q.device), scale=scale)  # (B, H, Tq, Dv)
     return o.transpose(1, 2)  # (B, Tq, H, Dv)
 
 

@@ -15,6 +15,7 @@ The chunk helpers here (`_to_chunks`, `_lower_scores`, `_resolve_impl`, ...) are
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ SUB = 8  # sub-chunk length: the only place pairwise decays are materialised per
 @functools.cache
 def _fla_importable() -> bool:
     try:
-        import fla.ops  # noqa: F401  (triton must import too, so probe the real package)
+        importlib.import_module("fla.ops")  # the real package, so a broken triton counts as "not available"
     except Exception:
         return False
     return True
@@ -50,6 +51,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _chunk_len(T: int, chunk_size: int) -> int:
     if chunk_size <= 0 or chunk_size % SUB:
         raise ValueError(f"chunk_size must be a positive multiple of {SUB}; got {chunk_size}")
+    if T == 0:
+        raise ValueError("the sequence is empty (T = 0)")
     # short sequences get one small chunk instead of padding up to a full one
     return min(chunk_size, -(-T // SUB) * SUB)
 
@@ -74,36 +77,80 @@ def _lower_scores(x: torch.Tensor, bx: torch.Tensor, y: torch.Tensor, by: torch.
 
         A[t, s] = Σ_k x[t, k] · y[s, k] · exp(bx[t, k] − by[s, k])   for s ≤ t (s < t if strict), else 0.
 
-    x, bx: (..., C, K); y, by broadcast against them. bx, by are within-chunk cumulative log decays, and the
-    caller guarantees bx[t] ≤ by[s] for every s < t, so every kept exponent is ≤ 0.
+    x, bx: (..., C, K); y, by broadcast against them (y may carry an extra leading stack dim). bx, by are
+    within-chunk cumulative log decays, and the caller guarantees bx[t] ≤ by[s] for every s < t, so every
+    kept exponent is ≤ 0.
 
     Splitting the exponent as (bx[t] − r) + (r − by[s]) lets whole blocks become one matmul, but both
     halves are ≤ 0 (no overflow) only when the reference r sits between s and t. So the chunk is cut into
     sub-chunks of SUB steps: a pair of different sub-chunks uses r = by at the end of the key sub-chunk, a
     pair inside one sub-chunk takes the exact pairwise exponent per channel.
+
+    The backward is written by hand: it saves only the four inputs and rebuilds the decay factors, where
+    autograd would keep several [SUB, SUB, K]-per-sub-chunk intermediates alive.
     """
-    *lead, C, K = torch.broadcast_shapes(x.shape, y.shape)
+    return _LowerScores.apply(x, bx, y, by, strict)
+
+
+def _score_factors(bx, by, strict):
+    """Decay factors of `_lower_scores`, all exponentials of non-positive numbers (masked ones → 0).
+
+    Returns diag (..., n, SUB, SUB, K) = exp(bx[t] − by[s]) for t, s in one sub-chunk; x_dec (..., n, C, K) =
+    exp(bx[t] − r_Y) for steps t after sub-chunk Y; y_dec (..., n, SUB, K) = exp(r_Y − by[s]) for s in Y.
+    """
+    C = bx.shape[-2]
     n = C // SUB
-    xs, bxs, ys, bys = (z.unflatten(-2, (n, SUB)) for z in (x, bx, y, by))  # (..., n, SUB, K)
-    dev = x.device
+    dev = bx.device
+    bxs, bys = bx.unflatten(-2, (n, SUB)), by.unflatten(-2, (n, SUB))  # (..., n, SUB, K)
     keep = torch.ones(SUB, SUB, dtype=torch.bool, device=dev).tril(-1 if strict else 0)  # [t, s]
-
-    # same sub-chunk: exact exponents; masked pairs become exp(-inf) = 0 before they can overflow
-    d = bxs.unsqueeze(-2) - bys.unsqueeze(-3)  # (..., n, SUB, SUB, K)
-    decay = d.masked_fill_(~keep[:, :, None], float("-inf")).exp()
-    diag = (xs.unsqueeze(-2) * decay * ys.unsqueeze(-3)).sum(-1)  # (..., n, SUB, SUB)  x·decay first: y may be stacked
-
-    # steps of later sub-chunks against key sub-chunk Y, relative to r_Y = by at the last step of Y
-    r = bys[..., -1:, :]  # (..., n, 1, K)
-    y_r = ys * (r - bys).exp()  # (..., n, SUB, K)
+    diag = (bxs.unsqueeze(-2) - bys.unsqueeze(-3)).masked_fill_(~keep[:, :, None], float("-inf")).exp_()
+    r = bys[..., -1:, :]  # (..., n, 1, K)  r_Y: by at the last step of key sub-chunk Y
     later = torch.arange(C, device=dev) // SUB > torch.arange(n, device=dev)[:, None]  # (n, C)  [Y, t]
-    e = bx.unsqueeze(-3) - r  # (..., n, C, K)
-    x_r = x.unsqueeze(-3) * e.masked_fill_(~later[:, :, None], float("-inf")).exp()  # (..., n, C, K)
-    off = (x_r @ y_r.transpose(-1, -2)).movedim(-3, -2)  # (..., C, n, SUB)  [t, Y, s]
+    x_dec = (bx.unsqueeze(-3) - r).masked_fill_(~later[:, :, None], float("-inf")).exp_()  # (..., n, C, K)
+    y_dec = (r - bys).exp_()  # (..., n, SUB, K)
+    return diag, x_dec, y_dec
 
-    eye = torch.eye(n, dtype=off.dtype, device=dev)[:, None, :, None]  # (n, 1, n, 1)  [X, t, Y, s]
-    A = off.unflatten(-3, (n, SUB)) + eye * diag.unsqueeze(-2)  # (..., n, SUB, n, SUB)
-    return A.reshape(*lead, C, C)  # (..., C, C)
+
+class _LowerScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bx, y, by, strict):
+        ctx.save_for_backward(x, bx, y, by)
+        ctx.strict = strict
+        *lead, C, K = torch.broadcast_shapes(x.shape, y.shape)
+        n = C // SUB
+        diag, x_dec, y_dec = _score_factors(bx, by, strict)
+        xs, ys = x.unflatten(-2, (n, SUB)), y.unflatten(-2, (n, SUB))  # (..., n, SUB, K)
+        # x·decay first: y may be stacked, so the product with y is the only one at the stacked size
+        A_diag = (xs.unsqueeze(-2) * diag * ys.unsqueeze(-3)).sum(-1)  # (..., n, SUB, SUB)
+        A_off = ((x.unsqueeze(-3) * x_dec) @ (ys * y_dec).transpose(-1, -2)).movedim(-3, -2)  # (..., C, n, SUB)
+        eye = torch.eye(n, dtype=A_off.dtype, device=x.device)[:, None, :, None]  # (n, 1, n, 1)  [X, t, Y, s]
+        A = A_off.unflatten(-3, (n, SUB)) + eye * A_diag.unsqueeze(-2)  # (..., n, SUB, n, SUB)
+        return A.reshape(*lead, C, C)  # (..., C, C)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dA):
+        # dA (..., C, C). With P[t, s, k] = dA[t, s] · exp(bx[t, k] − by[s, k]) over kept pairs:
+        # dx = Σ_s P y, dy = Σ_t P x, and since the exponent is bx − by, dbx = x ⊙ dx, dby = −y ⊙ dy.
+        x, bx, y, by = ctx.saved_tensors
+        C = dA.shape[-1]
+        n = C // SUB
+        diag, x_dec, y_dec = _score_factors(bx, by, ctx.strict)
+        xs, ys = x.unflatten(-2, (n, SUB)), y.unflatten(-2, (n, SUB))  # (..., n, SUB, K)
+
+        dA_blocks = dA.unflatten(-1, (n, SUB)).movedim(-2, -3)  # (..., n, C, SUB)  [Y, t, s]
+        dx = ((dA_blocks @ (ys * y_dec)) * x_dec).sum(-3)  # (..., C, K)
+        dy = ((dA_blocks.transpose(-1, -2) @ (x.unsqueeze(-3) * x_dec)) * y_dec).flatten(-3, -2)  # (..., C, K)
+
+        # same-sub-chunk blocks [X, t, X, s] of dA, then the exact per-channel part
+        dA_diag = torch.diagonal(dA_blocks.unflatten(-2, (n, SUB)), dim1=-4, dim2=-3)  # (..., SUB, SUB, n)
+        P = dA_diag.movedim(-1, -3).unsqueeze(-1) * diag  # (..., n, SUB, SUB, K)
+        dx = dx + (P * ys.unsqueeze(-3)).sum(-2).flatten(-3, -2)
+        dy = dy + (P * xs.unsqueeze(-2)).sum(-3).flatten(-3, -2)
+
+        dbx = (x * dx).sum_to_size(bx.shape)
+        dby = -(y * dy).sum_to_size(by.shape)
+        return dx.sum_to_size(x.shape), dbx, dy.sum_to_size(y.shape), dby, None
 
 
 def _check_state(state: torch.Tensor | None, B: int, H: int, K: int, V: int, op: str) -> None:

@@ -88,7 +88,7 @@ def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size):
     # the only sequential part: one [K, K] @ [K, V] per chunk (unbind: one backward op, not N scatters)
     for trans_n, const_n in zip(trans.unbind(2), const.unbind(2)):
         starts.append(S)
-        S = torch.baddbmm(const_n.flatten(0, 1), trans_n.flatten(0, 1), S.flatten(0, 1)).view(B, H, K, V)
+        S = trans_n @ S + const_n
     S_in = torch.stack(starts, dim=2)  # (B, H, N, K, V)  state entering each chunk
 
     u = W @ S_in + U  # (B, H, N, C, V)  u_t = a_t S_{t-1}

@@ -106,16 +106,16 @@ def test_flex_forward_matches_torch_path():
 
 
 def saved_bytes(fn):
-    total = 0
+    """Bytes of the distinct buffers autograd keeps for backward during fn()."""
+    storages = {}
 
     def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return total
+    return sum(storages.values())
 
 
 def test_saved_memory_is_linear_in_T():

@@ -118,16 +118,16 @@ def test_returns_output_alone_by_default():
 
 
 def saved_bytes(fn):
-    total = 0
+    """Bytes of the distinct buffers autograd keeps for backward during fn()."""
+    storages = {}
 
     def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return total
+    return sum(storages.values())
 
 
 def test_saved_memory_is_linear_in_T():
