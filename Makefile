@@ -39,7 +39,8 @@ test: install
 	$(PY) -m pytest -q -ra
 
 bench: install
-	$(PY) bench/ops.py
+	$(PY) -m bench.ops
+	$(PY) bench/train_throughput.py --arch transformer fox gla rwkv7 --vocab-size 257
 
 clean:
 	rm -rf runs .data $(VENV)
