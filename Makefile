@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 # Prepare a real corpus (this interpreter's standard library), pretrain with $(NPROC) processes, stop at
 # half way as a preempted job would, then run the same command again: it resumes from the checkpoint.
 demo: install
-	$(PY) -m data.simple --input stdlib --output .data/stdlib --max-bytes 6000000 --val-fraction 0.02
+	$(PY) -m data.prepare --input stdlib --output .data/stdlib --max-bytes 6000000 --val-fraction 0.02
 	rm -rf $(DEMO_RUN)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pretrain.train \
 		--config configs/demo-$(ARCH).toml --train.run_dir=$(DEMO_RUN) --train.steps=$(DEMO_STEPS) \

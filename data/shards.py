@@ -162,7 +162,7 @@ class Manifest:
             manifest_path = os.path.join(path, MANIFEST) if os.path.isdir(path) else path
             self.local_dir = os.path.dirname(os.path.abspath(manifest_path))
             if not os.path.isfile(manifest_path):
-                hint = (" (it holds meta.json from data.simple; the streaming loader needs shards)"
+                hint = (" (it holds meta.json of the old flat-token format; the streaming loader needs shards)"
                         if os.path.isfile(os.path.join(path, "meta.json")) else "")
                 raise FileNotFoundError(
                     f"{manifest_path} not found{hint}: {path!r} is not a prepared shard directory, or its prepare "
@@ -216,7 +216,8 @@ def check_size(manifest: Manifest, entry: dict) -> None:
 class Shard:
     """One opened shard: its bytes (memory-mapped when local) and the offset and length of every document."""
 
-    def __init__(self, manifest: Manifest, entry: dict, *, verify: bool = True):
+    def __init__(self, manifest: Manifest, entry: dict, *, verify: bool = True, index=None):
+        """`index`: (offsets, lengths) from an earlier opening of this shard, to skip parsing and verifying."""
         self.name = manifest.url(entry["name"])
         if manifest.local_dir is not None:
             check_size(manifest, entry)
@@ -228,14 +229,21 @@ class Shard:
             except Exception as e:
                 raise ShardError(self.name, None, f"could not be read ({e})") from e
         self.dtype = manifest.dtype
+        self.data = np.frombuffer(self.buf, np.uint8)
+        if index is not None:
+            self.offsets, self.lengths = index
+            return
         self.offsets, self.lengths = index_tar(self.buf, self.name, manifest.member, self.dtype.itemsize)
+        if len(self.buf) != entry["bytes"]:
+            raise ShardError(self.name, min(len(self.buf), entry["bytes"]),
+                             f"{len(self.buf)} bytes read but the manifest records {entry['bytes']} (truncated or "
+                             "rewritten)")
         if len(self.lengths) != entry["samples"] or int(self.lengths.sum()) != entry["tokens"]:
             raise ShardError(self.name, None, f"holds {len(self.lengths)} documents / {int(self.lengths.sum())} "
                                               f"tokens but the manifest records {entry['samples']} / {entry['tokens']}")
         if verify and hashlib.sha256(self.buf).hexdigest() != entry["sha256"]:
             raise ShardError(self.name, None, "sha256 differs from the manifest (the file is corrupt or was "
                                               "rewritten after the manifest)")
-        self.data = np.frombuffer(self.buf, np.uint8)
 
     def tokens(self, doc: int, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of document `doc` (tar order), a view into the shard."""

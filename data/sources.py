@@ -100,7 +100,7 @@ class Reader:
 
     def __init__(self, item: Input, *, text_key: str = "text", skip: int = 0):
         self.item, self.text_key, self.skip = item, text_key, skip
-        self.position = 0
+        self.position = skip
         self.file_pos = 0
 
     def __iter__(self):

@@ -122,9 +122,9 @@ class TiktokenTokenizer:
                                      f"{line[:80]!r}") from e
         if not ranks:
             raise ValueError(f"{self.path} has no merge ranks; expected a .tiktoken BPE file")
-        name, pattern, specials = KNOWN_TIKTOKEN.get(
-            self.sha256, (os.path.basename(self.path), _CL100K, {eos_token or "<|endoftext|>": max(ranks.values()) + 1}))
         self.eos_token = eos_token or "<|endoftext|>"
+        name, pattern, specials = KNOWN_TIKTOKEN.get(
+            self.sha256, (os.path.basename(self.path), _CL100K, {self.eos_token: max(ranks.values()) + 1}))
         if self.eos_token not in specials:
             raise ValueError(f"tokenizer {self.path!r} ({name}) has no special token {self.eos_token!r}; "
                              f"its special tokens are {sorted(specials)}")

@@ -1,21 +1,42 @@
-"""The data-parallel axis: DDP for now (FSDP2 arrives with the parallelism work)."""
+"""The data-parallel axis: FSDP2 (`fully_shard`) or DDP (`replicate`, FSDP2's replicated sibling).
+
+Both compose with tensor-parallel DTensor parameters (the dp mesh and the tp mesh are slices of one mesh) and
+with pipeline stages, and both are `FSDPModule`s, so gradient accumulation and the pipeline schedules treat
+them alike. `replicate` is the DDP that accepts DTensor parameters: `nn.parallel.DistributedDataParallel` does
+not.
+"""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
-def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    # Parameters are identical on every rank already (same seed), and DDP broadcasts rank 0's anyway.
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, *, mode: str, reshard_after_forward: bool = True,
+                        param_dtype: torch.dtype | None = None) -> None:
+    """Wrap each block, then the whole `model`, for the 1-D data-parallel `mesh`, in place.
+
+    mode: "fsdp" shards parameters, gradients and optimizer state over the ranks (each block gathers its
+    parameters just before use); "ddp" keeps whole replicas and all-reduces gradients. A block per unit lets
+    communication for one block overlap computation of another. `param_dtype` (e.g. bf16) is what forward and
+    backward compute in; gradients are reduced and parameters kept in float32.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    if mode == "fsdp":
+        wrap = lambda module: fully_shard(module, mesh=mesh, mp_policy=policy,  # noqa: E731
+                                          reshard_after_forward=reshard_after_forward)
+    else:
+        wrap = lambda module: replicate(module, mesh=mesh, mp_policy=policy)  # noqa: E731
+    for block in model.layers.values():
+        wrap(block)
+    wrap(model)  # the rest: embeddings, final norm, LM head
 
 
-def no_grad_sync(model: nn.Module, sync: bool):
-    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
-    if sync or not isinstance(model, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Whether the next backward reduces gradients over dp: only the last micro-step of an accumulation needs to
+    (the others accumulate locally). A no-op for a model without data parallelism."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)

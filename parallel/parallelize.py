@@ -1,20 +1,132 @@
-"""The one entry the training loop calls to lay a model out over the processes."""
+"""The one entry the training loop calls: `parallelize(model, cfg, mesh)` lays a model out over the processes
+and returns a `ParallelModel`: this process's model parts, the pipeline schedule, and gradient clipping."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from parallel.data_parallel import apply_ddp
+from parallel.data_parallel import apply_data_parallel
+from parallel.pipeline import build_schedule, make_stage, split_layers, stage_indices, virtual_stages
+from parallel.plans import CARRY_ARCHS, tp_plan
+from parallel.tensor import apply_tp, reduce_partial_grads
+from pretrain.config import Config
 
 
-def parallelize(model: nn.Module, *, dp: int, device: torch.device) -> nn.Module:
-    """Wrap `model` for `dp` data-parallel processes (a no-op for one process).
+@dataclass
+class ParallelModel:
+    parts: list[nn.Module]
+    """This process's model: the whole of it, or its pipeline stages in stage order."""
+    mesh: DeviceMesh | None = None
+    """The (pp, dp, tp) mesh; None for a single process."""
+    schedule: object | None = None
+    """The pipeline schedule when pp > 1: it runs every micro-batch's forward and backward."""
 
-    Order, as layouts grow: tensor parallel first (it changes parameter shapes), then recomputation
-    (wraps blocks whose layout is fixed), then compile, and data parallelism last (it wraps the final
-    parameters).
+    def parameters(self):
+        return (p for part in self.parts for p in part.parameters())
+
+    def pipeline_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Forward (and backward, unless gradients are disabled) of every micro-batch through the pipeline;
+        returns their mean loss on every stage."""
+        tokens = torch.cat([t for t, _ in micro_batches])  # (n · micro, T): the schedule splits it again
+        labels = torch.cat([y for _, y in micro_batches])
+        losses = []
+        run = self.schedule.step if torch.is_grad_enabled() else self.schedule.eval
+        # labels= reaches every stage; only the last, which has the head, uses it
+        run(tokens, target=labels, losses=losses, labels=labels)
+        loss = torch.stack(losses).mean() if losses else torch.zeros((), device=tokens.device)
+        dist.all_reduce(loss, group=self.mesh.get_group("pp"))  # zero on the other stages
+        return loss.detach()
+
+    @torch.no_grad()
+    def pipeline_eval(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Mean loss over `batches`, taken as many micro-batches at a time as the schedule runs."""
+        n = self.schedule._n_microbatches
+        return torch.stack([self.pipeline_step(batches[i:i + n]) for i in range(0, len(batches), n)]).mean()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale all gradients so their global L2 norm is at most `max_norm` (0 = only measure); return the norm.
+
+        The norm spans every shard and stage: tensor-parallel partial gradients are summed first (FSDP has done
+        its own), each DTensor's squares are summed over the ranks that shard it (not those that replicate it),
+        and the stages' sums over the pipeline.
+        """
+        params = [p for p in self.parameters() if p.grad is not None]
+        reduce_partial_grads(params)
+        grads = [p.grad for p in params]
+        norm = _sum_of_squares(grads, device=grads[0].device)
+        if self.mesh is not None and self.mesh["pp"].size() > 1:
+            dist.all_reduce(norm, group=self.mesh.get_group("pp"))
+        norm = norm.sqrt()
+        if max_norm > 0:
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(scale)
+        return norm
+
+
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Σ g² over the full (unsharded) gradients, with one all-reduce per distinct (mesh, layout)."""
+    total = torch.zeros((), device=device)
+    by_layout: dict[tuple, torch.Tensor] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            # a sum over shards is a Partial value; over replicas it is already whole
+            key = (g.device_mesh, tuple(Partial() if p.is_shard() else Replicate() for p in g.placements))
+            by_layout[key] = by_layout.get(key, 0) + g.to_local().float().square().sum()
+        else:
+            total += g.float().square().sum()
+    for (mesh, placements), local in by_layout.items():
+        total += DTensor.from_local(local, mesh, placements).full_tensor()
+    return total
+
+
+def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, device: torch.device,
+                param_dtype: torch.dtype | None = None) -> ParallelModel:
+    """Lay the full, initialised `model` (identical on every process) out over `mesh` as `cfg.parallel` says.
+
+    `param_dtype` (e.g. bf16) is the compute dtype under FSDP's mixed precision. Without a mesh (one process)
+    the model is used as it is.
     """
-    if dp > 1:
-        model = apply_ddp(model, device)
-    return model
+    if mesh is None:
+        return ParallelModel([model])
+    p = cfg.parallel
+    pp, dp, tp = (mesh[name].size() for name in ("pp", "dp", "tp"))
+    # 1. Pipeline split first: every later step then touches only the modules this process keeps.
+    parts, indices = [model], [0]
+    if pp > 1:
+        v = virtual_stages(p)
+        layers = split_layers(cfg.model.n_layers, pp * v, p.pp_layers)
+        indices = stage_indices(mesh["pp"].get_local_rank(), pp, v)
+        # Each stage is a copy of the model cut down to its parts (the last one the model itself): briefly
+        # `virtual_stages` full copies per process, the price of initialising the full model everywhere.
+        parts = [copy.deepcopy(model) for _ in indices[:-1]] + [model]
+        parts = [make_stage(part, layers[i], first=i == 0, last=i == pp * v - 1,
+                            carries=cfg.model.arch in CARRY_ARCHS) for part, i in zip(parts, indices)]
+    for part in parts:
+        # 2. Tensor parallel: it changes parameters' shapes and layouts, so it precedes anything that wraps them.
+        if tp > 1:
+            apply_tp(part, mesh["tp"], tp_plan(cfg.model, sequence_parallel=p.sequence_parallel))
+        # 3. (Activation recomputation wraps the blocks here, once their layout is final.)
+        # 4. Compile each block (CUDA): after TP, so the graph holds the DTensor program; before data
+        #    parallelism, so FSDP's hooks stay outside it.
+        if p.compile and device.type == "cuda":
+            for block in part.layers.values():
+                block.compile()
+        # 5. Data parallelism last: it shards or replicates the final parameters, DTensors included.
+        if dp > 1:
+            apply_data_parallel(part, mesh["dp"], mode=p.data_parallel, param_dtype=param_dtype,
+                                reshard_after_forward=p.reshard_after_forward)
+    schedule = None
+    if pp > 1:  # 6. The schedule drives the finished stages.
+        n_microbatches = cfg.train.global_batch // (cfg.train.micro_batch * dp)
+        schedule = build_schedule(parts, indices, n_stages=pp * virtual_stages(p), group=mesh.get_group("pp"),
+                                  device=device, schedule=p.pp_schedule, n_microbatches=n_microbatches)
+    return ParallelModel(parts, mesh, schedule)

@@ -77,15 +77,43 @@ MODEL_PRESETS: dict[str, dict[str, typing.Any]] = {
 @dataclass
 class ParallelConfig:
     dp: int = 0
-    """Data-parallel degree; 0 = every process (world size)."""
+    """Data-parallel degree; 0 = the processes left over after tp × pp (world size / (tp · pp))."""
+    tp: int = 1
+    """Tensor-parallel degree: heads, feed-forward width and vocabulary split over this many processes."""
+    pp: int = 1
+    """Pipeline-parallel degree: the blocks split into stages over this many processes."""
+    sequence_parallel: bool = True
+    """With tp > 1: norms, dropout and residuals run on sequence shards (Megatron-style sequence parallelism)."""
+    data_parallel: str = "fsdp"
+    """The dp axis: fsdp (FSDP2, parameters and optimizer state sharded) | ddp (replicated, gradients all-reduced)."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered parameters after forward and gather again in backward (false: more memory, less traffic)."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: 1f1b | interleaved_1f1b | zero_bubble (interleaved zero-bubble); micro-batches are train.micro_batch."""
+    virtual_stages: int = 0
+    """Pipeline stages per pp process; 0 = 1 for 1f1b and 2 for the interleaved schedules."""
+    pp_layers: str = ""
+    """Blocks per pipeline stage, comma-separated in stage order (e.g. '3,5'); '' = an even split."""
+    compile: bool = False
+    """torch.compile each block (CUDA only)."""
 
 
 @dataclass
 class DataConfig:
     path: str = ".data/stdlib"
-    """Directory written by `python -m data.simple` (train.bin, val.bin, meta.json)."""
+    """Shards from `python -m data.prepare`: their directory, manifest.json, or a manifest URL (file:, pipe:, http)."""
     tokenizer: str = "byte"
-    """Tokenizer the data was prepared with: 'byte' or a local tokenizer.json (checked against the data)."""
+    """Tokenizer the data was prepared with: 'byte', a tokenizer.json or a .tiktoken file (checked against the data)."""
+    blend: str = ""
+    """Mix datasets instead of data.path: 'WEIGHT:PATH,WEIGHT:PATH' (e.g. '0.7:.data/web,0.3:.data/code')."""
+    val_path: str = ""
+    """Validation data: shards whose val split is used ('' = the val split of data.path or of each blend entry)."""
+    on_error: str = "raise"
+    """Missing, truncated or corrupt shard: raise (stop, naming shard and offset) | skip (drop it; logged, counted)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank building batches (0 = in the training process); same order for any N."""
+    shuffle_window: int = 1024
+    """Windows shuffled together per block of the stream (a seekable buffer shuffle); part of the resume state."""
 
 
 @dataclass
@@ -181,8 +209,11 @@ CHOICES = {
     "model.pos": ("auto", "rope", "learned", "none"),
     "model.attn_impl": ("auto", "sdpa", "flex", "fla", "unfused", "torch"),
     "optim.schedule": ("cosine", "wsd", "constant"),
+    "data.on_error": ("raise", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("auto", "bf16", "fp32"),
+    "parallel.data_parallel": ("fsdp", "ddp"),
+    "parallel.pp_schedule": ("1f1b", "interleaved_1f1b", "zero_bubble"),
 }
 
 
@@ -333,17 +364,32 @@ def validate(cfg: Config) -> None:
                           f"train.micro_batch={t.micro_batch} (times the data-parallel degree).")
     if t.exit_after_steps < 0 or t.exit_after_minutes < 0:
         raise ConfigError("train.exit_after_steps and train.exit_after_minutes must be >= 0 (0 = off).")
+    if cfg.data.num_workers < 0 or cfg.data.shuffle_window < 1:
+        raise ConfigError(f"data.num_workers must be >= 0 and data.shuffle_window >= 1; got "
+                          f"{cfg.data.num_workers}, {cfg.data.shuffle_window}.")
     c = cfg.checkpoint
     if c.interval < 0 or c.keep_last < 0:
         raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0 (0 = off / keep all).")
+    p = cfg.parallel
+    if p.tp < 1 or p.pp < 1 or p.dp < 0 or p.virtual_stages < 0:
+        raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, parallel.dp and parallel.virtual_stages >= 0 "
+                          f"(0 = automatic); got tp={p.tp}, pp={p.pp}, dp={p.dp}, virtual_stages={p.virtual_stages}.")
+    if p.pp_layers and not all(part.strip().isdigit() for part in p.pp_layers.split(",")):
+        raise ConfigError(f"parallel.pp_layers='{p.pp_layers}' should be block counts separated by commas, e.g. '3,5'.")
 
 
 def validate_world(cfg: Config, world_size: int) -> int:
-    """Check the layout against the number of processes; return the data-parallel degree."""
-    dp = cfg.parallel.dp or world_size
-    if dp != world_size:
-        raise ConfigError(f"parallel.dp={dp} but {world_size} processes were started; set parallel.dp=0 "
-                          f"(all processes) or start {dp} processes.")
+    """Check the layout against the number of processes; return the data-parallel degree.
+    (`parallel.mesh.ParallelDims.from_config` adds the checks that depend on the model.)"""
+    p = cfg.parallel
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(f"tp × pp = {p.tp} × {p.pp} = {p.tp * p.pp} does not divide the {world_size} processes "
+                          f"started; start a multiple of {p.tp * p.pp} processes or change parallel.tp / parallel.pp.")
+    dp = p.dp or world_size // (p.tp * p.pp)
+    if dp * p.tp * p.pp != world_size:
+        raise ConfigError(f"dp × tp × pp = {dp} × {p.tp} × {p.pp} = {dp * p.tp * p.pp} but {world_size} processes "
+                          f"were started; set parallel.dp=0 (the processes left over) or start "
+                          f"{dp * p.tp * p.pp} processes.")
     per_step = cfg.train.micro_batch * dp
     if cfg.train.global_batch % per_step:
         raise ConfigError(f"train.global_batch={cfg.train.global_batch} is not a multiple of micro_batch × dp "

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.simple import Loader, ValLoader, check_tokenizer, check_vocab
+from data.stream import Loader, ValLoader, check_tokenizer, check_vocab
 from launch.bootstrap import init_distributed, shutdown
-from parallel.data_parallel import no_grad_sync
-from parallel.parallelize import parallelize
+from launch.preemption import JobControl, stop_on_signals
+from parallel.data_parallel import set_gradient_sync
+from parallel.mesh import ParallelDims
+from parallel.parallelize import ParallelModel, parallelize
 from pretrain.checkpoint import Checkpointer
-from pretrain.config import Config, ConfigError, load_config, validate_world
+from pretrain.config import Config, ConfigError, load_config
 from pretrain.metrics import MetricsLogger, flops_per_token, peak_flops
 from pretrain.models import build_model
 from pretrain.optim import build_optimizer, lr_at
@@ -39,40 +41,43 @@ def mean_across_ranks(value: torch.Tensor) -> float:
     return value.item()
 
 
-def any_rank(flag: bool) -> bool:
-    """True if `flag` is set on any rank, so every rank takes the same branch (e.g. exit and save)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def train_step(model, optimizer, micro_batches, *, lr: float, grad_clip: float, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(model: ParallelModel, optimizers, micro_batches, *, lr: float, grad_clip: float,
+               autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over the accumulated micro-batches; returns (mean loss on this rank, grad norm)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    total = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (tokens, labels) in enumerate(micro_batches):
-        with no_grad_sync(model, sync=i == len(micro_batches) - 1), autocast:
-            loss = model(tokens, labels=labels) / len(micro_batches)
-        loss.backward()
-        total += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    if model.schedule is not None:  # pipeline: the schedule runs every micro-batch's forward and backward
+        with autocast:
+            total = model.pipeline_step(micro_batches)
+    else:
+        module = model.parts[0]
+        total = torch.zeros((), device=micro_batches[0][0].device)
+        for i, (tokens, labels) in enumerate(micro_batches):
+            set_gradient_sync(module, i == len(micro_batches) - 1)  # reduce over dp once, after the last
+            with autocast:
+                loss = module(tokens, labels=labels) / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+    grad_norm = model.clip_grad_norm_(grad_clip)  # over every shard and pipeline stage; 0 = only measure
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return total, grad_norm
 
 
 @torch.no_grad()
-def evaluate(model, batches, autocast) -> float:
-    model.eval()
-    losses = []
-    for tokens, labels in batches:
-        with autocast:
-            losses.append(model(tokens, labels=labels).float())
-    model.train()
-    return mean_across_ranks(torch.stack(losses).mean())
+def evaluate(model: ParallelModel, batches, autocast) -> float:
+    for part in model.parts:
+        part.eval()
+    with autocast:
+        if model.schedule is not None:
+            loss = model.pipeline_eval(batches)
+        else:
+            loss = torch.stack([model.parts[0](tokens, labels=labels).float() for tokens, labels in batches]).mean()
+    for part in model.parts:
+        part.train()
+    return mean_across_ranks(loss)
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -93,22 +98,28 @@ def train(cfg: Config) -> list[float]:
     """Run (or resume) the configured training; returns this process's per-step mean losses."""
     t_start = time.monotonic()
     device = pick_device(cfg.train.device, 0)
-    env = init_distributed(device.type)
+    env = init_distributed(device.type, timeout_minutes=getattr(cfg.train, "collective_timeout_minutes", 10.0))
     device = pick_device(cfg.train.device, env.local_rank)
-    dp = validate_world(cfg, env.world_size)
+    dims = ParallelDims.from_config(cfg, env.world_size)
+    mesh = dims.build_mesh(device.type) if env.world_size > 1 else None
+    dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0  # ranks of one model replica share data
     is_main = env.rank == 0
     run_dir = Path(cfg.train.run_dir)
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
 
     # Data first: a data/tokenizer mismatch should fail before any model memory is allocated.
-    check_vocab(cfg.data.path, cfg.model.vocab_size)
-    check_tokenizer(cfg.data.path, cfg.data.tokenizer)
+    d = cfg.data
+    check_vocab(d.path, cfg.model.vocab_size, blend=d.blend)
+    check_tokenizer(d.path, d.tokenizer, blend=d.blend)
     seq_len, micro = cfg.model.seq_len, cfg.train.micro_batch
-    loader = Loader(cfg.data.path, "train", seq_len=seq_len, micro_batch=micro, dp_rank=env.rank,
-                    dp_size=dp, seed=cfg.train.seed)
-    val_loader = ValLoader(cfg.data.path, "val", seq_len=seq_len, micro_batch=micro, dp_rank=env.rank, dp_size=dp)
-    grad_accum = cfg.train.global_batch // (micro * dp)
+    loader = Loader(d.path, "train", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank, dp_size=dims.dp,
+                    seed=cfg.train.seed, blend=d.blend, num_workers=d.num_workers, on_error=d.on_error,
+                    shuffle_window=d.shuffle_window)
+    val_loader = (ValLoader(d.val_path or d.path, "val", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank,
+                            dp_size=dims.dp, blend="" if d.val_path else d.blend, on_error=d.on_error)
+                  if cfg.train.eval_interval else None)
+    grad_accum = cfg.train.global_batch // (micro * dims.dp)
 
     # Build on the meta device (no memory), lay out, then materialise and initialise identically everywhere.
     seed_everything(cfg.train.seed)
@@ -116,17 +127,21 @@ def train(cfg: Config) -> list[float]:
         model = build_model(cfg.model)
     model.to_empty(device=device)
     model.init_weights()
-    model = parallelize(model, dp=dp, device=device)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    # Every process initialises the full model with the same seed, then keeps its share: simple and exact (RWKV-7's
+    # init needs whole tensors), at the cost of one full model per process while starting.
+    model = parallelize(model, cfg, mesh, device=device, param_dtype=torch.bfloat16 if use_bf16 else None)
+    optimizers = [build_optimizer(part, cfg.optim, device) for part in model.parts]
     seed_everything(cfg.train.seed + 1 + env.rank)  # dropout differs across ranks, as different data does
 
     ckpt = Checkpointer(cfg.checkpoint, run_dir, run_config=cfg.to_dict())
-    resumed = ckpt.load(model=model, optimizer=optimizer)
+    resumed = ckpt.load(model=model.parts, optimizer=optimizers)
     step, tokens_seen = 0, 0
     if resumed:
         step = resumed["step"]
         loader.load_state_dict(resumed["state"]["data"])
         tokens_seen = resumed["state"]["tokens_seen"]
+    # Stop signals (preemption, time limit) and the wall-time budget; per-rank step times; stall reports.
+    job = JobControl(cfg, env, device=device, started=t_start, step=step)
 
     flops = flops_per_token(cfg.model)
     peak = peak_flops(device)
@@ -135,11 +150,12 @@ def train(cfg: Config) -> list[float]:
     tokens_per_step = cfg.train.global_batch * seq_len
     losses, steps_this_run = [], 0
     window_start, window_steps = time.monotonic(), 0
-    model.train()
+    for part in model.parts:
+        part.train()
     while step < cfg.train.steps:
         step += 1
         micro_batches = [tuple(t.to(device, non_blocking=True) for t in next(loader)) for _ in range(grad_accum)]
-        loss, grad_norm = train_step(model, optimizer, micro_batches, lr=lr_at(step, cfg.optim, cfg.train.steps),
+        loss, grad_norm = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, cfg.train.steps),
                                      grad_clip=cfg.optim.grad_clip, autocast=autocast)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(
@@ -168,16 +184,16 @@ def train(cfg: Config) -> list[float]:
             window_start, window_steps = time.monotonic(), 0
 
         exiting = 0 < cfg.train.exit_after_steps <= steps_this_run
-        if cfg.train.exit_after_minutes:  # ranks' clocks differ: agree, so all of them save and stop together
-            exiting |= any_rank((time.monotonic() - t_start) / 60 >= cfg.train.exit_after_minutes)
+        exiting |= job.should_stop(step)  # collective: every rank saves and stops at the same step
         if ckpt.due(step) or exiting or step == cfg.train.steps:
-            ckpt.save(step, model=model, optimizer=optimizer,
+            ckpt.save(step, model=model.parts, optimizer=optimizers,
                       state={"data": loader.state_dict(), "tokens_seen": tokens_seen})
         if exiting and step < cfg.train.steps:
             if is_main:
                 print(f"exiting after step {step} as configured; resume with the same command", flush=True)
             break
     logger.close()
+    job.close(finished=step >= cfg.train.steps)  # under SLURM, requeues a job stopped early by a signal/budget
     return losses
 
 
@@ -188,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     try:
-        train(cfg)
+        with stop_on_signals():  # SIGUSR2/SIGTERM: save at the next step boundary and exit (see launch.preemption)
+            train(cfg)
     finally:
         shutdown()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.simple import prepare
+from data.prepare import prepare
 from pretrain.config import build_config
 from pretrain.train import train
 from tests.dist import run_distributed

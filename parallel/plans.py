@@ -1,0 +1,89 @@
+"""Tensor-parallel plans: module-name patterns (`*` = one name component) → parallel styles, per architecture.
+
+Heads are split over the TP ranks: projections producing per-head channels are column-parallel, output
+projections row-parallel, per-head parameters `HeadSharded`; low-rank down-projections and RWKV-7's μ act on
+the replicated input and are `ReplicatedParams`. The MLP is column → row. See `tensor.py` for the layouts.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel)
+
+from parallel.tensor import AllReduceGradient, HeadSharded, ReplicatedParams
+from pretrain.config import ModelConfig
+
+Plan = dict[str, tuple[ParallelStyle, ...]]
+
+# Architectures whose blocks hand a tensor on to later blocks (RWKV-7's first-layer values): it crosses
+# pipeline stages next to the hidden state.
+CARRY_ARCHS = ("rwkv7",)
+
+
+def _attention(cfg: ModelConfig) -> Plan:
+    """Transformer and FoX (pretrain/models/transformer.py, fox.py)."""
+    plan = {name: (ColwiseParallel(),) for name in ("q_proj", "k_proj", "v_proj")}
+    if cfg.pro:
+        plan.update({name: (ColwiseParallel(),) for name in ("k_shift_proj", "v_shift_proj", "g_proj")})
+        plan.update({name: (HeadSharded("weight"),) for name in ("q_norm", "k_norm", "o_norm")})
+    if cfg.arch == "fox":
+        plan["fgate_proj"] = (ColwiseParallel(),)  # one forget gate per head
+    return plan
+
+
+def _gla(cfg: ModelConfig) -> Plan:
+    plan = {name: (ColwiseParallel(),) for name in ("q_proj", "k_proj", "v_proj", "g_proj", "gk_proj.up")}
+    plan["gk_proj.down"] = (ReplicatedParams(),)
+    plan["o_norm"] = (HeadSharded("weight"),)
+    return plan
+
+
+def _rwkv7(cfg: ModelConfig) -> Plan:
+    # The mixer's own vectors: μ mixes the (replicated) token-shifted input; k_k, k_a, r_k act on its heads.
+    plan = {"": (ReplicatedParams(*(f"mu_{n}" for n in "rwkvag")), HeadSharded("k_k", "k_a", "r_k"))}
+    plan.update({name: (ColwiseParallel(),) for name in ("r_proj", "k_proj", "v_proj")})
+    for lora in ("w_lora", "a_lora", "v_lora", "g_lora"):  # up-projection biases are w₀, a₀, v₀: per head
+        plan[f"{lora}.down"] = (ReplicatedParams(),)
+        plan[f"{lora}.up"] = (ColwiseParallel(),)
+    plan["o_norm"] = (HeadSharded("weight", "bias"),)
+    return plan
+
+
+MIXERS = {"transformer": _attention, "fox": _attention, "gla": _gla, "rwkv7": _rwkv7}
+
+
+def tp_plan(cfg: ModelConfig, *, sequence_parallel: bool) -> Plan:
+    """The plan for `cfg.arch`; patterns that name no module (a pipeline stage's missing parts) are skipped."""
+    # The residual stream's layout, and the style of the norms that run on it.
+    residual = Shard(1) if sequence_parallel else Replicate()
+    norm = SequenceParallel() if sequence_parallel else ReplicatedParams()
+    gather = PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(Replicate(), None))
+    back_to_residual = RowwiseParallel(output_layouts=residual, use_local_output=False)
+    plan: Plan = {
+        # vocabulary rows split over ranks; the partial sums leave already reduce-scattered to the residual layout
+        "tok_emb": (RowwiseParallel(input_layouts=Replicate(), output_layouts=residual, use_local_output=False),
+                    *(() if sequence_parallel else (AllReduceGradient(),))),
+        "pos_emb": (ReplicatedParams(), PrepareModuleInput(input_layouts=(Replicate(),),
+                                                           desired_input_layouts=(Replicate(),))),
+        # a block's input from a previous pipeline stage arrives as a plain local tensor
+        "layers.*": (PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(residual, None)),),
+        "layers.*.emb_norm": (norm,),
+        "layers.*.attn_norm": (norm,),
+        "layers.*.mlp_norm": (norm,),
+        "layers.*.mixer": (gather,),  # all-gather the sequence first: RWKV-7's token shift sees across shards
+        "layers.*.mixer.o_proj": (back_to_residual,),
+        "layers.*.mlp": (PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),),
+        "layers.*.mlp.gate_proj": (ColwiseParallel(),),
+        "layers.*.mlp.up_proj": (ColwiseParallel(),),
+        "layers.*.mlp.down_proj": (back_to_residual,),
+        "norm": (norm,),
+        # logits stay split over the vocabulary: tensor.vocab_parallel_loss never gathers them
+        "lm_head": (ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False),),
+    }
+    if cfg.arch == "rwkv7":
+        plan["layers.*.mlp"] += (ReplicatedParams("mu_k"),)  # the channel mix's own token-shift mixing
+    for name, styles in MIXERS[cfg.arch](cfg).items():
+        key = f"layers.*.mixer.{name}".rstrip(".")
+        plan[key] = plan.get(key, ()) + styles
+    return plan

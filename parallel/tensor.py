@@ -1,0 +1,187 @@
+"""Tensor (and sequence) parallelism: `apply_tp(model, mesh, plan)` lays a model out by a plan from `plans.py`.
+
+Conventions inside a tensor-parallel model (Megatron's, expressed with DTensor):
+- The residual stream between blocks is a DTensor: `Shard(1)` (sequence shards) with sequence parallelism,
+  else `Replicate()`. Norms, dropout and residual adds run on it as they are.
+- A mixer or MLP gets its input gathered to `Replicate()` (an all-gather under SP; its backward is one
+  reduce-scatter of the summed gradients). Whatever acts on that input before the column-parallel projections
+  (RWKV-7's token shift and μ mixing, LoRA down-projections) is DTensor arithmetic on replicated parameters.
+- Column-parallel projections hand the mixer plain local tensors holding its heads; per-head parameters are
+  `Shard(0)` DTensors that the module sees as local tensors (`HeadSharded`). Row-parallel output projections
+  return the residual layout (a reduce-scatter under SP, else an all-reduce).
+- The LM head is column-parallel over the vocabulary and the loss never gathers the logits
+  (`vocab_parallel_cross_entropy`).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+
+
+class ReplicatedParams(ParallelStyle):
+    """The module's own parameters (all, or those named) as `Replicate()` DTensors.
+
+    For weights applied to a replicated activation ahead of column-parallel projections. Each rank
+    back-propagates only its heads through them, so their gradients come out `Partial` (a sum over the TP
+    ranks); FSDP reduces them with the rest, otherwise `reduce_partial_grads` does.
+    """
+
+    def __init__(self, *names: str):
+        super().__init__()
+        self.names = names
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not self.names or name in self.names:
+                dtensor = distribute_tensor(param.data, device_mesh, [Replicate()], src_data_rank=self.src_data_rank)
+                module.register_parameter(name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+        return module
+
+
+class HeadSharded(ParallelStyle):
+    """1-D per-channel parameters of size H·D (per-head norms, RWKV-7's k_k, k_a, r_k) sharded with their heads.
+
+    They live as `Shard(0)` DTensors (so state-dict keys stay and checkpoints reshard) and the module sees them
+    as local tensors during its forward: a pre-hook puts `param.to_local()` in the module's `__dict__`, which
+    attribute lookup prefers to `_parameters`, and a post-hook removes it. Gradients flow through `to_local`.
+    """
+
+    def __init__(self, *names: str):
+        super().__init__()
+        self.names = names
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name in self.names:
+            param = module._parameters[name]
+            dtensor = distribute_tensor(param.data, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+            module.register_parameter(name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+        module.register_forward_pre_hook(partial(_put_local_views, self.names))
+        module.register_forward_hook(partial(_drop_local_views, self.names))
+        return module
+
+
+class AllReduceGradient(ParallelStyle):
+    """Leave the module's `Replicate()` DTensor output as it is, but all-reduce its gradient in backward.
+
+    Without sequence parallelism the residual stream's gradient is `Partial` (each rank's heads' share, summed
+    lazily); the vocab-parallel embedding's backward accepts only a `Replicate()` one.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module.register_forward_hook(_through_local)
+        return module
+
+
+def _through_local(module, args, output: DTensor) -> DTensor:
+    # from_local's backward redistributes the gradient to Replicate (an all-reduce); no communication forward
+    return DTensor.from_local(output.to_local(), output.device_mesh, output.placements, run_check=False)
+
+
+def _put_local_views(names, module, args) -> None:
+    for name in names:
+        module.__dict__[name] = module._parameters[name].to_local()
+
+
+def _drop_local_views(names, module, args, output) -> None:
+    for name in names:
+        module.__dict__.pop(name, None)
+
+
+def matching_modules(model: nn.Module, pattern: str) -> list[str]:
+    """Names of `model`'s submodules matching `pattern`, where `*` stands for one whole name component."""
+    parts = pattern.split(".")
+    return [name for name, _ in model.named_modules()
+            if len(name.split(".")) == len(parts) and all(fnmatch(a, b) for a, b in zip(name.split("."), parts))]
+
+
+def apply_tp(model: nn.Module, mesh: DeviceMesh, plan: dict[str, tuple[ParallelStyle, ...]]) -> None:
+    """Lay `model` out over the 1-D tensor-parallel `mesh` by `plan` (module-name patterns → styles), in place.
+
+    Every rank must hold the same full, initialised weights (each style keeps its shard of them). Afterwards
+    each parameter is a DTensor, a tied LM head is tied again, and `model.loss` is the vocab-parallel one.
+    """
+    for pattern, styles in plan.items():
+        for name in matching_modules(model, pattern):
+            for style in styles:
+                parallelize_module(model.get_submodule(name), mesh, style)
+    if model.cfg.tie_embeddings and model.lm_head is not None:
+        model.lm_head.weight = model.tok_emb.weight  # both are Shard(0) over the vocabulary
+    if model.lm_head is not None:
+        model.loss = partial(vocab_parallel_loss, model.lm_head)
+    plain = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
+    if plain:
+        raise RuntimeError(f"the tensor-parallel plan places no layout on {', '.join(plain)}; "
+                           f"add them to the architecture's plan in parallel/plans.py")
+
+
+def vocab_parallel_loss(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labels != -100 from a vocab-sharded LM head; the full logits never exist."""
+    logits = lm_head(h)  # DTensor (B, T, V) sharded on V
+    mesh = logits.device_mesh
+    local = logits.to_local().float()  # (B, T, V_local): this rank's vocabulary slice
+    start = vocab_shard_start(logits.shape[-1], mesh.size(), mesh.get_local_rank())
+    return vocab_parallel_cross_entropy(local.flatten(0, 1), labels.flatten(), vocab_start=start,
+                                        group=mesh.get_group())
+
+
+def vocab_shard_start(vocab: int, world: int, rank: int) -> int:
+    """First vocabulary row of `rank`'s `Shard(0)` slice: DTensor splits as torch.chunk does (ceil(V / n) rows
+    per rank, fewer on the last ones)."""
+    return min(rank * -(-vocab // world), vocab)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split along the vocabulary: three all-reduces of (N,) vectors (max, sum of
+    exponentials, target logit) instead of gathering (N, V)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, group):  # logits (N, V_local) fp32, labels (N,)
+        n_local = logits.shape[-1]
+        logits_max = logits.max(dim=-1).values  # (N,)
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max.unsqueeze(-1)  # (N, V_local)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)  # (N,)
+        dist.all_reduce(sum_exp, group=group)
+        local_label = labels - vocab_start  # (N,)
+        mine = (local_label >= 0) & (local_label < n_local)  # the label's row is in this rank's slice
+        index = local_label.clamp(0, n_local - 1).unsqueeze(-1)  # (N, 1)
+        target = torch.where(mine, shifted.gather(-1, index).squeeze(-1), 0.0)  # (N,)
+        dist.all_reduce(target, group=group)
+        valid = labels != -100
+        count = valid.sum()
+        loss = torch.where(valid, sum_exp.log() - target, 0.0).sum() / count
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), index, mine & valid, valid, count)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, index, mine, valid, count = ctx.saved_tensors
+        # d loss / d logits_i = (softmax_i − one_hot(label_i)) / count on valid rows; out of place, as a
+        # zero-bubble schedule may run this graph with retain_graph
+        grad = softmax.scatter_add(-1, index, -mine.to(softmax.dtype).unsqueeze(-1))  # (N, V_local)
+        return grad * (valid.to(grad.dtype) * grad_loss / count).unsqueeze(-1), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int,
+                                 group: dist.ProcessGroup) -> torch.Tensor:
+    """Mean cross-entropy over labels != -100 of logits (N, V_local) holding vocabulary rows
+    [vocab_start, vocab_start + V_local) on each rank of `group`; equals F.cross_entropy on the gathered logits."""
+    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, group)
+
+
+@torch.no_grad()
+def reduce_partial_grads(params) -> None:
+    """Sum `Partial` gradients (of `ReplicatedParams`) over their ranks; FSDP does this itself when it reduces."""
+    for p in params:
+        grad = p.grad
+        if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
+            p.grad = grad.redistribute(grad.device_mesh, p.placements)

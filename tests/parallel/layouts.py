@@ -1,0 +1,102 @@
+"""Train tiny models for a few steps under a layout, with the training loop's own step; compare with one process.
+
+`train_layouts(archs, parallel)` runs inside every rank of `run_distributed` (or in one process without a
+process group) and returns, per architecture, the logged losses and the full parameters this rank holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from parallel.mesh import ParallelDims
+from parallel.parallelize import parallelize
+from pretrain.config import build_config
+from pretrain.models import build_model
+from pretrain.optim import build_optimizer, lr_at
+from pretrain.train import mean_across_ranks, train_step
+
+ARCHS = ("transformer", "fox", "gla", "rwkv7")
+STEPS = 5
+TOLERANCE = 1e-5
+
+
+def tiny_config(arch: str, parallel: dict | None = None, **train):
+    """4 blocks (so 2 pipeline ranks × 2 virtual stages get one each), d=32, 4 heads, T=16, an odd vocabulary
+    (vocab-parallel shards of unequal size), 2 micro-batches of 4 sequences per step."""
+    return build_config({
+        "model": {"arch": arch, "d_model": 32, "n_layers": 4, "n_heads": 4, "vocab_size": 67, "seq_len": 16,
+                  "pro": arch in ("transformer", "fox")},
+        "parallel": parallel or {},
+        "optim": {"lr": 3e-3, "warmup_steps": 1, "grad_clip": 0.5},
+        "train": {"steps": STEPS, "global_batch": 8, "micro_batch": 4, "eval_interval": 0, "seed": 3, **train},
+    })
+
+
+def global_batch(step: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's (tokens, labels), each (global_batch, T): a learnable pattern plus noise, some labels ignored."""
+    g = torch.Generator().manual_seed(step)
+    B, T, V = cfg.train.global_batch, cfg.model.seq_len, cfg.model.vocab_size
+    start = torch.randint(0, V, (B, 1), generator=g)
+    seq = (start + torch.arange(T + 1)) % V  # (B, T + 1): next token = this one + 1
+    noise = torch.rand(B, T + 1, generator=g) < 0.2
+    seq = torch.where(noise, torch.randint(0, V, (B, T + 1), generator=g), seq)
+    labels = seq[:, 1:].clone()
+    labels[:, :2] = -100
+    return seq[:, :-1], labels
+
+
+def build(cfg, mesh):
+    torch.manual_seed(cfg.train.seed)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model = parallelize(model, cfg, mesh, device=torch.device("cpu"))
+    return model, [build_optimizer(part, cfg.optim, torch.device("cpu")) for part in model.parts]
+
+
+def full_params(model) -> dict[str, np.ndarray]:
+    """This rank's parameters by name, unsharded (a collective over each DTensor's mesh)."""
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().numpy().copy()
+            for part in model.parts for name, p in part.named_parameters()}
+
+
+def train_layouts(archs, parallel: dict, steps: int = STEPS) -> dict[str, tuple[list[float], dict]]:
+    out = {}
+    for arch in archs:
+        cfg = tiny_config(arch, parallel)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        dims = ParallelDims.from_config(cfg, world)
+        mesh = dims.build_mesh("cpu") if world > 1 else None
+        dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
+        model, optimizers = build(cfg, mesh)
+        losses = []
+        for step in range(1, steps + 1):
+            tokens, labels = global_batch(step, cfg)
+            rows = slice(dp_rank * len(tokens) // dims.dp, (dp_rank + 1) * len(tokens) // dims.dp)
+            micro = cfg.train.micro_batch
+            local_tokens, local_labels = tokens[rows], labels[rows]
+            micro_batches = [(local_tokens[i:i + micro], local_labels[i:i + micro])
+                             for i in range(0, len(local_tokens), micro)]
+            loss, _ = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, steps),
+                                 grad_clip=cfg.optim.grad_clip, autocast=torch.autocast("cpu", enabled=False))
+            losses.append(mean_across_ranks(loss))
+        out[arch] = (losses, full_params(model))
+    return out
+
+
+def assert_same_training(results: list[dict], reference: dict, archs) -> None:
+    """Every rank's losses, and the union of the ranks' parameters, equal the single-process run's."""
+    for arch in archs:
+        ref_losses, ref_params = reference[arch]
+        params = {}
+        for rank_result in results:
+            losses, rank_params = rank_result[arch]
+            np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=TOLERANCE, err_msg=f"{arch} losses")
+            params.update(rank_params)
+        assert params.keys() == ref_params.keys(), (arch, params.keys() ^ ref_params.keys())
+        for name, value in ref_params.items():
+            np.testing.assert_allclose(params[name], value, rtol=0, atol=TOLERANCE, err_msg=f"{arch} {name}")
