@@ -33,7 +33,7 @@ def _config(args: argparse.Namespace, overrides: list[str]):
         sys.exit(f"config error: {e}")
 
 
-def cmd_run(args: argparse.Namespace, overrides: list[str]) -> int:
+def cmd_run(args: argparse.Namespace, overrides: list[str]) -> None:
     _config(args, overrides)
     nproc = args.nproc
     if nproc is None:

@@ -51,24 +51,25 @@ def stop_on_signals(signals=STOP_SIGNALS):
         _received.clear()
 
 
-def slurm_job_state(job_id: str) -> str:
-    """SLURM's state of a job (RUNNING, TIMEOUT, CANCELLED, ...), '' if it cannot be asked."""
+def slurm_job_reason(job_id: str) -> str:
+    """SLURM's reason for a job's state: 'TimeLimit' while it is being ended at its time limit (its state is
+    COMPLETING then, as after a scancel, whose reason is 'None'); '' if SLURM cannot be asked."""
     try:
         out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     fields = dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
-    return fields.get("JobState", "")
+    return fields.get("Reason", "")
 
 
-def requeue(job_id: str) -> bool:
+def requeue(job_id: str) -> None:
     """`scontrol requeue JOB`: back to pending; SLURM starts it again after its requeue delay."""
     out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    if out.returncode:
+    # scontrol runs inside the job, so the requeue it asked for may kill it before it exits: that is success.
+    if out.returncode > 0:
         log.warning("could not requeue SLURM job %s: %s", job_id, out.stderr.strip() or out.stdout.strip())
-        return False
-    log.info("requeued SLURM job %s; it resumes from the newest checkpoint when it starts again", job_id)
-    return True
+    else:
+        log.info("requeued SLURM job %s; it resumes from the newest checkpoint when it starts again", job_id)
 
 
 class JobControl:
@@ -88,8 +89,8 @@ class JobControl:
         timeout_minutes = getattr(cfg.train, "collective_timeout_minutes", 10.0)
         # Half the collective timeout: the stall report must come before the timeout ends the job.
         self.monitor = StepMonitor(Path(cfg.train.run_dir), rank=env.rank, world_size=env.world_size,
-                                   device=device, stall_seconds=timeout_minutes * 30,
-                                   log_interval=cfg.log.interval, start_step=step)
+                                   stall_seconds=timeout_minutes * 30, log_interval=cfg.log.interval,
+                                   start_step=step)
         self._clock = (time.monotonic(), time.process_time())
         if env.rank == 0 and self.job_id:
             log.info("SLURM job %s, SLURM_RESTART_COUNT=%s, %d task(s) on %s", self.job_id,
@@ -131,9 +132,9 @@ class JobControl:
         if signal.SIGUSR2 in self.stop_signals or self.over_budget:
             requeue(self.job_id)
         elif signal.SIGTERM in self.stop_signals:
-            state = slurm_job_state(self.job_id)
-            if state == "TIMEOUT":
+            reason = slurm_job_reason(self.job_id)
+            if reason == "TimeLimit":
                 requeue(self.job_id)
             else:
-                log.info("SIGTERM with SLURM job %s in state %s: not requeueing (SLURM requeues preempted jobs "
-                         "itself; a cancelled job stays cancelled)", self.job_id, state or "unknown")
+                log.info("SIGTERM, SLURM job %s ending with reason %s: not requeueing it (SLURM requeues preempted "
+                         "jobs itself; a cancelled job stays cancelled)", self.job_id, reason or "unknown")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor
 
 from parallel.data_parallel import apply_data_parallel
 from parallel.pipeline import build_schedule, make_stage, split_layers, stage_indices, virtual_stages
@@ -21,12 +21,16 @@ from pretrain.config import Config
 
 @dataclass
 class ParallelModel:
+    """This process's share of the model, and what a training step needs beyond its forward and backward."""
+
     parts: list[nn.Module]
     """This process's model: the whole of it, or its pipeline stages in stage order."""
     mesh: DeviceMesh | None = None
     """The (pp, dp, tp) mesh; None for a single process."""
     schedule: object | None = None
     """The pipeline schedule when pp > 1: it runs every micro-batch's forward and backward."""
+    microbatches: int = 1
+    """Micro-batches the schedule runs per call."""
 
     def parameters(self):
         return (p for part in self.parts for p in part.parameters())
@@ -39,7 +43,7 @@ class ParallelModel:
         losses = []
         run = self.schedule.step if torch.is_grad_enabled() else self.schedule.eval
         # labels= reaches every stage; only the last, which has the head, uses it
-        run(tokens, target=labels, losses=losses, labels=labels)
+        run(tokens, target=labels, losses=losses, return_outputs=False, labels=labels)
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=tokens.device)
         dist.all_reduce(loss, group=self.mesh.get_group("pp"))  # zero on the other stages
         return loss.detach()
@@ -47,7 +51,7 @@ class ParallelModel:
     @torch.no_grad()
     def pipeline_eval(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Mean loss over `batches`, taken as many micro-batches at a time as the schedule runs."""
-        n = self.schedule._n_microbatches
+        n = self.microbatches
         return torch.stack([self.pipeline_step(batches[i:i + n]) for i in range(0, len(batches), n)]).mean()
 
     @torch.no_grad()
@@ -61,7 +65,7 @@ class ParallelModel:
         params = [p for p in self.parameters() if p.grad is not None]
         reduce_partial_grads(params)
         grads = [p.grad for p in params]
-        norm = _sum_of_squares(grads, device=grads[0].device)
+        norm = _sum_of_squares(grads, device=next(self.parameters()).device)
         if self.mesh is not None and self.mesh["pp"].size() > 1:
             dist.all_reduce(norm, group=self.mesh.get_group("pp"))
         norm = norm.sqrt()
@@ -73,18 +77,20 @@ class ParallelModel:
 
 
 def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Σ g² over the full (unsharded) gradients, with one all-reduce per distinct (mesh, layout)."""
+    """Σ g² over the full (unsharded) gradients, with one all-reduce per sharded mesh dim of each layout."""
     total = torch.zeros((), device=device)
     by_layout: dict[tuple, torch.Tensor] = {}
     for g in grads:
         if isinstance(g, DTensor):
-            # a sum over shards is a Partial value; over replicas it is already whole
-            key = (g.device_mesh, tuple(Partial() if p.is_shard() else Replicate() for p in g.placements))
+            # summed over the mesh dims that shard g (TP's Shard, FSDP's _StridedShard), not over its replicas
+            key = (g.device_mesh, tuple(i for i, p in enumerate(g.placements) if not p.is_replicate()))
             by_layout[key] = by_layout.get(key, 0) + g.to_local().float().square().sum()
         else:
             total += g.float().square().sum()
-    for (mesh, placements), local in by_layout.items():
-        total += DTensor.from_local(local, mesh, placements).full_tensor()
+    for (mesh, sharded_dims), local in by_layout.items():
+        for dim in sharded_dims:
+            dist.all_reduce(local, group=mesh.get_group(dim))
+        total += local
     return total
 
 
@@ -124,9 +130,10 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
         if dp > 1:
             apply_data_parallel(part, mesh["dp"], mode=p.data_parallel, param_dtype=param_dtype,
                                 reshard_after_forward=p.reshard_after_forward)
-    schedule = None
-    if pp > 1:  # 6. The schedule drives the finished stages.
-        n_microbatches = cfg.train.global_batch // (cfg.train.micro_batch * dp)
-        schedule = build_schedule(parts, indices, n_stages=pp * virtual_stages(p), group=mesh.get_group("pp"),
-                                  device=device, schedule=p.pp_schedule, n_microbatches=n_microbatches)
-    return ParallelModel(parts, mesh, schedule)
+    if pp == 1:
+        return ParallelModel(parts, mesh)
+    # 6. The schedule drives the finished stages, a step's micro-batches at a time.
+    n_microbatches = cfg.train.global_batch // (cfg.train.micro_batch * dp)
+    schedule = build_schedule(parts, indices, n_stages=pp * virtual_stages(p), group=mesh.get_group("pp"),
+                              device=device, schedule=p.pp_schedule, n_microbatches=n_microbatches)
+    return ParallelModel(parts, mesh, schedule, n_microbatches)

@@ -11,7 +11,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel)
 
-from parallel.tensor import AllReduceGradient, HeadSharded, ReplicatedParams
+from parallel.tensor import AllReduceInputGradient, HeadSharded, ReplicatedParams, VocabParallelEmbedding
 from pretrain.config import ModelConfig
 
 Plan = dict[str, tuple[ParallelStyle, ...]]
@@ -58,12 +58,18 @@ def tp_plan(cfg: ModelConfig, *, sequence_parallel: bool) -> Plan:
     # The residual stream's layout, and the style of the norms that run on it.
     residual = Shard(1) if sequence_parallel else Replicate()
     norm = SequenceParallel() if sequence_parallel else ReplicatedParams()
-    gather = PrepareModuleInput(input_layouts=(residual, None), desired_input_layouts=(Replicate(), None))
+
+    def whole_sequence(n_inputs: int) -> ParallelStyle:
+        """What a mixer or an MLP gets: the whole sequence (an all-gather under SP, whose backward is one
+        reduce-scatter); without SP the residual already is whole, and its gradient is all-reduced in backward."""
+        if not sequence_parallel:
+            return AllReduceInputGradient()
+        others = (None,) * (n_inputs - 1)  # the mixer's carry passes as it is
+        return PrepareModuleInput(input_layouts=(residual, *others), desired_input_layouts=(Replicate(), *others))
+
     back_to_residual = RowwiseParallel(output_layouts=residual, use_local_output=False)
     plan: Plan = {
-        # vocabulary rows split over ranks; the partial sums leave already reduce-scattered to the residual layout
-        "tok_emb": (RowwiseParallel(input_layouts=Replicate(), output_layouts=residual, use_local_output=False),
-                    *(() if sequence_parallel else (AllReduceGradient(),))),
+        "tok_emb": (VocabParallelEmbedding(output_layout=residual),),
         "pos_emb": (ReplicatedParams(), PrepareModuleInput(input_layouts=(Replicate(),),
                                                            desired_input_layouts=(Replicate(),))),
         # a block's input from a previous pipeline stage arrives as a plain local tensor
@@ -71,15 +77,16 @@ def tp_plan(cfg: ModelConfig, *, sequence_parallel: bool) -> Plan:
         "layers.*.emb_norm": (norm,),
         "layers.*.attn_norm": (norm,),
         "layers.*.mlp_norm": (norm,),
-        "layers.*.mixer": (gather,),  # all-gather the sequence first: RWKV-7's token shift sees across shards
+        "layers.*.mixer": (whole_sequence(2),),  # before any mixing: RWKV-7's token shift sees across shards
         "layers.*.mixer.o_proj": (back_to_residual,),
-        "layers.*.mlp": (PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),),
+        "layers.*.mlp": (whole_sequence(1),),
         "layers.*.mlp.gate_proj": (ColwiseParallel(),),
         "layers.*.mlp.up_proj": (ColwiseParallel(),),
         "layers.*.mlp.down_proj": (back_to_residual,),
         "norm": (norm,),
         # logits stay split over the vocabulary: tensor.vocab_parallel_loss never gathers them
-        "lm_head": (ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False),),
+        "lm_head": (ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False),
+                    *(() if sequence_parallel else (whole_sequence(1),))),
     }
     if cfg.arch == "rwkv7":
         plan["layers.*.mlp"] += (ReplicatedParams("mu_k"),)  # the channel mix's own token-shift mixing

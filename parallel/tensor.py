@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 
@@ -68,21 +68,55 @@ class HeadSharded(ParallelStyle):
         return module
 
 
-class AllReduceGradient(ParallelStyle):
-    """Leave the module's `Replicate()` DTensor output as it is, but all-reduce its gradient in backward.
-
-    Without sequence parallelism the residual stream's gradient is `Partial` (each rank's heads' share, summed
-    lazily); the vocab-parallel embedding's backward accepts only a `Replicate()` one.
+class VocabParallelEmbedding(ParallelStyle):
+    """An `nn.Embedding` with its rows (the vocabulary) split over the ranks, as Megatron's: each rank looks up
+    the tokens in its rows (zeros for the others) and the partial sums leave reduced to `output_layout` (a
+    reduce-scatter to sequence shards, or an all-reduce). Its backward touches only the rank's own rows, where
+    DTensor's row-wise embedding computes the whole table's gradient on every rank.
     """
 
+    def __init__(self, *, output_layout):
+        super().__init__()
+        self.output_layout = output_layout
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        module.register_forward_hook(_through_local)
+        vocab = module.weight.shape[0]
+        dtensor = distribute_tensor(module.weight.data, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+        module.register_parameter("weight", nn.Parameter(dtensor))
+        start = vocab_shard_start(vocab, device_mesh.size(), device_mesh.get_local_rank())
+        rows = dtensor.to_local().shape[0]
+        outside = {}  # the current tokens outside this rank's rows, from the pre-hook to the post-hook
+
+        def local_lookup(module, args):
+            tokens = args[0]  # (B, T) token ids
+            outside["mask"] = (tokens < start) | (tokens >= start + rows)
+            module.__dict__["weight"] = module._parameters["weight"].to_local()  # (rows, d)
+            return ((tokens - start).masked_fill(outside["mask"], 0),)
+
+        def reduce(module, args, output):  # output (B, T, d): this rank's rows' share
+            del module.__dict__["weight"]
+            partial = output.masked_fill(outside.pop("mask").unsqueeze(-1), 0.0)
+            return DTensor.from_local(partial, device_mesh, [Partial()]).redistribute(placements=[self.output_layout])
+
+        module.register_forward_pre_hook(local_lookup)
+        module.register_forward_hook(reduce)
         return module
 
 
-def _through_local(module, args, output: DTensor) -> DTensor:
-    # from_local's backward redistributes the gradient to Replicate (an all-reduce); no communication forward
-    return DTensor.from_local(output.to_local(), output.device_mesh, output.placements, run_check=False)
+class AllReduceInputGradient(ParallelStyle):
+    """Megatron's `f` without sequence parallelism: the module's first input (a `Replicate()` DTensor) passes as
+    it is, and its gradient, each rank's heads' partial sum, is all-reduced on the way back. The residual
+    stream's gradient so stays `Replicate()`, and the norms' backward needs no communication of its own."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module.register_forward_pre_hook(_all_reduce_gradient_of_input)
+        return module
+
+
+def _all_reduce_gradient_of_input(module, args):
+    x = args[0]
+    # from_local's backward redistributes the gradient to Replicate: an all-reduce; nothing happens forward
+    return (DTensor.from_local(x.to_local(), x.device_mesh, x.placements, run_check=False), *args[1:])
 
 
 def _put_local_views(names, module, args) -> None:

@@ -106,21 +106,36 @@ def slurm_missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """A real single-node SLURM for this session (slurm/local-cluster), stopped at the end; SLURM_CONF set."""
+def _cluster(state: Path, *, nodes: int, cpus: int):
+    """Start slurm/local-cluster in `state`; yield its slurm.conf; stop it (jobs, daemons, namespaces)."""
     reason = slurm_missing()
     if reason:
         pytest.skip(reason)
-    state = tmp_path_factory.mktemp("slurm")
     script = str(REPO / "slurm" / "local-cluster")
-    # 4 CPUs advertised on a 2-core machine, so a 2-task job never waits for another test's job.
     out = subprocess.run([script, "start", str(state)], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "CPUS": "4"})
+                         env={**os.environ, "NODES": str(nodes), "CPUS": str(cpus)})
     assert out.returncode == 0, f"local-cluster start failed:\n{out.stdout}\n{out.stderr}"
+    try:
+        yield state / "slurm.conf"
+    finally:
+        subprocess.run([script, "stop", str(state)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM for this session, advertising 4 CPUs on a 2-core machine so a 2-task job never
+    waits for another; SLURM_CONF points at it."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SLURM_CONF", str(state / "slurm.conf"))
-        try:
-            yield state
-        finally:
-            subprocess.run([script, "stop", str(state)], capture_output=True, text=True, timeout=120)
+        for conf in _cluster(tmp_path_factory.mktemp("slurm"), nodes=1, cpus=4):
+            mp.setenv("SLURM_CONF", str(conf))
+            yield conf
+
+
+@pytest.fixture
+def slurm_two_nodes(tmp_path_factory, monkeypatch):
+    """A real two-node SLURM (each slurmd in its own network namespace) for one test; SLURM_CONF points at it."""
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode:
+        pytest.skip("no network namespaces here (unshare --net fails), so no emulated second node")
+    for conf in _cluster(tmp_path_factory.mktemp("slurm2"), nodes=2, cpus=2):
+        monkeypatch.setenv("SLURM_CONF", str(conf))
+        yield conf

@@ -79,8 +79,8 @@ def _stall(run_dir):
     rank = dist.get_rank()
     records = _Records()
     logging.getLogger("launch.monitor").addHandler(records)
-    monitor = StepMonitor(run_dir, rank=rank, world_size=2, device=torch.device("cpu"), stall_seconds=1.0,
-                          log_interval=1)
+    monitor = StepMonitor(run_dir, rank=rank, world_size=2, stall_seconds=1.0, log_interval=1,
+                          straggler_window=2)
     for step in (1, 2):
         times = torch.empty(2, 2, dtype=torch.float64)
         dist.all_gather_into_tensor(times, torch.tensor([[0.1, 0.1 * (rank + 1)]], dtype=torch.float64))

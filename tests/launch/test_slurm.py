@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.env import first_host_of, scontrol_hostnames
+from launch.env import first_host_of, scontrol_hostnames, slurm_port
 from tests.launch.conftest import CKPT_INTERVAL, REPO, STEPS, clean_env, losses
 
 pytestmark = pytest.mark.slurm
@@ -33,9 +33,10 @@ def launch(*args: str, cwd: Path) -> str:
     return out.stdout
 
 
-def submit(config: Path, run_dir: Path) -> str:
-    out = launch("submit", "--config", str(config), "--nodes", "1", "--tasks-per-node", "2", "--time", "00:10:00",
-                 f"--train.run_dir={run_dir}", cwd=run_dir.parent)
+def submit(config: Path, run_dir: Path, *, nodes: int = 1) -> str:
+    """`python -m launch submit` of `config` as 2 processes on `nodes` nodes; returns the job id."""
+    out = launch("submit", "--config", str(config), "--nodes", str(nodes), "--tasks-per-node", str(2 // nodes),
+                 "--time", "00:10:00", f"--train.run_dir={run_dir}", cwd=run_dir.parent)
     job_id = re.search(r"submitted job (\d+)", out).group(1)
     assert f"log: {run_dir}/slurm/slurm-{job_id}.out" in out
     return job_id
@@ -143,3 +144,13 @@ def test_rank_killed_during_checkpoint_write_resumes_from_previous(slurm_cluster
 @pytest.mark.parametrize("nodelist", ["vm", "node[001-003,010],gpu-a[7-8]", "a[1-2]-b[3-4],c", "x12,x[1-2]"])
 def test_first_host_matches_scontrol(slurm_cluster, nodelist):
     assert first_host_of(nodelist) == scontrol_hostnames(nodelist)[0]
+
+
+def test_two_nodes_rendezvous_and_match_one_node(slurm_two_nodes, config, reference, tmp_path):
+    run_dir = tmp_path / "two-nodes"
+    job_id = submit(config, run_dir, nodes=2)
+    assert wait_for_end(job_id, run_dir) == "COMPLETED", log_of(run_dir, job_id)
+    log = log_of(run_dir, job_id)
+    assert "2 node(s) [node[1-2]], 2 task(s)" in log
+    assert f"rendezvous at node1:{slurm_port(int(job_id))}" in log  # the first host, a port from the job id
+    assert losses(run_dir) == reference  # bitwise: tolerance 0

@@ -1,0 +1,203 @@
+"""Bytes each collective moves in one training step, per layout, next to the analytic volumes.
+
+    python bench/comm.py [--arch transformer] [--layouts tp2-sp,dp2-fsdp,...] [--d-model 64 --layers 4 ...]
+
+Each layout runs on gloo CPU processes with the training loop's own step; every collective of one step (after a
+warm-up step) is counted on each rank and one JSON object per layout is printed: per collective kind the calls
+and the payload (the logical tensor size: an all-gather's gathered output, a reduce-scatter's input, an
+all-reduce's tensor, a send's tensor) and the ring-algorithm bytes on the wire, for rank 0 and summed over
+ranks; and the analytic payload of the main terms for rank 0 (`analytic`), so what a layout costs can be read
+before renting a cluster. Sizes are fp32 here; bf16 activations halve the activation terms.
+
+Analytic terms (s sequence, b micro-batch, h hidden, L blocks, t = tp, m micro-batches per step on the rank,
+a = s·b·h·4 bytes, P = parameter bytes on the rank):
+  TP + SP   all-gather = reduce-scatter = m·(4L + 2)·a: per block 2 in forward (before the mixer and the MLP)
+            and 2 in backward, plus the vocab-parallel embedding and LM head; all-reduce m·3·s·b·4 (the loss) +
+            the bytes of the parameters replicated over tp (norms, μ, LoRA down-projections: partial gradients).
+  TP        all-reduce = m·(4L + 2)·a: after the mixer and the MLP in forward, before them in backward, plus the
+            embedding and LM head; + the loss's (+ RWKV-7's μ and LoRA down-projections: partial gradients).
+  FSDP      all-gather = m·P·(1 + reshard_after_forward), reduce-scatter = P (last micro-step only).
+  DDP       all-reduce = P (last micro-step only).
+  PP        send = recv = m·(a/t under SP)·(1 + carry) per stage boundary crossing, forward and backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LAYOUTS = {  # name → (processes, parallel section)
+    "tp2-sp": (2, {"tp": 2}),
+    "tp2": (2, {"tp": 2, "sequence_parallel": False}),
+    "dp2-fsdp": (2, {"dp": 2}),
+    "dp2-ddp": (2, {"dp": 2, "data_parallel": "ddp"}),
+    "pp2-1f1b": (2, {"pp": 2}),
+    "pp2-interleaved": (2, {"pp": 2, "pp_schedule": "interleaved_1f1b"}),
+    "dp2-tp2-sp": (4, {"dp": 2, "tp": 2}),
+}
+KINDS = ("all_gather", "reduce_scatter", "all_reduce", "send", "recv", "broadcast")
+
+
+def _kind(op_name: str) -> str | None:
+    name = op_name.replace("allgather", "all_gather").replace("allreduce", "all_reduce")
+    return next((kind for kind in KINDS if kind in name), None)
+
+
+def _group_size(args) -> int:
+    """Ranks in the op's process group: a functional collective names it, a c10d op passes it boxed."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    for a in args:
+        if isinstance(a, torch.ScriptObject):
+            try:
+                return dist.ProcessGroup.unbox(a).size()
+            except RuntimeError:  # a boxed ReduceOp, not a group
+                continue
+    names = [a for a in args if isinstance(a, str)]
+    return _resolve_process_group(names[-1]).size() if names else 1  # the group's name comes last
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for item in x:
+            yield from _tensors(item)
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts calls, payload bytes and ring wire bytes of every collective dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.payload, self.wire = Counter(), Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kind = _kind(func.name()) if "c10d" in func.namespace else None
+        if kind is not None:
+            n = _group_size(args)
+            sizes = [t.numel() * t.element_size() for t in _tensors(args)]
+            if kind in ("all_gather", "reduce_scatter"):
+                # the gathered output or the scattered input: the largest tensor, or the only input × n
+                payload = max(sizes) * (n if "functional" in func.namespace and kind == "all_gather" else 1)
+                wire = payload * (n - 1) / n
+            else:
+                payload = sizes[0] if kind in ("send", "recv", "broadcast") else sum(sizes)
+                wire = payload * (2 * (n - 1) / n if kind == "all_reduce" else 1)
+            self.calls[kind] += 1
+            self.payload[kind] += payload
+            self.wire[kind] += wire
+        return func(*args, **(kwargs or {}))
+
+
+def measure(arch: str, parallel: dict, model: dict, train: dict) -> dict:
+    """One rank: a warm-up step, then the collectives of one step and the analytic volumes."""
+    import torch.distributed as dist
+
+    from parallel.mesh import ParallelDims
+    from parallel.parallelize import parallelize
+    from pretrain.config import build_config
+    from pretrain.models import build_model
+    from pretrain.optim import build_optimizer
+    from pretrain.train import train_step
+
+    cfg = build_config({"model": {"arch": arch, **model}, "parallel": parallel, "train": train})
+    dims = ParallelDims.from_config(cfg, dist.get_world_size())
+    mesh = dims.build_mesh("cpu")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        net = build_model(cfg.model)
+    net.to_empty(device="cpu")
+    net.init_weights()
+    net = parallelize(net, cfg, mesh, device=torch.device("cpu"))
+    optimizers = [build_optimizer(part, cfg.optim, torch.device("cpu")) for part in net.parts]
+    per_rank = cfg.train.global_batch // dims.dp
+    tokens = torch.randint(0, cfg.model.vocab_size, (per_rank, cfg.model.seq_len))
+    micro = cfg.train.micro_batch
+    batches = [(tokens[i:i + micro], tokens[i:i + micro]) for i in range(0, per_rank, micro)]
+    step = lambda: train_step(net, optimizers, batches, lr=1e-4, grad_clip=1.0,  # noqa: E731
+                              autocast=torch.autocast("cpu", enabled=False))
+    step()
+    with CollectiveCounter() as counter:
+        step()
+    return {"calls": dict(counter.calls), "payload": dict(counter.payload), "wire": dict(counter.wire),
+            "analytic": analytic(cfg, dims, net, micro_batches=len(batches))}
+
+
+def analytic(cfg, dims, net, *, micro_batches: int) -> dict:
+    """The main terms' payload bytes per step on this rank (see the module docstring)."""
+    from parallel.plans import CARRY_ARCHS
+    from torch.distributed.tensor import DTensor
+    m, p = micro_batches, cfg.parallel
+    s, b, h, L = cfg.model.seq_len, cfg.train.micro_batch, cfg.model.d_model, cfg.model.n_layers
+    a = s * b * h * 4
+    out = Counter()
+    if dims.tp > 1:
+        if p.sequence_parallel:
+            out["all_gather"] += m * (4 * L + 2) * a
+            out["reduce_scatter"] += m * (4 * L + 2) * a
+            # parameters replicated over tp (norms, μ, LoRA down-projections) get partial gradients: summed once
+            out["all_reduce"] += sum(q.numel() * 4 for part in net.parts for q in part.parameters()
+                                     if q.placements[-1].is_replicate())
+        else:
+            out["all_reduce"] += m * (4 * L + 2) * a
+        out["all_reduce"] += m * 3 * s * b * 4
+    if dims.dp > 1:
+        fsdp = p.data_parallel == "fsdp"
+
+        def tp_local_bytes(module):  # this rank's tensor-parallel share of the parameters, FSDP shards undone
+            return sum((q.to_local() if isinstance(q, DTensor) else q).numel() * 4 for q in module.parameters()) \
+                * (dims.dp if fsdp else 1)
+        total = sum(tp_local_bytes(part) for part in net.parts)
+        if fsdp:  # every unit gathers in each micro-step's forward, and again in its backward if it resharded
+            out["all_gather"] += m * total * (1 + p.reshard_after_forward)
+            out["reduce_scatter"] += total
+        else:
+            out["all_reduce"] += total
+    if dims.pp > 1:
+        crossing = a // (dims.tp if dims.tp > 1 and p.sequence_parallel else 1)
+        carry = s * b * h * 4 // dims.tp if cfg.model.arch in CARRY_ARCHS else 0
+        from parallel.pipeline import stage_indices, virtual_stages
+        n_stages = dims.pp * virtual_stages(p)
+        boundaries = sum((i > 0) + (i < n_stages - 1) for i in stage_indices(0, dims.pp, virtual_stages(p)))
+        out["send"] += m * (crossing + carry) * boundaries
+        out["recv"] += m * (crossing + carry) * boundaries
+    return dict(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="transformer")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    args = parser.parse_args(argv)
+    from tests.dist import run_distributed
+    model = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads, "seq_len": args.seq_len,
+             "vocab_size": args.vocab}
+    train = {"global_batch": args.global_batch, "micro_batch": args.micro_batch}
+    for name in args.layouts.split(","):
+        world, parallel = LAYOUTS[name]
+        ranks = run_distributed(measure, world, args.arch, parallel, model, train)
+        total = lambda key: dict(sum((Counter(r[key]) for r in ranks), Counter()))  # noqa: E731
+        print(json.dumps({"layout": name, "processes": world, "arch": args.arch, "model": model, "train": train,
+                          "rank0": {k: ranks[0][k] for k in ("calls", "payload", "wire")},
+                          "all_ranks": {"payload": total("payload"), "wire": total("wire")},
+                          "analytic": ranks[0]["analytic"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Every layout trains like one process: over 5 optimizer steps the losses and the final parameters of all four
+architectures equal a single-process run within 1e-5 (float32, gloo)."""
+
+import functools
+import json
+
+import pytest
+
+from tests.dist import run_distributed
+from tests.parallel.layouts import ARCHS, assert_same_training, train_layouts
+
+
+@functools.cache
+def reference(train_json: str) -> dict:
+    return train_layouts(ARCHS, {}, json.loads(train_json))
+
+
+def check(world: int, parallel: dict, train: dict | None = None) -> None:
+    train = train or {}
+    results = run_distributed(train_layouts, world, ARCHS, parallel, train)
+    assert_same_training(results, reference(json.dumps(train, sort_keys=True)), ARCHS)
+
+
+@pytest.mark.parametrize("parallel, train", [
+    pytest.param({"tp": 2}, {}, id="tp2-sequence-parallel"),
+    pytest.param({"tp": 2, "sequence_parallel": False}, {}, id="tp2"),
+    pytest.param({"pp": 2}, {}, id="pp2-1f1b"),
+    pytest.param({"pp": 2, "pp_schedule": "interleaved_1f1b"}, {}, id="pp2-interleaved-1f1b"),
+    pytest.param({"pp": 2, "pp_schedule": "zero_bubble"}, {}, id="pp2-zero-bubble"),
+    # two micro-steps per rank: gradients accumulate locally and are reduced once
+    pytest.param({"dp": 2}, {"micro_batch": 2}, id="dp2-fsdp"),
+    pytest.param({"dp": 2, "data_parallel": "ddp"}, {"micro_batch": 2}, id="dp2-ddp"),
+])
+def test_two_processes(parallel, train):
+    check(2, parallel, train)
+
+
+@pytest.mark.parametrize("parallel", [
+    pytest.param({"dp": 2, "tp": 2, "reshard_after_forward": False}, id="dp2-fsdp-tp2"),
+    pytest.param({"dp": 2, "tp": 2, "data_parallel": "ddp"}, id="dp2-ddp-tp2"),
+])
+def test_four_processes(parallel):
+    check(4, parallel, {"micro_batch": 2})
+
+
+@pytest.mark.slow
+def test_eight_processes_dp2_tp2_pp2():
+    check(8, {"dp": 2, "tp": 2, "pp": 2, "pp_schedule": "interleaved_1f1b"}, {"micro_batch": 2})
