@@ -82,11 +82,11 @@ class JobControl:
     def __init__(self, cfg, env: DistEnv, *, device: torch.device, started: float, step: int = 0):
         self.env, self.device, self.started = env, device, started
         self.budget_s = cfg.train.exit_after_minutes * 60
-        self.requeue_enabled = getattr(cfg.train, "requeue", True)
+        self.requeue_enabled = cfg.train.requeue
         self.job_id = os.environ.get("SLURM_JOB_ID", "")
         self.stop_signals: set[int] = set()
         self.over_budget = False
-        timeout_minutes = getattr(cfg.train, "collective_timeout_minutes", 10.0)
+        timeout_minutes = cfg.train.collective_timeout_minutes
         # Half the collective timeout: the stall report must come before the timeout ends the job.
         self.monitor = StepMonitor(Path(cfg.train.run_dir), rank=env.rank, world_size=env.world_size,
                                    stall_seconds=timeout_minutes * 30, log_interval=cfg.log.interval,

@@ -25,11 +25,13 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, *, mode: str, reshar
     backward compute in; gradients are reduced and parameters kept in float32.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    if mode == "fsdp":
-        wrap = lambda module: fully_shard(module, mesh=mesh, mp_policy=policy,  # noqa: E731
-                                          reshard_after_forward=reshard_after_forward)
-    else:
-        wrap = lambda module: replicate(module, mesh=mesh, mp_policy=policy)  # noqa: E731
+
+    def wrap(module: nn.Module) -> None:
+        if mode == "fsdp":
+            fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        else:
+            replicate(module, mesh=mesh, mp_policy=policy)
+
     for block in model.layers.values():
         wrap(block)
     wrap(model)  # the rest: embeddings, final norm, LM head

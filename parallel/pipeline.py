@@ -15,9 +15,9 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleI
                                           ScheduleInterleavedZeroBubble)
 from torch.distributed.tensor import DTensor
 
-from pretrain.config import ConfigError, ParallelConfig
+from pretrain.config import CHOICES, ConfigError, ParallelConfig
 
-SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble")
+SCHEDULES = CHOICES["parallel.pp_schedule"]
 
 
 def virtual_stages(cfg: ParallelConfig) -> int:

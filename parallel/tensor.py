@@ -3,9 +3,11 @@
 Conventions inside a tensor-parallel model (Megatron's, expressed with DTensor):
 - The residual stream between blocks is a DTensor: `Shard(1)` (sequence shards) with sequence parallelism,
   else `Replicate()`. Norms, dropout and residual adds run on it as they are.
-- A mixer or MLP gets its input gathered to `Replicate()` (an all-gather under SP; its backward is one
-  reduce-scatter of the summed gradients). Whatever acts on that input before the column-parallel projections
-  (RWKV-7's token shift and μ mixing, LoRA down-projections) is DTensor arithmetic on replicated parameters.
+- A mixer or MLP gets the whole sequence as a `Replicate()` DTensor: under SP an all-gather, whose backward is
+  one reduce-scatter of the summed gradients; without SP its gradient is all-reduced on the way back
+  (`AllReduceInputGradient`, Megatron's f). Whatever acts on that input before the column-parallel
+  projections (RWKV-7's token shift and μ mixing, LoRA down-projections) is DTensor arithmetic on replicated
+  parameters.
 - Column-parallel projections hand the mixer plain local tensors holding its heads; per-head parameters are
   `Shard(0)` DTensors that the module sees as local tensors (`HeadSharded`). Row-parallel output projections
   return the residual layout (a reduce-scatter under SP, else an all-reduce).

@@ -152,6 +152,10 @@ class TrainConfig:
     """Save a checkpoint and exit after this many steps of this process (0 = run to train.steps)."""
     exit_after_minutes: float = 0.0
     """Save a checkpoint and exit once this process has run this long (0 = no limit)."""
+    requeue: bool = True
+    """Under SLURM, requeue the job when a stop signal or the wall-time budget ended it early (it then resumes)."""
+    collective_timeout_minutes: float = 10.0
+    """Timeout of every collective; a report naming the stalled rank and step comes at half of it."""
     seed: int = 1234
     """Seed for initialisation, data order and dropout."""
     run_dir: str = "runs/default"
@@ -362,6 +366,8 @@ def validate(cfg: Config) -> None:
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch={t.global_batch} must be a multiple of "
                           f"train.micro_batch={t.micro_batch} (times the data-parallel degree).")
+    if t.collective_timeout_minutes <= 0:
+        raise ConfigError(f"train.collective_timeout_minutes must be positive, got {t.collective_timeout_minutes}.")
     if t.exit_after_steps < 0 or t.exit_after_minutes < 0:
         raise ConfigError("train.exit_after_steps and train.exit_after_minutes must be >= 0 (0 = off).")
     if cfg.data.num_workers < 0 or cfg.data.shuffle_window < 1:

@@ -98,7 +98,7 @@ def train(cfg: Config) -> list[float]:
     """Run (or resume) the configured training; returns this process's per-step mean losses."""
     t_start = time.monotonic()
     device = pick_device(cfg.train.device, 0)
-    env = init_distributed(device.type, timeout_minutes=getattr(cfg.train, "collective_timeout_minutes", 10.0))
+    env = init_distributed(device.type, timeout_minutes=cfg.train.collective_timeout_minutes)
     device = pick_device(cfg.train.device, env.local_rank)
     dims = ParallelDims.from_config(cfg, env.world_size)
     mesh = dims.build_mesh(device.type) if env.world_size > 1 else None
@@ -190,7 +190,7 @@ def train(cfg: Config) -> list[float]:
                       state={"data": loader.state_dict(), "tokens_seen": tokens_seen})
         if exiting and step < cfg.train.steps:
             if is_main:
-                print(f"exiting after step {step} as configured; resume with the same command", flush=True)
+                print(f"stopped after step {step} with a checkpoint; the same command resumes", flush=True)
             break
     logger.close()
     job.close(finished=step >= cfg.train.steps)  # under SLURM, requeues a job stopped early by a signal/budget

@@ -15,10 +15,10 @@ def reference(train_json: str) -> dict:
     return train_layouts(ARCHS, {}, json.loads(train_json))
 
 
-def check(world: int, parallel: dict, train: dict | None = None) -> None:
+def check(world: int, parallel: dict, train: dict | None = None, archs=ARCHS) -> None:
     train = train or {}
-    results = run_distributed(train_layouts, world, ARCHS, parallel, train)
-    assert_same_training(results, reference(json.dumps(train, sort_keys=True)), ARCHS)
+    results = run_distributed(train_layouts, world, archs, parallel, train)
+    assert_same_training(results, reference(json.dumps(train, sort_keys=True)), archs)
 
 
 @pytest.mark.parametrize("parallel, train", [
@@ -35,12 +35,12 @@ def test_two_processes(parallel, train):
     check(2, parallel, train)
 
 
-@pytest.mark.parametrize("parallel", [
-    pytest.param({"dp": 2, "tp": 2, "reshard_after_forward": False}, id="dp2-fsdp-tp2"),
-    pytest.param({"dp": 2, "tp": 2, "data_parallel": "ddp"}, id="dp2-ddp-tp2"),
+@pytest.mark.parametrize("parallel, archs", [
+    pytest.param({"dp": 2, "tp": 2, "reshard_after_forward": False}, ARCHS, id="dp2-fsdp-tp2"),
+    pytest.param({"dp": 2, "tp": 2, "data_parallel": "ddp"}, ("transformer", "rwkv7"), id="dp2-ddp-tp2"),
 ])
-def test_four_processes(parallel):
-    check(4, parallel, {"micro_batch": 2})
+def test_four_processes(parallel, archs):
+    check(4, parallel, {"micro_batch": 2}, archs)
 
 
 @pytest.mark.slow
