@@ -41,6 +41,8 @@ test: install
 bench: install
 	$(PY) -m bench.ops
 	$(PY) bench/train_throughput.py --arch transformer fox gla rwkv7 --vocab-size 257
+	$(PY) bench/comm.py
+	$(PY) bench/data.py
 
 clean:
 	rm -rf runs .data $(VENV)

@@ -176,15 +176,15 @@ def analytic(cfg, dims, net, *, micro_batches: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="transformer")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS))
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--arch", default="transformer", help="transformer | fox | gla | rwkv7")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, from: {', '.join(LAYOUTS)}")
+    parser.add_argument("--d-model", type=int, default=64, help="hidden size h")
+    parser.add_argument("--layers", type=int, default=4, help="blocks L")
+    parser.add_argument("--heads", type=int, default=4, help="heads (divisible by tp)")
+    parser.add_argument("--seq-len", type=int, default=32, help="sequence length s")
+    parser.add_argument("--vocab", type=int, default=256, help="vocabulary size (divisible by tp)")
+    parser.add_argument("--global-batch", type=int, default=8, help="sequences per optimizer step")
+    parser.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-step b")
     args = parser.parse_args(argv)
     from tests.dist import run_distributed
     model = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads, "seq_len": args.seq_len,

@@ -1,81 +1,46 @@
-import copy
 import math
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError, ModelConfig, build_config
-from pretrain.models import build_model
+from pretrain.config import ModelConfig
 from pretrain.models.gla import GatedLinearAttention
+from tests.models import contract
 
-VOCAB = 257  # bytes 0..255 and an end-of-document id 256
-
+VOCAB = contract.BYTE_VOCAB
 
 
 def make(**model):
-    cfg = build_config({}, {"model": {"arch": "gla", "d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "none",
-                                      "vocab_size": VOCAB, "seq_len": 32, **model}}).model
-    torch.manual_seed(0)
-    return cfg, build_model(cfg)
-
-
-def stdlib_bytes(limit: int = 300_000) -> torch.Tensor:
-    """A few hundred KB of real text: the standard library's own sources as byte ids, documents split by 256."""
-    ids: list[int] = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        ids += [*path.read_bytes(), 256]
-        if len(ids) >= limit:
-            break
-    return torch.tensor(ids[:limit])
+    return contract.build({"arch": "gla", "d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "none",
+                           "vocab_size": VOCAB, "seq_len": 32}, **model)
 
 
 def test_causality():
-    _, model = make()
-    tokens = torch.randint(0, VOCAB, (2, 32))
-    logits = model(tokens)
-    assert logits.shape == (2, 32, VOCAB)
-    for t in (0, 13, 30):
-        changed = tokens.clone()
-        changed[:, t + 1:] = torch.randint(0, VOCAB, changed[:, t + 1:].shape)
-        new = model(changed)
-        torch.testing.assert_close(new[:, :t + 1], logits[:, :t + 1], rtol=0, atol=1e-5)
-        assert not torch.allclose(new[:, t + 1:], logits[:, t + 1:])
+    contract.assert_causal(make()[1], VOCAB, 32)
 
 
 def test_labels_give_cross_entropy_of_logits():
-    _, model = make()
-    tokens, labels = torch.randint(0, VOCAB, (2, 32)), torch.randint(0, VOCAB, (2, 32))
-    labels[1, :7] = -100
-    expected = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), ignore_index=-100)
-    torch.testing.assert_close(model(tokens, labels=labels), expected)
+    contract.assert_labels_match_logits(make()[1], VOCAB)
 
 
 def closed_form_params(m: ModelConfig) -> int:
     """From the config alone: GLA (keys d/2, values d, rank-16 gate with bias, per-head output RMSNorm of size d)."""
     d, V, L = m.d_model, m.vocab_size, m.n_layers
-    hidden = m.mlp_multiple_of * math.ceil(round(d * m.mlp_ratio, 6) / m.mlp_multiple_of)
     mixer = 2 * d * (d // 2) + 3 * d * d + (d * 16 + 16 * (d // 2) + d // 2) + d
-    mlp = 3 * d * hidden
-    norm = d * (2 if m.norm == "layernorm" and m.bias else 1)
+    mlp = 3 * d * contract.closed_form_hidden(m)
+    norm = contract.closed_form_norm(m)
     return V * d * (1 if m.tie_embeddings else 2) + L * (mixer + mlp + 2 * norm) + norm
 
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True, "n_heads": 2}, {"d_model": 128, "n_layers": 3}])
 def test_parameter_count_matches_closed_form(overrides):
     cfg, model = make(**overrides)
-    assert sum(p.numel() for p in model.parameters()) == closed_form_params(cfg)
+    assert contract.n_params(model) == closed_form_params(cfg)
 
 
 def test_gradients_reach_every_parameter():
-    _, model = make()
-    tokens = torch.randint(0, VOCAB, (2, 32))
-    model(tokens, labels=tokens.roll(-1, 1)).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+    contract.assert_gradients_reach_every_parameter(make()[1], VOCAB)
 
 
 def test_recurrence_matches_token_by_token_definition():
@@ -114,52 +79,27 @@ def test_heads_shard_from_shapes():
     layer = GatedLinearAttention(cfg)
     x = torch.randn(2, 20, cfg.d_model)
     Dk, Dv = layer.head_k_dim, layer.head_v_dim
-    total = 0
-    for h0, h1 in ((0, 1), (1, 4)):  # uneven shards on purpose
-        part = copy.deepcopy(layer)
-        with torch.no_grad():
-            for name, p in part.named_parameters():
-                key_side = name.startswith(("q_proj", "k_proj", "gk_proj.up"))
-                if name.startswith(("q_proj", "k_proj", "gk_proj.up", "v_proj", "g_proj", "o_norm")):
-                    rows = slice(h0 * Dk, h1 * Dk) if key_side else slice(h0 * Dv, h1 * Dv)
-                    p.data = p.data[rows].clone()
-                elif name == "o_proj.weight":
-                    p.data = p.data[:, h0 * Dv:h1 * Dv].clone()
-        total = total + part(x)[0]
-    torch.testing.assert_close(total, layer(x)[0], rtol=1e-5, atol=1e-6)
+
+    def shard(name, p, h0, h1):
+        key_side = name.startswith(("q_proj", "k_proj", "gk_proj.up"))
+        if name.startswith(("q_proj", "k_proj", "gk_proj.up", "v_proj", "g_proj", "o_norm")):
+            return p[h0 * Dk:h1 * Dk] if key_side else p[h0 * Dv:h1 * Dv]
+        if name == "o_proj.weight":
+            return p[:, h0 * Dv:h1 * Dv]
+        return None  # the gate's low-rank down-projection acts on the whole input
+
+    contract.assert_head_shards_sum_to_whole(layer, layer(x)[0], shard, lambda part, h0, h1: part(x)[0])
 
 
 def test_meta_build_then_init_equals_eager_build():
-    cfg, eager = make()
-    eager.init_weights(generator=torch.Generator().manual_seed(3))
-    with torch.device("meta"):
-        lazy = build_model(cfg)
-    lazy.to_empty(device="cpu")
-    lazy.init_weights(generator=torch.Generator().manual_seed(3))
-    for (name, a), b in zip(eager.state_dict().items(), lazy.state_dict().values()):
-        assert torch.equal(a, b), name
+    contract.assert_meta_build_equals_eager(*make())
 
 
 @pytest.mark.parametrize("bad", [{"pos": "rope"}, {"attn_impl": "flex"}, {"n_heads": 64}])
 def test_rejects_unsupported_settings(bad):
-    cfg = ModelConfig(**{"arch": "gla", "d_model": 64, "n_heads": 4, "pos": "none", **bad})
-    with pytest.raises(ConfigError):
-        build_model(cfg)
+    contract.assert_rejected("gla", bad)
 
 
 def test_loss_falls_on_python_sources():
     """50 AdamW steps on byte-level stdlib sources: the last 5 losses average > 2 nats below the first (~3 seen)."""
-    data = stdlib_bytes()
-    _, model = make()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(50):
-        starts = torch.randint(0, len(data) - 33, (8,), generator=g)
-        batch = torch.stack([data[s:s + 33] for s in starts])  # (8, 33)
-        loss = model(batch[:, :-1], labels=batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < losses[0] - 2.0, losses
+    contract.assert_loss_falls(make()[1])

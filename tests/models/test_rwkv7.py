@@ -1,26 +1,21 @@
-import copy
 import math
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError, ModelConfig, build_config
-from pretrain.models import build_model
+from pretrain.config import ModelConfig
 from pretrain.models.rwkv7 import RWKV7, RWKV7ChannelMix, RWKV7TimeMix
+from tests.models import contract
 
-VOCAB = 257  # bytes 0..255 and an end-of-document id 256
+VOCAB = contract.BYTE_VOCAB
 
+BASE = {"arch": "rwkv7", "d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "none", "norm": "layernorm", "bias": True,
+        "mlp_ratio": 4.0, "vocab_size": VOCAB}
 
 
 def make(**model):
-    cfg = build_config({}, {"model": {"arch": "rwkv7", "d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "none",
-                                      "norm": "layernorm", "bias": True, "mlp_ratio": 4.0, "vocab_size": VOCAB,
-                                      "seq_len": 32, **model}}).model
-    torch.manual_seed(0)
-    return cfg, build_model(cfg)
+    return contract.build({**BASE, "seq_len": 32}, **model)
 
 
 def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -32,44 +27,21 @@ def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
-def stdlib_bytes(limit: int = 300_000) -> torch.Tensor:
-    """A few hundred KB of real text: the standard library's own sources as byte ids, documents split by 256."""
-    ids: list[int] = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        ids += [*path.read_bytes(), 256]
-        if len(ids) >= limit:
-            break
-    return torch.tensor(ids[:limit])
-
-
 @pytest.mark.parametrize("trained_like", [False, True])
 def test_causality(trained_like):
     _, model = make()
     if trained_like:  # at init every block is the identity (zero output projections): perturb to test the mixers
         perturbed(model, 1)
-    tokens = torch.randint(0, VOCAB, (2, 32))
-    logits = model(tokens)
-    assert logits.shape == (2, 32, VOCAB)
-    for t in (0, 13, 30):
-        changed = tokens.clone()
-        changed[:, t + 1:] = torch.randint(0, VOCAB, changed[:, t + 1:].shape)
-        new = model(changed)
-        torch.testing.assert_close(new[:, :t + 1], logits[:, :t + 1], rtol=0, atol=1e-5)
-        assert not torch.allclose(new[:, t + 1:], logits[:, t + 1:])
+    contract.assert_causal(model, VOCAB, 32)
 
 
 def test_labels_give_cross_entropy_of_logits():
-    _, model = make()
-    tokens, labels = torch.randint(0, VOCAB, (2, 32)), torch.randint(0, VOCAB, (2, 32))
-    labels[1, :7] = -100
-    expected = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), ignore_index=-100)
-    torch.testing.assert_close(model(tokens, labels=labels), expected)
+    contract.assert_labels_match_logits(make()[1], VOCAB)
 
 
 def closed_form_params(m: ModelConfig) -> int:
     """From the config alone, with the reference's LoRA widths max(32, round(c·√d / 32)·32)."""
     d, V, L = m.d_model, m.vocab_size, m.n_layers
-    hidden = m.mlp_multiple_of * math.ceil(round(d * m.mlp_ratio, 6) / m.mlp_multiple_of)
 
     def lora(c: float, bias: bool = True) -> int:
         rank = max(32, round(c * math.sqrt(d) / 32) * 32)
@@ -82,8 +54,8 @@ def closed_form_params(m: ModelConfig) -> int:
                 + 3 * d  # k_k, k_a, r_k
                 + 2 * d)  # per-head GroupNorm weight and bias
 
-    channel_mix = d + 2 * d * hidden
-    norm = d * (2 if m.norm == "layernorm" and m.bias else 1)
+    channel_mix = d + 2 * d * contract.closed_form_hidden(m)
+    norm = contract.closed_form_norm(m)
     blocks = sum(time_mix(layer) + channel_mix + 2 * norm for layer in range(L))
     return V * d * (1 if m.tie_embeddings else 2) + norm + blocks + norm  # embedding norm (ln0), final norm
 
@@ -92,30 +64,20 @@ def closed_form_params(m: ModelConfig) -> int:
                                        {"d_model": 256, "n_heads": 4, "n_layers": 1, "norm": "rmsnorm"},
                                        {"d_model": 1024, "n_heads": 16, "n_layers": 2, "vocab_size": 64}])
 def test_parameter_count_matches_closed_form(overrides):
-    cfg = build_config({}, {"model": {"arch": "rwkv7", "d_model": 64, "n_layers": 2, "n_heads": 4, "pos": "none",
-                                      "norm": "layernorm", "bias": True, "mlp_ratio": 4.0, "vocab_size": VOCAB,
-                                      **overrides}}).model
+    cfg = contract.model_config(BASE, **overrides)
     with torch.device("meta"):  # counting needs no storage or init (the d=1024 case is a real width)
         model = RWKV7(cfg)
-    assert sum(p.numel() for p in model.parameters()) == closed_form_params(cfg)
+    assert contract.n_params(model) == closed_form_params(cfg)
 
 
 def test_gradients_reach_every_parameter():
     _, model = make()
     perturbed(model, 1)  # zero-initialised LoRA downs and output projections would block gradients at init
-    tokens = torch.randint(0, VOCAB, (2, 32))
-    model(tokens, labels=tokens.roll(-1, 1)).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+    contract.assert_gradients_reach_every_parameter(model, VOCAB)
 
 
 def test_gradients_finite_at_init():
-    _, model = make()
-    tokens = torch.randint(0, VOCAB, (2, 32))
-    model(tokens, labels=tokens.roll(-1, 1)).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    contract.assert_gradients_reach_every_parameter(make()[1], VOCAB, nonzero=False)
 
 
 def reference_time_mix(layer: RWKV7TimeMix, x: torch.Tensor, v_first: torch.Tensor | None) -> torch.Tensor:
@@ -201,18 +163,16 @@ def test_heads_shard_from_shapes():
     perturbed(layer, 5)
     x, v_first = torch.randn(2, 20, cfg.d_model), torch.randn(2, 20, cfg.d_model)
     D = layer.head_dim
-    total = 0
-    for h0, h1 in ((0, 1), (1, 4)):  # uneven shards on purpose
-        cols = slice(h0 * D, h1 * D)
-        part = copy.deepcopy(layer)
-        with torch.no_grad():
-            for name, p in part.named_parameters():
-                if name == "o_proj.weight":
-                    p.data = p.data[:, cols].clone()
-                elif not (name.startswith("mu_") or ".down." in name):  # μ and LoRA downs act on the input
-                    p.data = p.data[cols].clone()
-        total = total + part(x, v_first[..., cols])[0]
-    torch.testing.assert_close(total, layer(x, v_first)[0], rtol=1e-5, atol=1e-6)
+
+    def shard(name, p, h0, h1):
+        if name == "o_proj.weight":
+            return p[:, h0 * D:h1 * D]
+        if name.startswith("mu_") or ".down." in name:  # μ and LoRA downs act on the input
+            return None
+        return p[h0 * D:h1 * D]
+
+    contract.assert_head_shards_sum_to_whole(layer, layer(x, v_first)[0], shard,
+                                    lambda part, h0, h1: part(x, v_first[..., h0 * D:h1 * D])[0])
 
 
 def test_reference_initialisation():
@@ -232,36 +192,14 @@ def test_reference_initialisation():
 
 
 def test_meta_build_then_init_equals_eager_build():
-    cfg, eager = make()
-    eager.init_weights(generator=torch.Generator().manual_seed(3))
-    with torch.device("meta"):
-        lazy = build_model(cfg)
-    lazy.to_empty(device="cpu")
-    lazy.init_weights(generator=torch.Generator().manual_seed(3))
-    for (name, a), b in zip(eager.state_dict().items(), lazy.state_dict().values()):
-        assert torch.equal(a, b), name
+    contract.assert_meta_build_equals_eager(*make())
 
 
 @pytest.mark.parametrize("bad", [{"pos": "rope"}, {"attn_impl": "flex"}])
 def test_rejects_unsupported_settings(bad):
-    cfg = ModelConfig(**{"arch": "rwkv7", "d_model": 64, "n_heads": 4, "pos": "none", **bad})
-    with pytest.raises(ConfigError):
-        build_model(cfg)
+    contract.assert_rejected("rwkv7", bad)
 
 
 def test_loss_falls_on_python_sources():
     """50 AdamW steps on byte-level stdlib sources: the last 5 losses average > 2 nats below the first (~3 seen)."""
-    data = stdlib_bytes()
-    _, model = make()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    g = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(50):
-        starts = torch.randint(0, len(data) - 33, (8,), generator=g)
-        batch = torch.stack([data[s:s + 33] for s in starts])  # (8, 33)
-        loss = model(batch[:, :-1], labels=batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert sum(losses[-5:]) / 5 < losses[0] - 2.0, losses
+    contract.assert_loss_falls(make()[1])

@@ -2,20 +2,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from pretrain.config import build_config
-from pretrain.models import build_model
 from pretrain.models.common import apply_rope, mlp_hidden_size, rope_angles
+from tests.models import contract
 
 VOCAB = 97
 
 
 def make(**model):
-    cfg = build_config({}, {"model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB,
-                                      "seq_len": 24, **model}}).model
-    torch.manual_seed(0)
-    return cfg, build_model(cfg)
+    return contract.build({"d_model": 32, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB, "seq_len": 24}, **model)
 
 
 VARIANTS = {
@@ -29,25 +24,12 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_shapes_and_causality(variant):
-    _, model = make(**VARIANTS[variant])
-    tokens = torch.randint(0, VOCAB, (2, 24))
-    logits = model(tokens)
-    assert logits.shape == (2, 24, VOCAB)
-    for t in (0, 7, 22):
-        changed = tokens.clone()
-        changed[:, t + 1:] = torch.randint(0, VOCAB, changed[:, t + 1:].shape)
-        torch.testing.assert_close(model(changed)[:, :t + 1], logits[:, :t + 1], rtol=0, atol=1e-6)
-        assert not torch.allclose(model(changed)[:, t + 1:], logits[:, t + 1:])
+    contract.assert_causal(make(**VARIANTS[variant])[1], VOCAB, 24, cuts=(0, 7, 22), atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_labels_give_cross_entropy_of_logits(variant):
-    _, model = make(**VARIANTS[variant])
-    tokens = torch.randint(0, VOCAB, (2, 24))
-    labels = torch.randint(0, VOCAB, (2, 24))
-    labels[0, :5] = -100  # ignored positions (padding, document starts)
-    expected = F.cross_entropy(model(tokens).reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(model(tokens, labels=labels), expected)
+    contract.assert_labels_match_logits(make(**VARIANTS[variant])[1], VOCAB, 24, ignored=(0, 5))
 
 
 @pytest.mark.parametrize("pro", [False, True])
@@ -69,8 +51,8 @@ def closed_form_params(m) -> int:
     d, V, L = m.d_model, m.vocab_size, m.n_layers
     H = m.n_heads
     bias = m.bias
-    norm = d * (2 if m.norm == "layernorm" and bias else 1)
-    hidden = m.mlp_multiple_of * math.ceil(round(d * m.mlp_ratio, 6) / m.mlp_multiple_of)
+    norm = contract.closed_form_norm(m)
+    hidden = contract.closed_form_hidden(m)
     mlp = (3 * d * hidden + (2 * hidden + d) * bias) if m.mlp == "swiglu" else (2 * d * hidden + (hidden + d) * bias)
     attn = 4 * d * d + 4 * d * bias
     if m.pro:
@@ -83,7 +65,7 @@ def closed_form_params(m) -> int:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parameter_count_matches_closed_form(variant):
     cfg, model = make(**VARIANTS[variant])
-    assert sum(p.numel() for p in model.parameters()) == closed_form_params(cfg)
+    assert contract.n_params(model) == closed_form_params(cfg)
 
 
 def test_gpt_preset_mirrors_korthikanti_gpt():
@@ -115,15 +97,12 @@ def test_rope_scores_depend_only_on_relative_position():
 
 def test_meta_build_then_init_equals_eager_build():
     cfg, eager = make(pro=True)
-    torch.manual_seed(0)
-    eager.init_weights()
-    with torch.device("meta"):
-        lazy = build_model(cfg)
-    lazy.to_empty(device="cpu")
-    torch.manual_seed(0)
-    lazy.init_weights()
-    for (name, a), b in zip(eager.state_dict().items(), lazy.state_dict().values()):
-        assert torch.equal(a, b), name
+
+    def init(model):
+        torch.manual_seed(0)
+        model.init_weights()
+
+    contract.assert_meta_build_equals_eager(cfg, eager, init)
 
 
 def test_residual_projections_get_scaled_init():

@@ -12,27 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.ops.forgetting import forgetting_attention
+from tests.ops.helpers import (assert_grads_rel, assert_matches, assert_near, assert_saved_memory_linear, log_gates,
+                               qkv, rel_err)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-
-
-def assert_near(actual, expected, tol, what=""):
-    err = (actual - expected).abs().max().item()
-    bound = tol * max(1.0, expected.abs().max().item())
-    assert err <= bound, f"{what}: max |error| {err:.3g} > {bound:.3g}"
-
-
-def rel_err(actual, expected):
-    return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+NAMES = ("q", "k", "v", "log_f")
 
 
 def make_inputs(B, T, H, D, Dv, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(B, T, H, D, generator=gen, dtype=dtype) for _ in range(2))
-    v = torch.randn(B, T, H, Dv, generator=gen, dtype=dtype)
-    # mostly mild gates, one in five very strong (down to ≈ −60 per step)
-    log_f = F.logsigmoid(3 * torch.randn(B, T, H, generator=gen, dtype=dtype))
-    log_f = log_f * torch.where(torch.rand(B, T, H, generator=gen) < 0.2, 20.0, 1.0).to(dtype)
+    q, k, v = qkv(gen, B, T, H, D, Dv, dtype)
+    log_f = log_gates(gen, (B, T, H), dtype)  # one gate per head and step
     return [x.requires_grad_() for x in (q, k, v, log_f)]
 
 
@@ -55,26 +45,14 @@ def test_matches_fla_naive(T, D, Dv, blocks):
 
     inputs = make_inputs(2, T, 2, D, Dv)
     o = forgetting_attention(*inputs, **blocks)
-    o_ref = naive_forgetting_attn(*inputs)
-    assert_near(o, o_ref, 1e-4, "o")
-    do = torch.randn_like(o)
-    grads = torch.autograd.grad((o * do).sum(), inputs)
-    grads_ref = torch.autograd.grad((o_ref * do).sum(), inputs)
-    for name, a, b in zip(("q", "k", "v", "log_f"), grads, grads_ref):
-        assert_near(a, b, 1e-4, f"d{name}")
+    assert_matches([o], [naive_forgetting_attn(*inputs)], inputs, NAMES, 1e-4)
 
 
 @pytest.mark.parametrize("T,blocks", [(37, {"block_q": 8, "block_k": 16}), (130, {})])
 def test_float64_matches_loop(T, blocks):
     inputs = make_inputs(1, T, 2, 16, 24, dtype=torch.float64, seed=1)
     o = forgetting_attention(*inputs, 0.3, **blocks)
-    o_ref = loop_fox(*inputs, 0.3)
-    assert_near(o, o_ref, 1e-10, "o")
-    do = torch.randn_like(o)
-    grads = torch.autograd.grad((o * do).sum(), inputs)
-    grads_ref = torch.autograd.grad((o_ref * do).sum(), inputs)
-    for name, a, b in zip(("q", "k", "v", "log_f"), grads, grads_ref):
-        assert_near(a, b, 1e-10, f"d{name}")
+    assert_matches([o], [loop_fox(*inputs, 0.3)], inputs, NAMES, 1e-10)
 
 
 def test_pieces_with_past_equal_whole():
@@ -85,15 +63,10 @@ def test_pieces_with_past_equal_whole():
         o_i, past = forgetting_attention(q[:, a:b], k[:, a:b], v[:, a:b], log_f[:, a:b], past=past,
                                          output_past=True, block_q=16, block_k=32)
         pieces.append(o_i)
-    assert_near(torch.cat(pieces, 1), o, 1e-12, "o")
     for x, whole in zip(past, (k, v, log_f)):
         assert torch.equal(x, whole)
-    # gradients flow into the past's tensors as they would in the whole sequence
-    do = torch.randn_like(o)
-    grads = torch.autograd.grad((torch.cat(pieces, 1) * do).sum(), (q, k, v, log_f))
-    grads_ref = torch.autograd.grad((o * do).sum(), (q, k, v, log_f))
-    for name, a, b in zip(("q", "k", "v", "log_f"), grads, grads_ref):
-        assert_near(a, b, 1e-12, f"d{name}")
+    # the same output, and gradients flow into the past's tensors as they would in the whole sequence
+    assert_matches([torch.cat(pieces, 1)], [o], (q, k, v, log_f), NAMES, 1e-12)
 
 
 def test_flex_forward_matches_torch_path():
@@ -105,26 +78,12 @@ def test_flex_forward_matches_torch_path():
     assert_near(o2, o[:, 30:], 1e-4, "flex with past")
 
 
-def saved_bytes(fn):
-    """Bytes of the distinct buffers autograd keeps for backward during fn()."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_saved_memory_is_linear_in_T():
-    def run(T):
+    def call_at(T):
         inputs = make_inputs(1, T, 1, 16, 16)
-        return saved_bytes(lambda: forgetting_attention(*inputs))
+        return lambda: forgetting_attention(*inputs)
 
-    small, large = run(512), run(1024)
-    assert large <= 2.05 * small, f"saved bytes {small} at T=512, {large} at T=1024: not linear"
+    assert_saved_memory_linear(call_at)
 
 
 @pytest.mark.parametrize("bad", ["ndim", "k_shape", "v_time", "log_f_shape", "past_shape", "past_type", "impl",
@@ -167,11 +126,7 @@ def test_gpu_backend_matches_torch_path_bf16(impl):
     low = [x.bfloat16().requires_grad_() for x in inputs[:3]] + [inputs[3].clone().requires_grad_()]
     o = forgetting_attention(*low, impl=impl)
     assert rel_err(o, o_ref) <= 2e-2
-    do = torch.randn_like(o_ref)
-    grads_ref = torch.autograd.grad((o_ref * do).sum(), ref_in)
-    grads = torch.autograd.grad((o.float() * do).sum(), low)
-    for name, a, b in zip(("q", "k", "v", "log_f"), grads, grads_ref):
-        assert rel_err(a, b) <= 5e-2, name
+    assert_grads_rel([o], low, [o_ref], ref_in, NAMES, [torch.randn_like(o_ref)])
     # a cached second half gives the second half of the whole
     _, past = forgetting_attention(*(x[:, :120] for x in low), impl=impl, output_past=True)
     o2 = forgetting_attention(*(x[:, 120:] for x in low), past=past, impl=impl)

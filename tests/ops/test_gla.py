@@ -10,25 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.ops.gla import gla
+from tests.ops.helpers import (assert_grads_rel, assert_matches, assert_near, assert_saved_memory_linear, log_gates,
+                               qkv, rel_err)
 
-
-def assert_near(actual, expected, tol, what=""):
-    err = (actual - expected).abs().max().item()
-    bound = tol * max(1.0, expected.abs().max().item())
-    assert err <= bound, f"{what}: max |error| {err:.3g} > {bound:.3g}"
-
-
-def rel_err(actual, expected):
-    return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+NAMES = ("q", "k", "v", "g", "h0")
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(B, T, H, K, generator=gen, dtype=dtype) for _ in range(2))
-    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
-    # mostly mild gates, one in five very strong (down to ≈ −60 per step: cumulative decay underflows)
-    g = F.logsigmoid(3 * torch.randn(B, T, H, K, generator=gen, dtype=dtype))
-    g = g * torch.where(torch.rand(B, T, H, K, generator=gen) < 0.2, 20.0, 1.0).to(dtype)
+    q, k, v = qkv(gen, B, T, H, K, V, dtype)
+    g = log_gates(gen, (B, T, H, K), dtype)  # one gate per key channel
     h0 = torch.randn(B, H, K, V, generator=gen, dtype=dtype)
     return [x.requires_grad_() for x in (q, k, v, g, h0)]
 
@@ -50,14 +41,8 @@ def test_matches_fla_naive(T, K, V, chunk_size):
 
     q, k, v, g, h0 = make_inputs(2, T, 2, K, V)
     o, ht = gla(q, k, v, g, initial_state=h0, output_final_state=True, chunk_size=chunk_size)
-    o_ref, ht_ref = naive_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
-    assert_near(o, o_ref, 1e-4, "o")
-    assert_near(ht, ht_ref, 1e-4, "final state")
-    do, dht = torch.randn_like(o), torch.randn_like(ht)
-    grads = torch.autograd.grad((o * do).sum() + (ht * dht).sum(), (q, k, v, g, h0))
-    grads_ref = torch.autograd.grad((o_ref * do).sum() + (ht_ref * dht).sum(), (q, k, v, g, h0))
-    for name, a, b in zip("q k v g h0".split(), grads, grads_ref):
-        assert_near(a, b, 1e-4, f"d{name}")
+    reference = naive_recurrent_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert_matches((o, ht), reference, (q, k, v, g, h0), NAMES, 1e-4)
 
 
 @pytest.mark.parametrize("T,chunk_size", [(37, 16), (130, 32)])
@@ -65,13 +50,7 @@ def test_float64_matches_loop(T, chunk_size):
     q, k, v, g, h0 = make_inputs(1, T, 2, 16, 24, dtype=torch.float64, seed=1)
     scale = 0.3
     o, ht = gla(q, k, v, g, scale, initial_state=h0, output_final_state=True, chunk_size=chunk_size)
-    o_ref, ht_ref = loop_gla(q, k, v, g, h0, scale)
-    assert_near(o, o_ref, 1e-10, "o")
-    assert_near(ht, ht_ref, 1e-10, "final state")
-    grads = torch.autograd.grad(o.sum() + ht.sum(), (q, k, v, g, h0))
-    grads_ref = torch.autograd.grad(o_ref.sum() + ht_ref.sum(), (q, k, v, g, h0))
-    for name, a, b in zip("q k v g h0".split(), grads, grads_ref):
-        assert_near(a, b, 1e-10, f"d{name}")
+    assert_matches((o, ht), loop_gla(q, k, v, g, h0, scale), (q, k, v, g, h0), NAMES, 1e-10, cotangents="ones")
 
 
 def test_extreme_decay_is_finite():
@@ -98,26 +77,12 @@ def test_returns_output_alone_by_default():
     assert isinstance(o, torch.Tensor) and o.shape == v.shape and o.dtype == q.dtype
 
 
-def saved_bytes(fn):
-    """Bytes of the distinct buffers autograd keeps for backward during fn()."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_saved_memory_is_linear_in_T():
-    def run(T):
+    def call_at(T):
         q, k, v, g, _ = make_inputs(1, T, 1, 16, 16)
-        return saved_bytes(lambda: gla(q, k, v, g))
+        return lambda: gla(q, k, v, g)
 
-    small, large = run(512), run(1024)
-    assert large <= 2.05 * small, f"saved bytes {small} at T=512, {large} at T=1024: not linear"
+    assert_saved_memory_linear(call_at)
 
 
 @pytest.mark.parametrize("bad", ["ndim", "k_shape", "g_shape", "v_heads", "state", "impl", "fla_on_cpu", "chunk"])
@@ -156,8 +121,4 @@ def test_fla_kernel_matches_torch_path_bf16():
     o, ht = gla(*bf, initial_state=h0_bf, output_final_state=True, impl="fla")
     assert o.dtype == torch.bfloat16
     assert rel_err(o, o_ref) <= 2e-2 and rel_err(ht, ht_ref) <= 2e-2
-    do = torch.randn_like(o_ref)
-    grads_ref = torch.autograd.grad((o_ref * do).sum() + ht_ref.sum(), ref_in)
-    grads = torch.autograd.grad((o.float() * do).sum() + ht.sum(), [*bf, h0_bf])
-    for name, a, b in zip("q k v g h0".split(), grads, grads_ref):
-        assert rel_err(a, b) <= 5e-2, name
+    assert_grads_rel((o, ht), [*bf, h0_bf], (o_ref, ht_ref), ref_in, NAMES, [torch.randn_like(o_ref), None])

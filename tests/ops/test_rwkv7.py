@@ -10,26 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.ops.rwkv7 import rwkv7
+from tests.ops.helpers import (assert_grads_rel, assert_matches, assert_near, assert_saved_memory_linear, log_gates,
+                               qkv, rel_err)
 
-
-def assert_near(actual, expected, tol, what=""):
-    err = (actual - expected).abs().max().item()
-    bound = tol * max(1.0, expected.abs().max().item())
-    assert err <= bound, f"{what}: max |error| {err:.3g} > {bound:.3g}"
-
-
-def rel_err(actual, expected):
-    return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+NAMES = ("r", "w", "k", "v", "a", "b", "h0")
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float32, seed=0, rwkv_ab=True):
     """r, w, k, v, a, b, h0. a = −κ̂, b = κ̂ ⊙ α as in the RWKV-7 layer, or generic small a, b."""
     gen = torch.Generator().manual_seed(seed)
-    r, k = (torch.randn(B, T, H, K, generator=gen, dtype=dtype) for _ in range(2))
-    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
-    # mostly mild decays, one in five very strong (down to ≈ −60 per step)
-    w = F.logsigmoid(3 * torch.randn(B, T, H, K, generator=gen, dtype=dtype))
-    w = w * torch.where(torch.rand(B, T, H, K, generator=gen) < 0.2, 20.0, 1.0).to(dtype)
+    r, k, v = qkv(gen, B, T, H, K, V, dtype)
+    w = log_gates(gen, (B, T, H, K), dtype)  # one decay per key channel
     if rwkv_ab:
         kappa = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=dtype), dim=-1)
         a, b = -kappa, kappa * torch.rand(B, T, H, K, generator=gen, dtype=dtype)
@@ -69,27 +60,14 @@ def loop_rwkv7(r, w, k, v, a, b, h0):
 def test_matches_fla_dplr_recurrence(T, K, V, chunk_size, rwkv_ab):
     inputs = make_inputs(2, T, 2, K, V, rwkv_ab=rwkv_ab)
     o, ht = rwkv7(*inputs[:6], initial_state=inputs[6], output_final_state=True, chunk_size=chunk_size)
-    o_ref, ht_ref = fla_reference(*inputs)
-    assert_near(o, o_ref, 1e-4, "o")
-    assert_near(ht, ht_ref, 1e-4, "final state")
-    do, dht = torch.randn_like(o), torch.randn_like(ht)
-    grads = torch.autograd.grad((o * do).sum() + (ht * dht).sum(), inputs)
-    grads_ref = torch.autograd.grad((o_ref * do).sum() + (ht_ref * dht).sum(), inputs)
-    for name, x, y in zip("r w k v a b h0".split(), grads, grads_ref):
-        assert_near(x, y, 1e-4, f"d{name}")
+    assert_matches((o, ht), fla_reference(*inputs), inputs, NAMES, 1e-4)
 
 
 @pytest.mark.parametrize("T,chunk_size", [(37, 16), (130, 32)])
 def test_float64_matches_loop(T, chunk_size):
     inputs = make_inputs(1, T, 2, 16, 24, dtype=torch.float64, seed=1)
     o, ht = rwkv7(*inputs[:6], initial_state=inputs[6], output_final_state=True, chunk_size=chunk_size)
-    o_ref, ht_ref = loop_rwkv7(*inputs)
-    assert_near(o, o_ref, 1e-10, "o")
-    assert_near(ht, ht_ref, 1e-10, "final state")
-    grads = torch.autograd.grad(o.sum() + ht.sum(), inputs)
-    grads_ref = torch.autograd.grad(o_ref.sum() + ht_ref.sum(), inputs)
-    for name, x, y in zip("r w k v a b h0".split(), grads, grads_ref):
-        assert_near(x, y, 1e-10, f"d{name}")
+    assert_matches((o, ht), loop_rwkv7(*inputs), inputs, NAMES, 1e-10, cotangents="ones")
 
 
 def test_extreme_decay_is_finite():
@@ -117,26 +95,12 @@ def test_returns_output_alone_by_default():
     assert isinstance(o, torch.Tensor) and o.shape == v.shape and o.dtype == r.dtype
 
 
-def saved_bytes(fn):
-    """Bytes of the distinct buffers autograd keeps for backward during fn()."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_saved_memory_is_linear_in_T():
-    def run(T):
+    def call_at(T):
         inputs = make_inputs(1, T, 1, 16, 16)
-        return saved_bytes(lambda: rwkv7(*inputs[:6]))
+        return lambda: rwkv7(*inputs[:6])
 
-    small, large = run(512), run(1024)
-    assert large <= 2.05 * small, f"saved bytes {small} at T=512, {large} at T=1024: not linear"
+    assert_saved_memory_linear(call_at)
 
 
 @pytest.mark.parametrize("bad", ["ndim", "w_shape", "b_shape", "v_time", "state", "impl", "fla_on_cpu", "chunk"])
@@ -176,8 +140,4 @@ def test_fla_kernel_matches_torch_path_bf16():
     o, ht = rwkv7(*bf, initial_state=h0, output_final_state=True, impl="fla")
     assert o.dtype == torch.bfloat16
     assert rel_err(o, o_ref) <= 2e-2 and rel_err(ht, ht_ref) <= 2e-2
-    do = torch.randn_like(o_ref)
-    grads_ref = torch.autograd.grad((o_ref * do).sum() + ht_ref.sum(), ref_in)
-    grads = torch.autograd.grad((o.float() * do).sum() + ht.sum(), [*bf, h0])
-    for name, x, y in zip("r w k v a b h0".split(), grads, grads_ref):
-        assert rel_err(x, y) <= 5e-2, name
+    assert_grads_rel((o, ht), [*bf, h0], (o_ref, ht_ref), ref_in, NAMES, [torch.randn_like(o_ref), None])
