@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -16,12 +15,13 @@ import torch.distributed as dist
 from launch.env import discover
 from launch.monitor import StepMonitor
 from launch.preemption import JobControl, stop_on_signals
+from pretrain.config import build_config
 from tests.dist import run_distributed
 
 
 def _cfg(run_dir, *, budget_minutes=0.0, log_interval=2):
-    return SimpleNamespace(train=SimpleNamespace(run_dir=str(run_dir), exit_after_minutes=budget_minutes),
-                           log=SimpleNamespace(interval=log_interval))
+    return build_config({}, {"train": {"run_dir": str(run_dir), "exit_after_minutes": budget_minutes},
+                             "log": {"interval": log_interval}})
 
 
 def _signal_one_rank(run_dir):
