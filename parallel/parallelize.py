@@ -14,9 +14,11 @@ from torch.distributed.tensor import DTensor
 
 from parallel.data_parallel import apply_data_parallel
 from parallel.pipeline import build_schedule, make_stage, split_layers, stage_indices, virtual_stages
+from parallel.minisequence import apply_minisequence
 from parallel.plans import CARRY_ARCHS, tp_plan
+from parallel.recompute import apply_recompute, recompute_modules
 from parallel.tensor import apply_tp, reduce_partial_grads
-from pretrain.config import Config
+from pretrain.config import Config, ParallelConfig
 
 
 @dataclass
@@ -94,6 +96,12 @@ def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Te
     return total
 
 
+def _save_activation_memory(part: nn.Module, p: ParallelConfig) -> None:
+    """Activation recomputation and mini-sequence chunking, as `cfg.parallel` asks."""
+    apply_recompute(part, p.recompute, modules=recompute_modules(p.recompute_modules), every=p.recompute_every)
+    apply_minisequence(part, p.minisequence_chunks)
+
+
 def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, device: torch.device,
                 param_dtype: torch.dtype | None = None) -> ParallelModel:
     """Lay the full, initialised `model` (identical on every process) out over `mesh` as `cfg.parallel` says.
@@ -101,9 +109,10 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
     `param_dtype` (e.g. bf16) is the compute dtype under FSDP's mixed precision. Without a mesh (one process)
     the model is used as it is.
     """
-    if mesh is None:
-        return ParallelModel([model])
     p = cfg.parallel
+    if mesh is None:
+        _save_activation_memory(model, p)
+        return ParallelModel([model])
     pp, dp, tp = (mesh[name].size() for name in ("pp", "dp", "tp"))
     # 1. Pipeline split first: every later step then touches only the modules this process keeps.
     parts, indices = [model], [0]
@@ -120,7 +129,9 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
         # 2. Tensor parallel: it changes parameters' shapes and layouts, so it precedes anything that wraps them.
         if tp > 1:
             apply_tp(part, mesh["tp"], tp_plan(cfg.model, sequence_parallel=p.sequence_parallel))
-        # 3. (Activation recomputation wraps the blocks here, once their layout is final.)
+        # 3. Activation recomputation and mini-sequence chunking wrap the blocks once their layout is final,
+        #    inside FSDP's hooks (added in 5.), which then gather parameters again for the recomputed forward.
+        _save_activation_memory(part, p)
         # 4. Compile each block (CUDA): after TP, so the graph holds the DTensor program; before data
         #    parallelism, so FSDP's hooks stay outside it.
         if p.compile and device.type == "cuda":

@@ -96,6 +96,14 @@ class ParallelConfig:
     """Blocks per pipeline stage, comma-separated in stage order (e.g. '3,5'); '' = an even split."""
     compile: bool = False
     """torch.compile each block (CUDA only)."""
+    recompute: str = "none"
+    """Activation recomputation: none | selective (core attention, or GLA/RWKV-7's whole mixer) | full (whole blocks)."""
+    recompute_modules: str = ""
+    """Selective: extra block submodules to recompute, comma-separated (e.g. 'mlp,norm')."""
+    recompute_every: int = 1
+    """Full: recompute every k-th block (layer index % k == 0); 1 = all."""
+    minisequence_chunks: int = 1
+    """Mini-sequence (MsT): run each MLP and the LM head + loss in this many sequence chunks; 1 = off."""
 
 
 @dataclass
@@ -218,6 +226,7 @@ CHOICES = {
     "train.dtype": ("auto", "bf16", "fp32"),
     "parallel.data_parallel": ("fsdp", "ddp"),
     "parallel.pp_schedule": ("1f1b", "interleaved_1f1b", "zero_bubble"),
+    "parallel.recompute": ("none", "selective", "full"),
 }
 
 
@@ -382,6 +391,14 @@ def validate(cfg: Config) -> None:
                           f"(0 = automatic); got tp={p.tp}, pp={p.pp}, dp={p.dp}, virtual_stages={p.virtual_stages}.")
     if p.pp_layers and not all(part.strip().isdigit() for part in p.pp_layers.split(",")):
         raise ConfigError(f"parallel.pp_layers='{p.pp_layers}' should be block counts separated by commas, e.g. '3,5'.")
+    if p.recompute_every < 1 or p.minisequence_chunks < 1:
+        raise ConfigError(f"parallel.recompute_every and parallel.minisequence_chunks must be >= 1; "
+                          f"got {p.recompute_every}, {p.minisequence_chunks}.")
+    if p.recompute_modules and p.recompute != "selective":
+        raise ConfigError(f"parallel.recompute_modules='{p.recompute_modules}' needs parallel.recompute=selective.")
+    if p.minisequence_chunks > 1 and p.tp > 1:
+        raise ConfigError("parallel.minisequence_chunks > 1 does not support tensor parallelism yet (tp > 1): "
+                          "set parallel.minisequence_chunks=1 or parallel.tp=1.")
 
 
 def validate_world(cfg: Config, world_size: int) -> int:

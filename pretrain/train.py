@@ -174,7 +174,7 @@ def train(cfg: Config) -> list[float]:
             metrics = {"loss": losses[-1], "lr": lr_at(step, cfg.optim, cfg.train.steps),
                        "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
                        "tflops_per_gpu": achieved / 1e12, "mfu": achieved / peak if peak else None,
-                       "tokens_seen": tokens_seen, "epoch": loader.epoch, "skipped_shards": loader.skipped_shards,
+                       "tokens_seen": tokens_seen, "epoch": loader.epoch, "skipped_shards": len(loader.skipped_shards),
                        "memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
             if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
                 batches = [tuple(t.to(device) for t in b) for b in val_loader.batches(cfg.train.eval_batches)]
