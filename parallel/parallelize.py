@@ -98,7 +98,8 @@ def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Te
 
 def _save_activation_memory(part: nn.Module, p: ParallelConfig) -> None:
     """Activation recomputation and mini-sequence chunking, as `cfg.parallel` asks."""
-    apply_recompute(part, p.recompute, modules=recompute_modules(p.recompute_modules), every=p.recompute_every)
+    apply_recompute(part, p.recompute, modules=recompute_modules(p.recompute_modules), every=p.recompute_every,
+                    first=p.recompute_first or None)
     apply_minisequence(part, p.minisequence_chunks)
 
 

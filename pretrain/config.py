@@ -102,6 +102,8 @@ class ParallelConfig:
     """Selective: extra block submodules to recompute, comma-separated (e.g. 'mlp,norm')."""
     recompute_every: int = 1
     """Full: recompute every k-th block (layer index % k == 0); 1 = all."""
+    recompute_first: int = 0
+    """Full: recompute only blocks with layer index below this (the first n); 0 = no limit."""
     minisequence_chunks: int = 1
     """Mini-sequence (MsT): run each MLP and the LM head + loss in this many sequence chunks; 1 = off."""
 
@@ -391,6 +393,8 @@ def validate(cfg: Config) -> None:
                           f"(0 = automatic); got tp={p.tp}, pp={p.pp}, dp={p.dp}, virtual_stages={p.virtual_stages}.")
     if p.pp_layers and not all(part.strip().isdigit() for part in p.pp_layers.split(",")):
         raise ConfigError(f"parallel.pp_layers='{p.pp_layers}' should be block counts separated by commas, e.g. '3,5'.")
+    if p.recompute_first < 0:
+        raise ConfigError(f"parallel.recompute_first must be >= 0 (0 = every block), got {p.recompute_first}.")
     if p.recompute_every < 1 or p.minisequence_chunks < 1:
         raise ConfigError(f"parallel.recompute_every and parallel.minisequence_chunks must be >= 1; "
                           f"got {p.recompute_every}, {p.minisequence_chunks}.")

@@ -130,3 +130,15 @@ def test_parallelize_applies_config_on_one_process():
 def test_two_processes(parallel, archs):
     results = run_distributed(train_layouts, 2, archs, parallel, TRAIN, STEPS)
     assert_same_training(results, reference(ARCHS), archs)
+
+
+def test_config_selects_the_first_blocks_for_full_recompute():
+    from parallel.parallelize import parallelize
+    from pretrain.config import build_config
+    from pretrain.models import build_model
+
+    cfg = build_config({}, {"model": {"d_model": 32, "n_layers": 4, "n_heads": 4},
+                            "parallel": {"recompute": "full", "recompute_first": 2}})
+    model = parallelize(build_model(cfg.model), cfg, None, device=torch.device("cpu")).parts[0]
+    wrapped = [isinstance(block.__dict__.get("forward"), functools.partial) for block in model.layers.values()]
+    assert wrapped == [True, True, False, False]
