@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from launch.env import first_host_of, scontrol_hostnames, slurm_port
-from tests.launch.conftest import CKPT_INTERVAL, REPO, STEPS, clean_env, losses
+from tests.launch.conftest import CKPT_INTERVAL, STEPS, clean_env, losses
 
 pytestmark = pytest.mark.slurm
 

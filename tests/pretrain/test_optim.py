@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from pretrain.config import OptimConfig, build_config
 from pretrain.models import build_model

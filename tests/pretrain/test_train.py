@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from data.prepare import prepare
 from pretrain.config import build_config
