@@ -5,7 +5,12 @@ The (B, T, V) logits and the MLPs' (B, T, hidden) intermediates are the largest 
 - runs each block's MLP over `chunks` pieces of the sequence, each checkpointed, so only its input is kept;
 - replaces `model.loss` with `chunked_loss`: an autograd function that computes the cross-entropy one chunk of
   tokens at a time and never holds the full logits, recomputing each chunk's logits in backward.
-Not yet under tensor parallelism (vocab-parallel head, sequence-sharded residual): it raises there.
+Under tensor parallelism the head is vocab-parallel: `chunked_vocab_parallel_loss` gathers the (small) hidden
+state's sequence, then runs each chunk's local logits (n / chunks, V / tp) through the vocab-parallel
+cross-entropy's all-reduces, and recomputes them in backward, so neither the full nor the local logits exist whole.
+The MLP chunks run inside the MLP's TP hooks, on the whole (gathered) sequence: RWKV-7's token shift needs the
+neighbouring token across sequence shards. Under SP each chunk's output is reduce-scattered by the row-parallel
+projection and gathered again to be joined (an all-reduce's volume per MLP, no extra activation memory to speak of).
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.utils.checkpoint import checkpoint
+
+from parallel.tensor import vocab_shard_start
 
 IGNORE_INDEX = -100
 
@@ -71,8 +79,85 @@ def chunked_loss(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, *, c
     return _ChunkedLoss.apply(h.flatten(0, 1), labels.flatten(), lm_head, chunks, *params)
 
 
+def _softmax_parts(logits: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-shifted local logits (n, V_local) and Σ exp over the whole vocabulary (n,): two all-reduces of (n,)."""
+    logits_max = logits.max(dim=-1).values
+    dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - logits_max.unsqueeze(-1)
+    sum_exp = shifted.exp().sum(dim=-1)
+    dist.all_reduce(sum_exp, group=group)
+    return shifted, sum_exp
+
+
+def _label_rows(labels: torch.Tensor, vocab_start: int, n_local: int):
+    """Each label's local row index (n, 1), whether that row is this rank's and valid, and whether it is valid."""
+    local = labels - vocab_start
+    valid = labels != IGNORE_INDEX
+    mine = (local >= 0) & (local < n_local) & valid
+    return local.clamp(0, n_local - 1).unsqueeze(-1), mine, valid
+
+
+class _ChunkedVocabParallelLoss(torch.autograd.Function):
+    """`_ChunkedLoss` over a vocab-sharded head: h (N, d) is the whole sequence on every rank, weight this rank's
+    (V_local, d) rows; the gradient of h it returns is this rank's share, which the caller sums over the ranks."""
+
+    @staticmethod
+    def forward(ctx, h, labels, weight, chunks, vocab_start, group):
+        ctx.slices = _chunk_slices(h.shape[0], chunks)
+        ctx.vocab_start, ctx.group = vocab_start, group
+        ctx.autocast = (h.device.type, torch.is_autocast_enabled(h.device.type),
+                        torch.get_autocast_dtype(h.device.type))
+        total = torch.zeros((), device=h.device)
+        for s in ctx.slices:
+            shifted, sum_exp = _softmax_parts(F.linear(h[s], weight).float(), group)
+            index, mine, valid = _label_rows(labels[s], vocab_start, shifted.shape[-1])
+            target = torch.where(mine, shifted.gather(-1, index).squeeze(-1), 0.0)  # (n,)
+            dist.all_reduce(target, group=group)
+            total = total + torch.where(valid, sum_exp.log() - target, 0.0).sum()
+        count = (labels != IGNORE_INDEX).sum()
+        ctx.save_for_backward(h, labels, weight, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        h, labels, weight, count = ctx.saved_tensors
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+        device_type, enabled, dtype = ctx.autocast
+        scale = grad_loss / count
+        for s in ctx.slices:
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                h_chunk, w = h[s].detach().requires_grad_(), weight.detach().requires_grad_()
+                logits = F.linear(h_chunk, w).float()  # (n, V_local), recomputed
+            with torch.no_grad():
+                shifted, sum_exp = _softmax_parts(logits, ctx.group)
+                index, mine, valid = _label_rows(labels[s], ctx.vocab_start, logits.shape[-1])
+                # d loss / d logits = (softmax − one_hot(label)) · scale on valid rows
+                grad_logits = (shifted.exp() / sum_exp.unsqueeze(-1)).scatter_add(
+                    -1, index, -mine.to(logits.dtype).unsqueeze(-1))
+                grad_logits *= (valid.to(logits.dtype) * scale).unsqueeze(-1)
+            grads = torch.autograd.grad(logits, [h_chunk, w], grad_logits)
+            grad_h[s] = grads[0]
+            grad_w += grads[1]
+        return grad_h, None, grad_w, None, None, None
+
+
+def chunked_vocab_parallel_loss(lm_head: nn.Module, h: DTensor, labels: torch.Tensor, *,
+                                chunks: int) -> torch.Tensor:
+    """`chunked_loss` for a vocab-parallel (`Shard(0)` weight, no bias) head; h is the residual-stream DTensor."""
+    weight = lm_head.weight  # looked up per call, as in `chunked_loss`
+    mesh = weight.device_mesh
+    if h.placements[0].is_shard():  # SP: all-gather; backward reduce-scatters the ranks' partial gradients
+        whole = h.redistribute(placements=[Replicate()])
+    else:  # a no-op forward whose backward all-reduces the partial gradients
+        whole = DTensor.from_local(h.to_local(), mesh, [Replicate()], run_check=False)
+    h_local = whole.to_local(grad_placements=[Partial()])  # (B, T, d): each rank back-propagates its vocabulary
+    start = vocab_shard_start(weight.shape[0], mesh.size(), mesh.get_local_rank())
+    return _ChunkedVocabParallelLoss.apply(h_local.flatten(0, 1), labels.flatten(), weight.to_local(), chunks,
+                                           start, mesh.get_group())
+
+
 def _chunked_forward(forward, chunks: int, x: torch.Tensor) -> torch.Tensor:
-    """forward(x) over `chunks` pieces of x (B, T, d) along T, each checkpointed."""
+    """forward(x) over `chunks` pieces of x (B, T, d) along T, each checkpointed; x may be a `Replicate()` DTensor."""
     outs = []
     for s in _chunk_slices(x.shape[1], chunks):
         # one token of left context: RWKV-7's channel mix shifts its input by one token
@@ -86,10 +171,9 @@ def apply_minisequence(model: nn.Module, chunks: int) -> None:
     """Run `model`'s MLPs and its LM head + loss in `chunks` pieces of the sequence, in place; 1 = off."""
     if chunks == 1:
         return
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        raise ValueError("mini-sequence chunking does not support tensor parallelism yet; "
-                         "apply it to a model without tensor-parallel (DTensor) parameters")
     for block in model.layers.values():
         block.mlp.forward = functools.partial(_chunked_forward, block.mlp.forward, chunks)
     if model.lm_head is not None:
-        model.loss = functools.partial(chunked_loss, model.lm_head, chunks=chunks)
+        # applied after tensor parallelism and before data parallelism: a DTensor head here is vocab-parallel
+        loss = chunked_vocab_parallel_loss if isinstance(model.lm_head.weight, DTensor) else chunked_loss
+        model.loss = functools.partial(loss, model.lm_head, chunks=chunks)

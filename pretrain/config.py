@@ -400,9 +400,6 @@ def validate(cfg: Config) -> None:
                           f"got {p.recompute_every}, {p.minisequence_chunks}.")
     if p.recompute_modules and p.recompute != "selective":
         raise ConfigError(f"parallel.recompute_modules='{p.recompute_modules}' needs parallel.recompute=selective.")
-    if p.minisequence_chunks > 1 and p.tp > 1:
-        raise ConfigError("parallel.minisequence_chunks > 1 does not support tensor parallelism yet (tp > 1): "
-                          "set parallel.minisequence_chunks=1 or parallel.tp=1.")
 
 
 def validate_world(cfg: Config, world_size: int) -> int:

@@ -1,14 +1,15 @@
 """Mini-sequence chunking (MsT) gives the plain path's loss and gradients for all four architectures (uneven
-chunks, ignored labels, a chunk without any valid label), and its LM-head chunking cuts the loss's peak memory."""
+chunks, ignored labels, a chunk without any valid label), also under tp=2 with and without sequence parallelism
+(vocab-parallel chunked loss), and its LM-head chunking cuts the loss's peak memory."""
 
 import pytest
 import torch
 
-from bench.memory import PeakMemory
+from bench.memory import PeakMemory, arch_bytes_per_token
 from parallel.minisequence import apply_minisequence, chunked_loss
-from pretrain.config import ConfigError, build_config
-from tests.parallel.layouts import ARCHS, tiny_config
-from tests.parallel.test_recompute import loss_and_grads
+from tests.dist import run_distributed
+from tests.parallel.layouts import ARCHS, assert_same_training, tiny_config, train_layouts
+from tests.parallel.test_recompute import STEPS, TRAIN, loss_and_grads, reference
 
 
 def assert_close(a, b):
@@ -57,6 +58,22 @@ def test_lm_head_chunking_cuts_peak_memory():
     assert peaks[1] / peaks[8] >= 8 / 2, peaks
 
 
-def test_rejects_tensor_parallel():
-    with pytest.raises(ConfigError, match="minisequence"):
-        build_config({"parallel": {"tp": 2, "minisequence_chunks": 2}})
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bench_saved_bytes_per_layer(arch):
+    """The bench's per-layer measure: MsT drops the MLP intermediates; full recomputation keeps the block input
+    (RWKV-7 also its first-layer values), MsT or not."""
+    measure = lambda mode, mst: arch_bytes_per_token(arch, mode, mst=mst, seq=64, dtype=torch.bfloat16)  # noqa: E731
+    assert measure("none", 4) < measure("none", 1)
+    assert measure("full", 1) == measure("full", 4) == 2 * 64 * (2 if arch == "rwkv7" else 1)
+
+
+# 3 chunks of the gathered 16-token sequence in the MLPs and of the 32 tokens in the vocab-parallel loss; under
+# FSDP the head's weight is looked up per call, gathered over dp and still vocab-sharded over tp
+@pytest.mark.parametrize("parallel, archs, world", [
+    pytest.param({"tp": 2}, ("transformer", "rwkv7"), 2, id="tp2-sp"),
+    pytest.param({"tp": 2, "sequence_parallel": False}, ("transformer", "rwkv7"), 2, id="tp2"),
+    pytest.param({"dp": 2, "tp": 2}, ("transformer",), 4, id="dp2-fsdp-tp2-sp"),
+])
+def test_tensor_parallel(parallel, archs, world):
+    results = run_distributed(train_layouts, world, archs, {**parallel, "minisequence_chunks": 3}, TRAIN, STEPS)
+    assert_same_training(results, reference(ARCHS), archs)
