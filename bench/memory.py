@@ -153,7 +153,7 @@ def sweep_plan(max_seq: int) -> list[tuple[str, str, int, list[int]]]:
     """(arch, recompute, MsT chunks, sequence lengths) to measure peaks for, sized to take minutes on 2 CPU cores.
     Plain (none, MsT off) stops at 8K, where its (T, V) logits and their gradient already dominate; full
     recomputation + MsT (8 chunks) goes on to `max_seq` for GLA and RWKV-7 (linear in T), to 16K for the
-    transformer (SDPA's T² compute) and to 2K for FoX, whose CPU kernel materialises the (H, T, T) scores."""
+    transformer (SDPA's T² compute) and to 2K for FoX, whose blockwise CPU kernel is slow at long T (4K took ~50 s)."""
     lengths = [n for n in (1024, 2048, 4096, 8192, 16384, 32768) if n <= max_seq]
     caps = {"transformer": 16384, "fox": 2048}
     plan = []
@@ -219,7 +219,7 @@ def run_archs(*, seq: int, max_seq: int, out: str) -> dict:
                 "(1 = off, 4 chunks). peaks: fp32 live-tensor peak (PeakMemory) of one forward + backward of a "
                 "2-layer model, parameters excluded, gradients included; plain (none, MsT off) up to 8K; full "
                 "recompute + MsT x8 up to max_seq for GLA and RWKV-7, 16K for the transformer, 2K for FoX "
-                "(its CPU kernel materialises the scores; 4K took ~50 s). seconds: wall time per point.",
+                "(its blockwise CPU kernel is slow at long T: 4K took ~50 s). seconds: wall time per point.",
         "per_layer_bytes_per_token": per_layer,
         "peaks": peaks,
     }
