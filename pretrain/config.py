@@ -66,6 +66,11 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
 
+    def __post_init__(self):
+        # Resolved here, not in the loader, so a ModelConfig made directly in Python means the same thing.
+        if self.pos == "auto":  # FoX, GLA and RWKV-7 take order from their gates / recurrence
+            self.pos = "rope" if self.arch == "transformer" else "none"
+
 
 MODEL_PRESETS: dict[str, dict[str, typing.Any]] = {
     # The GPT of Korthikanti et al. 2022: its activation-memory formulas assume exactly this block.
@@ -328,9 +333,6 @@ def build_config(file_values: dict | None = None, cli_values: dict | None = None
             raise ConfigError(f"model.preset='{preset}' is unknown.{_suggest(preset, MODEL_PRESETS)} "
                               f"Presets: {', '.join(MODEL_PRESETS)}.")
         tree["model"] = {**MODEL_PRESETS[preset], **tree["model"]}
-    model = tree.setdefault("model", {})
-    if model.get("pos", "auto") == "auto":  # FoX, GLA and RWKV-7 get order from their gates / recurrence
-        model["pos"] = "rope" if model.get("arch", "transformer") == "transformer" else "none"
     cfg = Config(**{name: _section_class(name)(**tree.get(name, {})) for name in SECTIONS})
     validate(cfg)
     return cfg

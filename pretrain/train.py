@@ -95,7 +95,7 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg: Config) -> list[float]:
-    """Run (or resume) the configured training; returns this process's per-step mean losses."""
+    """Run (or resume) the configured training; returns the losses it logged (mean over ranks)."""
     t_start = time.monotonic()
     device = pick_device(cfg.train.device, 0)
     env = init_distributed(device.type, timeout_minutes=cfg.train.collective_timeout_minutes)
@@ -165,9 +165,9 @@ def train(cfg: Config) -> list[float]:
         tokens_seen += tokens_per_step
         steps_this_run += 1
         window_steps += 1
-        losses.append(mean_across_ranks(loss))
 
         if step % cfg.log.interval == 0 or step == cfg.train.steps:
+            losses.append(mean_across_ranks(loss))  # a collective: only on logged steps, off the hot path
             elapsed = time.monotonic() - window_start
             tokens_per_s = window_steps * tokens_per_step / elapsed
             achieved = tokens_per_s * flops / env.world_size  # FLOP/s per device

@@ -1,4 +1,4 @@
-"""Model registry: `build_model(ModelConfig)` returns a plain `nn.Module` (no torch.distributed inside)."""
+"""Model registry: `build_model(ModelConfig)` returns a plain single-device `nn.Module`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sequence-mixer math as pure functions on [B, T, H, D] tensors (no modules, no torch.distributed)."""
+"""Sequence-mixer math as pure functions on [B, T, H, D] tensors (no modules, no process groups)."""
 
 from pretrain.ops.attention import causal_attention
 from pretrain.ops.forgetting import forgetting_attention

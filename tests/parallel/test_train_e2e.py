@@ -27,7 +27,7 @@ def test_rwkv7_dp2_pp2(tmp_path):
         "log": {"interval": 3, "progress": False, "tensorboard": False},
     }
     losses = run_distributed(_train, 4, tree)
-    assert len(losses[0]) == 6 and all(r == losses[0] for r in losses)  # every rank logs the same losses
+    assert len(losses[0]) == 2 and all(r == losses[0] for r in losses)  # steps 3 and 6, the same on every rank
     assert losses[0][0] > losses[0][-1]  # it learns
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6]

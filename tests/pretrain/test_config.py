@@ -61,3 +61,10 @@ def test_help_lists_every_option_with_its_docstring(capsys):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     load_config(["--config", str(path)])
+
+
+def test_position_auto_is_resolved_however_the_config_is_made():
+    from pretrain.config import ModelConfig
+    assert ModelConfig().pos == "rope" and ModelConfig(arch="gla").pos == "none"
+    assert build_config({}, {"model": {"arch": "fox"}}).model.pos == "none"
+    assert build_config({}, {"model": {"preset": "gpt"}}).model.pos == "learned"
