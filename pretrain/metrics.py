@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import ModelConfig
+from pretrain.ops.gla import CHUNK_SIZE
 
 # Dense bf16 tensor-core peaks in FLOP/s (vendor data sheets; "dense" = without 2:4 sparsity).
 # Matched against torch.cuda.get_device_name() in order, so more specific names come first.
@@ -19,8 +20,6 @@ GPU_PEAK_BF16 = [
     ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
     ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("MI300X", 1307e12), ("MI250X", 383e12),
 ]
-
-LINEAR_CHUNK = 64  # chunk size the FLOP count assumes for the chunkwise linear-attention mixers
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -48,29 +47,59 @@ def matmul_params(cfg: ModelConfig) -> int:
     return total
 
 
-def flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None, causal: bool = False) -> float:
-    """Training FLOPs (forward + backward) per token.
+def flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None, causal: bool = False,
+                    chunk_size: int = CHUNK_SIZE) -> float:
+    """Model FLOPs of one training step (forward + backward) per token: matmul work only.
 
-        6 · N  +  L · mixer_term
+        6 · N  +  L · mixer
 
-    N = `matmul_params(cfg)` (every weight multiplies each token once forward, twice backward: 2 + 4).
-    Softmax attention (transformer, fox): QKᵀ and AV each cost 2·s·h per token forward, so the
-    mixer term is 3 · 4·s·h = 12·s·h, counted over the full s×s square as Megatron-LM and torchtitan count
-    it (causal=True halves it, as FlashAttention's benchmarks do). The forget gate adds O(s) work, not counted.
-    Linear mixers (gla, rwkv7) count the matmuls of the chunkwise algorithm with chunk C = 64 and no s²
-    term: per head and token, intra-chunk scores and their product with values 2·C·(K + V), state read-out
-    and update 4·K·V; RWKV-7's diagonal-plus-low-rank transition doubles both (the a/b terms).
+    N = `matmul_params(cfg)`: every weight multiplies each token once forward and twice backward (2 + 4
+    FLOPs). That covers every projection, low-rank LoRAs and the LM head included; N also holds norm scales
+    and RWKV-7's per-channel vectors, a negligible 6 FLOPs each. `mixer` is the sequence mixer's own matmul
+    work beyond its projections, per layer and token, 3 × forward (backward = 2 × forward, as for any matmul):
+
+    - transformer, fox: QKᵀ and the probabilities times V cost 2·s·d each forward, so mixer = 12·s·d over
+      the full s×s square, as Megatron-LM and torchtitan count it; `causal=True` halves it (the causal half,
+      as FlashAttention's benchmarks count it). The unfused path computes the full square; FoX's blockwise
+      torch path skips tiles above the diagonal (block granularity) and its backward recomputes QKᵀ
+      (hardware FLOPs, not model FLOPs: not counted).
+    - gla, rwkv7: the matmuls of the chunkwise algorithm in `pretrain.ops` with chunk C = min(chunk_size, s),
+      never an s² term; per head with key/value widths K, V:
+        gla:   intra-chunk scores QKᵀ and their product with V 2·C·(K + V), state read-out and each chunk's
+               own key-value sum 4·K·V.
+        rwkv7: scores of a and r against k and b 8·C·K, three score × value products 6·C·V, the unit-lower
+               triangular solve of the WY transform C·(K + V) (half a dense product), the chunk's state
+               map b̃ᵀW' 2·K², read-outs and key-value sums 8·K·V, the sequential [K, K] @ [K, V] per chunk
+               2·K²·V / C.
+      The default C is the torch path's `CHUNK_SIZE` (both ops). fla's kernels (CUDA) chunk GLA by 64 and
+      RWKV-7 by 16 and organise the work differently, so on GPU the count is an estimate of the algorithm, not of the
+      kernel; pass `chunk_size` to estimate with theirs. `causal` does not apply.
+
+    Not counted: elementwise work (activations, gates and decays, the pairwise decay products inside each
+    8-step sub-chunk, softmax, FoX's c_i − c_j on every logit and its O(s) forget-gate cumulative sum), the
+    norms' arithmetic, the loss.
     """
     s = seq_len or cfg.seq_len
-    h = cfg.d_model
+    d, H = cfg.d_model, cfg.n_heads
     if cfg.arch in ("transformer", "fox"):
-        mixer = 12 * s * h * (0.5 if causal else 1.0)
+        mixer = 12 * s * d * (0.5 if causal else 1.0)
+    elif cfg.arch == "gla":
+        mixer = 3 * H * _gla_forward_flops(min(chunk_size, s), d // 2 // H, d // H)
     else:
-        key_dim = h // 2 if cfg.arch == "gla" else h  # GLA's keys are half width (Yang et al. 2023)
-        K, V = key_dim / cfg.n_heads, h / cfg.n_heads
-        per_head = 2 * LINEAR_CHUNK * (K + V) + 4 * K * V
-        mixer = 3 * cfg.n_heads * per_head * (2 if cfg.arch == "rwkv7" else 1)
+        mixer = 3 * H * _rwkv7_forward_flops(min(chunk_size, s), d // H, d // H)
     return 6 * matmul_params(cfg) + cfg.n_layers * mixer
+
+
+def _gla_forward_flops(C: int, K: int, V: int) -> float:
+    """Forward matmul FLOPs per head and token of `ops.gla`'s chunkwise algorithm with chunk C."""
+    return 2 * C * (K + V) + 4 * K * V
+
+
+def _rwkv7_forward_flops(C: int, K: int, V: int) -> float:
+    """Forward matmul FLOPs per head and token of `ops.rwkv7`'s chunkwise algorithm with chunk C."""
+    intra_chunk = 8 * C * K + 6 * C * V + C * (K + V)
+    state = 2 * K * K + 8 * K * V + 2 * K * K * V / C
+    return intra_chunk + state
 
 
 def format_duration(seconds: float) -> str:

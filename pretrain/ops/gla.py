@@ -20,6 +20,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+CHUNK_SIZE = 32  # torch path's default chunk length (also rwkv7's); `metrics.flops_per_token` counts with it
 SUB = 8  # sub-chunk length: the only place pairwise decays are materialised per channel ([SUB, SUB, K])
 
 
@@ -160,7 +161,7 @@ def _check_state(state: torch.Tensor | None, B: int, H: int, K: int, V: int, op:
 
 def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None, *,
         initial_state: torch.Tensor | None = None, output_final_state: bool = False, impl: str = "auto",
-        chunk_size: int = 32) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        chunk_size: int = CHUNK_SIZE) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Gated linear attention; equals fla's `naive_recurrent_gla(q, k, v, g)`.
 
     q, k, g: [B, T, H, K] (g = log decay ≤ 0 per key channel); v: [B, T, H, V]; scale defaults to K^-0.5.

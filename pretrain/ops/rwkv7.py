@@ -23,13 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pretrain.ops.gla import _check_state, _chunk_len, _compute_dtype, _from_chunks, _lower_scores, \
+from pretrain.ops.gla import CHUNK_SIZE, _check_state, _chunk_len, _compute_dtype, _from_chunks, _lower_scores, \
     _resolve_impl, _to_chunks
 
 
 def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
           initial_state: torch.Tensor | None = None, output_final_state: bool = False, impl: str = "auto",
-          chunk_size: int = 32) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+          chunk_size: int = CHUNK_SIZE) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 recurrence (scale 1); equals fla's `dplr_recurrence(r·√K, k, v, a, b, w)` in head-first layout.
 
     r, w, k, a, b: [B, T, H, K] (w = log decay ≤ 0); v: [B, T, H, V]. In the RWKV-7 layer a = −κ̂, b = κ̂ ⊙ α.
