@@ -134,43 +134,37 @@ def measure(arch: str, parallel: dict, model: dict, train: dict) -> dict:
 
 
 def analytic(cfg, dims, net, *, micro_batches: int) -> dict:
-    """The main terms' payload bytes per step on this rank (see the module docstring)."""
+    """The main terms' payload bytes per step on this rank (see the module docstring), from the volume functions
+    the performance model (launch/perfmodel.py) uses, so this benchmark checks the model's volumes too."""
+    from parallel.pipeline import virtual_stages
     from parallel.plans import CARRY_ARCHS
     from torch.distributed.tensor import DTensor
+
+    from launch.perfmodel import boundaries, dp_volume, pp_volume, tp_volume
     m, p = micro_batches, cfg.parallel
     s, b, h, L = cfg.model.seq_len, cfg.train.micro_batch, cfg.model.d_model, cfg.model.n_layers
-    a = s * b * h * 4
     out = Counter()
+
+    def add(volume):
+        out.update({kind: payload for kind, (_, payload) in volume.items()})
     if dims.tp > 1:
+        add(tp_volume(s=s, b=b, h=h, layers=L, ends=2, micro_batches=m, dtype_bytes=4,
+                      sequence_parallel=p.sequence_parallel))
         if p.sequence_parallel:
-            out["all_gather"] += m * (4 * L + 2) * a
-            out["reduce_scatter"] += m * (4 * L + 2) * a
             # parameters replicated over tp (norms, μ, LoRA down-projections) get partial gradients: summed once
             out["all_reduce"] += sum(q.numel() * 4 for part in net.parts for q in part.parameters()
                                      if q.placements[-1].is_replicate())
-        else:
-            out["all_reduce"] += m * (4 * L + 2) * a
-        out["all_reduce"] += m * 3 * s * b * 4
     if dims.dp > 1:
         fsdp = p.data_parallel == "fsdp"
 
-        def tp_local_bytes(module):  # this rank's tensor-parallel share of the parameters, FSDP shards undone
-            return sum((q.to_local() if isinstance(q, DTensor) else q).numel() * 4 for q in module.parameters()) \
+        def tp_local_count(module):  # this rank's tensor-parallel share of the parameters, FSDP shards undone
+            return sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in module.parameters()) \
                 * (dims.dp if fsdp else 1)
-        total = sum(tp_local_bytes(part) for part in net.parts)
-        if fsdp:  # every unit gathers in each micro-step's forward, and again in its backward if it resharded
-            out["all_gather"] += m * total * (1 + p.reshard_after_forward)
-            out["reduce_scatter"] += total
-        else:
-            out["all_reduce"] += total
+        add(dp_volume(sum(tp_local_count(part) for part in net.parts), units=1, micro_batches=m, fsdp=fsdp,
+                      reshard_after_forward=p.reshard_after_forward, gather_bytes=4, reduce_bytes=4))
     if dims.pp > 1:
-        crossing = a // (dims.tp if dims.tp > 1 and p.sequence_parallel else 1)
-        carry = s * b * h * 4 // dims.tp if cfg.model.arch in CARRY_ARCHS else 0
-        from parallel.pipeline import stage_indices, virtual_stages
-        n_stages = dims.pp * virtual_stages(p)
-        boundaries = sum((i > 0) + (i < n_stages - 1) for i in stage_indices(0, dims.pp, virtual_stages(p)))
-        out["send"] += m * (crossing + carry) * boundaries
-        out["recv"] += m * (crossing + carry) * boundaries
+        add(pp_volume(s=s, b=b, h=h, tp=dims.tp, micro_batches=m, boundaries=boundaries(0, dims.pp, virtual_stages(p)),
+                      dtype_bytes=4, sequence_parallel=p.sequence_parallel, carry=cfg.model.arch in CARRY_ARCHS))
     return dict(out)
 
 

@@ -1,0 +1,778 @@
+"""Performance model: PREDICTED step time, throughput and memory of a layout on N GPUs, and layout suggestions.
+
+    python -m launch.perfmodel --cluster configs/clusters/h100-nvlink-ib.toml --config configs/X.toml \
+        [--model.key=value ...] --gpus 1024 --seq-len 4096 --global-batch 1024 [--results results.jsonl] [--json]
+    python -m launch.perfmodel --fit-gloo          # measure α, β of gloo all-reduce on this machine (2 processes)
+
+Everything this module prints or returns is a PREDICTION from the inputs below, never a measurement; `validate()`
+sets predictions next to measured sweep rows so the two can be told apart and compared.
+
+Inputs
+  * FLOPs per token: `pretrain.metrics.flops_per_token` (6·N + the mixer's term, softmax counted over the full
+    s×s square), plus the forward FLOPs that recomputation repeats (full: every block's forward, 1/3 of its
+    training FLOPs; selective: the core-attention term's forward, or for GLA / RWKV-7 the whole mixer's).
+  * Per-device compute rate: a measured single-device throughput (tokens/s of a dp = tp = pp = 1 run, see
+    `calibrate()`), turned into achieved FLOP/s; otherwise `peak_flops × efficiency` from the cluster TOML.
+  * Communication volumes: the analytic terms of `bench/comm.py` (which checks them against the bytes the
+    collectives really move), in functions shared with it: `tp_volume`, `dp_volume`, `pp_volume`.
+  * Links: α-β model per cluster (`Cluster`, from `configs/clusters/*.toml`). Ring collectives over g ranks:
+        all-reduce       2(g−1)/g · n/β + 2(g−1)·α        (n = payload bytes)
+        all-gather / reduce-scatter  (g−1)/g · n/β + (g−1)·α   (n = the gathered / scattered-from size)
+        send             n/β + α
+    The TP group uses the intra-node link when tp ≤ gpus_per_node; the DP and PP groups use the inter-node link
+    when they span nodes (mesh order (pp, dp, tp), tp innermost, ranks packed node by node).
+  * Pipeline bubble: (p−1)/(v·m) of the pipelined work for 1F1B (v = 1) and interleaved 1F1B (v virtual stages,
+    m micro-batches per step); zero_bubble is ASSUMED to leave 1/3 of that, (p−1)/(3·v·m), as ZB-H1 does in Qi et
+    al. 2023 ("Zero Bubble Pipeline Parallelism") — torch's interleaved zero-bubble schedule splits the weight
+    gradient the same way but its exact bubble depends on the timing of B and W passes.
+
+Step time = compute + TP comm + PP comm + bubble + (1 − dp_overlap)·DP comm. TP and PP communication are taken
+as exposed (on the critical path); DP communication overlaps backward by the cluster's `dp_overlap` (0 =
+conservative). Memory per GPU (the first pipeline stage, which holds most activations):
+  * weights, gradients and AdamW states: 4 + 4 + 8 = 16 bytes per parameter (fp32 master weights, fp32
+    gradients, two fp32 moments), the stage's parameters split over tp and, under FSDP, over dp; FSDP adds the
+    gathered compute-dtype copies (two units in flight when resharding after forward, the whole stage when not)
+    and DDP under bf16 autocast the cast copies of the weights.
+  * activations per block from Korthikanti et al. 2022 (DESIGN §5), generalised by counting saved tensors:
+    none sbh(34 + 5as/h), TP sbh(10 + 24/t + 5as/(ht)), TP+SP sbh(34/t + 5as/(ht)), selective drops the 5as/h
+    term, full keeps the block input 2sbh (÷t under SP), for the gpt preset (GeLU 4h, dropout, unfused attention)
+    exactly. Other blocks: SwiGLU keeps 4 tensors of width f (gate, up, SiLU(gate), product), GeLU and RWKV-7's
+    squared-ReLU feed-forward 2; no dropout, no dropout masks; fused attention kernels (SDPA, flex, fla) keep
+    no s² scores. Linear mixers are modelled by the tensors their layer keeps (documented at
+    `_mixer_elements`) plus fla's chunk-boundary states (s/C)·H·K·V in fp32 (doubled for RWKV-7's
+    diagonal-plus-low-rank transition); selective recomputation keeps only their input.
+    Blocks in flight: 1F1B holds min(m, p) micro-batches of the stage's L/p blocks; interleaved and zero-bubble
+    hold min(m·v, (v−1)·p + 2(p−1) + 1) chunks of L/(p·v) blocks (the interleaved warm-up on the first rank).
+    The last stage adds the logits: s·b·V/t/minisequence_chunks elements in the compute dtype plus fp32.
+  * plus the cluster's `reserved_bytes` (CUDA context, NCCL buffers, allocator slack).
+
+Not modelled: kernel efficiency changing with micro-batch, width or TP shard size (the single-device rate is
+used as is); overlap of TP communication with compute (async TP) and of PP p2p with compute; stage imbalance
+from the embedding and LM head; NCCL tree / NVLS / SHARP algorithms (ring α-β only, conservative at scale);
+network contention between concurrent groups; stragglers, data loading, checkpointing, optimizer step time;
+memory fragmentation beyond `reserved_bytes`; FoX/Transformer "Pro" extras in activations beyond ~5 sbh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.config import Config, ModelConfig, build_config, load_config
+
+FSDP_PREFETCH_UNITS = 2  # FSDP2 keeps the unit in use and the one prefetched gathered
+DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default gradient bucket: one all-reduce per bucket
+CHUNK = 64  # chunk length of fla's chunkwise linear-attention kernels (matches pretrain.metrics.LINEAR_CHUNK)
+SOFTMAX_ARCHS = ("transformer", "fox")
+
+
+# ----------------------------------------------------------------------------------------------- cluster, layout
+
+@dataclass
+class Cluster:
+    """A cluster's devices and links, read from `configs/clusters/*.toml`."""
+
+    name: str
+    """Label printed with every prediction."""
+    gpus_per_node: int
+    """Devices per node, joined by the intra-node link."""
+    peak_flops: float
+    """Dense bf16 peak FLOP/s of one device (the MFU denominator)."""
+    memory_bytes: float
+    """Device memory in bytes."""
+    efficiency: float
+    """Achieved / peak FLOP/s assumed when no measured single-device throughput is given."""
+    intra_alpha: float
+    """Intra-node latency per ring step, seconds."""
+    intra_beta: float
+    """Intra-node bandwidth per device (ring bus bandwidth), bytes/s."""
+    inter_alpha: float
+    """Inter-node latency per ring step, seconds."""
+    inter_beta: float
+    """Inter-node bandwidth per device, bytes/s."""
+    dp_overlap: float = 0.0
+    """Fraction of data-parallel communication hidden behind compute (0 = none, conservative)."""
+    dtype_bytes: int = 2
+    """Bytes per activation and gathered-weight element: 2 for bf16 (GPU), 4 for fp32 (CPU)."""
+    reserved_bytes: float = 0.0
+    """Memory unavailable to the model: runtime context, communication buffers, allocator slack."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> Cluster:
+        values = tomllib.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; expected {sorted(known)}.")
+        return cls(**values)
+
+    def link(self, inter_node: bool) -> tuple[float, float]:
+        """(α seconds, β bytes/s) of the link a group uses."""
+        return (self.inter_alpha, self.inter_beta) if inter_node else (self.intra_alpha, self.intra_beta)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to lay a run out on dp · tp · pp devices (the `parallel` and batch settings that matter here)."""
+
+    dp: int = 1
+    """Data-parallel degree."""
+    tp: int = 1
+    """Tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    sequence_parallel: bool = True
+    """Megatron-style sequence parallelism along tp (no effect at tp = 1)."""
+    data_parallel: str = "fsdp"
+    """fsdp | ddp."""
+    reshard_after_forward: bool = True
+    """FSDP: gather the weights again in backward."""
+    pp_schedule: str = "1f1b"
+    """1f1b | interleaved_1f1b | zero_bubble."""
+    virtual_stages: int = 0
+    """Stages per pipeline rank; 0 = 1 for 1f1b, 2 otherwise (as parallel.pipeline resolves it)."""
+    recompute: str = "none"
+    """none | selective | full."""
+    micro_batch: int = 1
+    """Sequences per micro-step per data-parallel rank."""
+    global_batch: int = 1
+    """Sequences per optimizer step over all data-parallel ranks."""
+    minisequence_chunks: int = 1
+    """MsT chunks of the LM head + loss (divides the logits' memory)."""
+
+    @property
+    def gpus(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def v(self) -> int:
+        """Virtual stages per pipeline rank, resolved."""
+        if self.pp == 1:
+            return 1
+        return self.virtual_stages or (1 if self.pp_schedule == "1f1b" else 2)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per step on one data-parallel rank."""
+        return self.global_batch // (self.dp * self.micro_batch)
+
+    @property
+    def sp(self) -> bool:
+        return self.sequence_parallel and self.tp > 1
+
+    def label(self) -> str:
+        parts = [f"dp{self.dp}", f"tp{self.tp}" + ("sp" if self.sp else ""), f"pp{self.pp}"]
+        if self.pp > 1:
+            parts.append({"1f1b": "1f1b", "interleaved_1f1b": f"i1f1b-v{self.v}", "zero_bubble": f"zb-v{self.v}"}
+                         [self.pp_schedule])
+        if self.dp > 1:
+            parts.append(self.data_parallel + ("" if self.data_parallel == "ddp" or self.reshard_after_forward
+                                               else "-noreshard"))
+        parts += [f"rc-{self.recompute}", f"mb{self.micro_batch}"]
+        return " ".join(parts)
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int) -> Layout:
+        p = cfg.parallel
+        return cls(dp=p.dp or world_size // (p.tp * p.pp), tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel,
+                   data_parallel=p.data_parallel, reshard_after_forward=p.reshard_after_forward,
+                   pp_schedule=p.pp_schedule, virtual_stages=p.virtual_stages, recompute=p.recompute,
+                   micro_batch=cfg.train.micro_batch, global_batch=cfg.train.global_batch,
+                   minisequence_chunks=p.minisequence_chunks)
+
+
+# ---------------------------------------------------------------------------------------------- model statistics
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Parameter counts and FLOPs of one model at one sequence length."""
+
+    params: int
+    """All parameters."""
+    embed_params: int
+    """Token (and position) embedding parameters: the first stage's extra weights."""
+    head_params: int
+    """Final norm + LM head parameters: the last stage's extra weights."""
+    layer_params: float
+    """Parameters of one block (average over blocks)."""
+    mixer_params: float
+    """Parameters of one block's sequence mixer."""
+    flops_per_token: float
+    """Training FLOPs per token, `pretrain.metrics.flops_per_token` (no recomputation)."""
+    recompute_flops: dict
+    """Forward FLOPs per token that each recompute mode repeats: {none, selective, full}."""
+
+
+@functools.lru_cache(maxsize=64)
+def _stats(model_json: str) -> ModelStats:
+    import torch
+
+    from pretrain.metrics import flops_per_token, matmul_params
+    from pretrain.models import build_model
+
+    cfg = ModelConfig(**json.loads(model_json))
+    with torch.device("meta"):  # counts without memory, even for models far larger than this machine
+        model = build_model(cfg)
+    count = {"embed": 0, "head": 0, "mixer": 0, "all": 0}
+    for name, p in model.named_parameters():
+        count["all"] += p.numel()
+        if name.startswith(("tok_emb", "pos_emb")):
+            count["embed"] += p.numel()
+        elif name.startswith(("lm_head", "norm")):
+            count["head"] += p.numel()
+        elif ".mixer." in name:
+            count["mixer"] += p.numel()
+    L = cfg.n_layers
+    fpt = flops_per_token(cfg)
+    matmul = matmul_params(cfg)
+    head_matmul = cfg.vocab_size * cfg.d_model
+    mixer_term = (fpt - 6 * matmul) / L  # the s-dependent FLOPs of one mixer, forward + backward
+    # forward = 1/3 of forward + backward; linear mixers recompute their projections under selective too
+    selective = L * mixer_term / 3 + (0 if cfg.arch in SOFTMAX_ARCHS else 2 * count["mixer"])
+    full = (fpt - 6 * head_matmul) / 3  # every block's forward; the LM head is outside the checkpointed blocks
+    return ModelStats(params=count["all"], embed_params=count["embed"], head_params=count["head"],
+                      layer_params=(count["all"] - count["embed"] - count["head"]) / L,
+                      mixer_params=count["mixer"] / L, flops_per_token=fpt,
+                      recompute_flops={"none": 0.0, "selective": selective, "full": full})
+
+
+def model_stats(cfg: ModelConfig, seq_len: int) -> ModelStats:
+    """Cached counts for `cfg` trained at `seq_len`."""
+    return _stats(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, seq_len=seq_len)), sort_keys=True))
+
+
+def size_label(cfg: ModelConfig) -> str:
+    """A model's size key for calibration: width × depth × heads (+ pro)."""
+    return f"d{cfg.d_model}-L{cfg.n_layers}-H{cfg.n_heads}" + ("-pro" if cfg.pro else "")
+
+
+# ---------------------------------------------------------------------------------- communication volumes (shared)
+# Each returns {collective kind: (calls, payload bytes)} per step on one rank; bench/comm.py prints the payloads
+# next to the bytes it counts on the wire, so the model's volumes are checked against the real collectives.
+
+def tp_volume(*, s: int, b: int, h: int, layers: int, ends: int, micro_batches: int, dtype_bytes: int,
+              sequence_parallel: bool, recompute_full: bool = False) -> dict[str, tuple[int, float]]:
+    """Tensor parallelism: 4 activation collectives per block (2 forward: before the mixer and the MLP; 2 backward)
+    plus one per vocab-parallel end (`ends`: embedding and/or LM head on this rank); full recomputation repeats the
+    2 forward ones per block. TP+SP all-gathers and reduce-scatters each; TP alone all-reduces. The vocab-parallel
+    loss all-reduces 3 fp32 numbers per token (max, sum of exponentials, target logit)."""
+    m = micro_batches
+    a = s * b * h * dtype_bytes
+    n = m * ((4 + 2 * recompute_full) * layers + ends)
+    out = {"all_gather": (n, n * a), "reduce_scatter": (n, n * a)} if sequence_parallel else {"all_reduce": (n, n * a)}
+    loss = (3 * m, m * 3 * s * b * 4)
+    if "all_reduce" in out:
+        out["all_reduce"] = (out["all_reduce"][0] + loss[0], out["all_reduce"][1] + loss[1])
+    else:
+        out["all_reduce"] = loss
+    return out
+
+
+def dp_volume(param_count: float, *, units: int, micro_batches: int, fsdp: bool, reshard_after_forward: bool,
+              gather_bytes: int, reduce_bytes: int) -> dict[str, tuple[int, float]]:
+    """Data parallelism over this rank's `param_count` (its tp/pp share, unsharded). FSDP: every unit gathers its
+    weights in each micro-step's forward, and again in backward if it resharded; gradients are reduce-scattered on
+    the last micro-step. DDP: gradients all-reduced on the last micro-step, one call per bucket."""
+    m = micro_batches
+    if fsdp:
+        gathers = m * (1 + reshard_after_forward)
+        return {"all_gather": (gathers * units, gathers * param_count * gather_bytes),
+                "reduce_scatter": (units, param_count * reduce_bytes)}
+    nbytes = param_count * reduce_bytes
+    return {"all_reduce": (max(1, math.ceil(nbytes / DDP_BUCKET_BYTES)), nbytes)}
+
+
+def pp_volume(*, s: int, b: int, h: int, tp: int, micro_batches: int, boundaries: int, dtype_bytes: int,
+              sequence_parallel: bool, carry: bool) -> dict[str, tuple[int, float]]:
+    """Pipeline p2p: per micro-batch and stage-boundary crossing of this rank (forward and backward each count),
+    the hidden state (sequence-sharded under SP) and, for RWKV-7, its carried first-layer value (tp-sharded)."""
+    crossing = s * b * h * dtype_bytes // (tp if tp > 1 and sequence_parallel else 1)
+    extra = s * b * h * dtype_bytes // tp if carry else 0
+    n = micro_batches * boundaries
+    return {"send": (n, n * (crossing + extra)), "recv": (n, n * (crossing + extra))}
+
+
+def boundaries(pp_rank: int, pp: int, v: int) -> int:
+    """Stage-boundary crossings per micro-batch of one pipeline rank (looped stages r, r + pp, …)."""
+    n = pp * v
+    return sum((i > 0) + (i < n - 1) for i in range(pp_rank, n, pp))
+
+
+# ------------------------------------------------------------------------------------------------ α-β primitives
+
+def collective_time(kind: str, *, calls: int, nbytes: float, group: int, alpha: float, beta: float) -> float:
+    """Seconds of `calls` ring collectives of `kind` moving `nbytes` payload in all over `group` ranks."""
+    if group <= 1 or calls == 0:
+        return 0.0
+    g = group
+    if kind == "all_reduce":
+        return 2 * (g - 1) / g * nbytes / beta + calls * 2 * (g - 1) * alpha
+    if kind in ("all_gather", "reduce_scatter"):
+        return (g - 1) / g * nbytes / beta + calls * (g - 1) * alpha
+    if kind == "send":
+        return nbytes / beta + calls * alpha
+    if kind == "recv":  # the matching send is the one that takes time
+        return 0.0
+    raise ValueError(f"unknown collective {kind!r}")
+
+
+def volume_time(volume: dict, *, group: int, alpha: float, beta: float) -> float:
+    return sum(collective_time(kind, calls=c, nbytes=n, group=group, alpha=alpha, beta=beta)
+               for kind, (c, n) in volume.items())
+
+
+def bubble_fraction(pp: int, v: int, micro_batches: int, schedule: str) -> float:
+    """Idle fraction of the pipelined work: (p−1)/(v·m); zero_bubble ASSUMED to leave a third (ZB-H1)."""
+    if pp == 1:
+        return 0.0
+    frac = (pp - 1) / (v * micro_batches)
+    return frac / 3 if schedule == "zero_bubble" else frac
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+
+def _mixer_elements(cfg: ModelConfig) -> tuple[float, float]:
+    """(replicated, tp-sharded) saved elements of one mixer in units of s·b·h, its input included, scores and
+    chunk states excluded. Softmax (Korthikanti): input 1 | Q, K 2, V 1, output-projection input 1.
+    GLA (key width h/2): input 1 | q .5, k .5, v 1, log-decay g in fp32 (.5 × 2), o 1, normed o 1, gate 1, gated 1.
+    RWKV-7: the six token-shifted projection inputs 6 | r, k, v 3, log-decay w in fp32 2, κ̂, a, b 3, value
+    residual mix 1, o 1, GroupNorm out 1, bonus 1, gate 1, gated 1. LoRA hiddens (rank ≪ h) are left out."""
+    if cfg.arch in SOFTMAX_ARCHS:
+        return 1.0, 4.0 + (5.0 if cfg.pro else 0.0)  # Pro: gate, gated output, QK-norm inputs, shifted keys
+    if cfg.arch == "gla":
+        return 1.0, 7.0
+    return 6.0, 14.0
+
+
+def activation_bytes_per_layer(cfg: ModelConfig, *, s: int, b: int, t: int = 1, sequence_parallel: bool = False,
+                               recompute: str = "none", dtype_bytes: int = 2) -> float:
+    """Saved-activation bytes of one block for one micro-batch (see the module docstring). With the gpt preset
+    and dtype_bytes = 2 this is exactly Korthikanti et al.'s sbh(34 + 5as/h), sbh(10 + 24/t + 5as/(ht)),
+    sbh(34/t + 5as/(ht)) for none / TP / TP+SP, without the 5as/h term for selective, and 2sbh for full."""
+    from pretrain.models.common import mlp_hidden_size
+
+    sbh = s * b * cfg.d_model
+    sp = sequence_parallel and t > 1
+    carry = 1.0 if cfg.arch == "rwkv7" else 0.0  # RWKV-7's first-layer value rides along every block
+    if recompute == "full":
+        return (1.0 + carry) * sbh * dtype_bytes / (t if sp else 1)
+    f = mlp_hidden_size(cfg) / cfg.d_model
+    mixer_in, mixer = _mixer_elements(cfg)
+    mlp = (4 if cfg.mlp == "swiglu" and cfg.arch != "rwkv7" else 2) * f
+    masks = 2.0 if cfg.dropout > 0 else 0.0  # bytes per sbh: one 1-byte mask after the mixer and after the MLP
+    replicated = (2 + mixer_in + 1) * dtype_bytes + masks  # two norm inputs, mixer input, MLP input
+    extra = 0.0  # bytes not proportional to sbh, tp-sharded
+    if recompute == "selective" and cfg.arch not in SOFTMAX_ARCHS:
+        mixer = 0.0  # the whole linear mixer is recomputed from its input
+    elif cfg.arch in SOFTMAX_ARCHS:
+        if cfg.attn_impl == "unfused" and recompute != "selective":
+            # softmax output, + its dropout mask (1 byte) and dropout output: 5as²b in bf16 (Korthikanti)
+            per_score = dtype_bytes + ((1 + dtype_bytes) if cfg.dropout > 0 else 0)
+            extra = cfg.n_heads * s * s * b * per_score
+    else:
+        heads = cfg.n_heads
+        K = (cfg.d_model // 2 if cfg.arch == "gla" else cfg.d_model) / heads
+        V = cfg.d_model / heads
+        extra = b * (s / CHUNK) * heads * K * V * 4 * (2 if cfg.arch == "rwkv7" else 1)
+    sharded = (mixer + mlp) * dtype_bytes
+    if sp:
+        return (replicated + sharded) * sbh / t + extra / t
+    return replicated * sbh + sharded * sbh / t + extra / t
+
+
+def rank_params(st: ModelStats, cfg: ModelConfig, layout: Layout) -> float:
+    """Parameters on the busiest rank: its L/p blocks and, at the ends, the embedding or head; split over tp."""
+    ends = st.embed_params + st.head_params if layout.pp == 1 else max(st.embed_params, st.head_params)
+    return (st.layer_params * cfg.n_layers / layout.pp + ends) / layout.tp
+
+
+def blocks_in_flight(layout: Layout, n_layers: int) -> float:
+    """Blocks' worth of micro-batch activations the first pipeline rank holds at its peak."""
+    p, v, m = layout.pp, layout.v, layout.micro_batches
+    if p == 1:
+        return n_layers
+    if layout.pp_schedule == "1f1b":
+        return min(m, p) * n_layers / p
+    return min(m * v, (v - 1) * p + 2 * (p - 1) + 1) * n_layers / (p * v)
+
+
+def memory_breakdown(cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Cluster) -> dict[str, float]:
+    """Predicted bytes per GPU on the first pipeline stage (the last for the logits when pp = 1)."""
+    st = model_stats(cfg, seq_len)
+    t, p = layout.tp, layout.pp
+    stage_params = rank_params(st, cfg, layout)
+    if layout.dp > 1 and layout.data_parallel == "fsdp":
+        states = 16 * stage_params / layout.dp
+        gathered = (stage_params if not layout.reshard_after_forward
+                    else FSDP_PREFETCH_UNITS * st.layer_params / t) * cluster.dtype_bytes
+    else:
+        states = 16 * stage_params
+        gathered = stage_params * cluster.dtype_bytes if cluster.dtype_bytes < 4 else 0.0  # autocast's cast copies
+    per_layer = activation_bytes_per_layer(cfg, s=seq_len, b=layout.micro_batch, t=t,
+                                           sequence_parallel=layout.sp, recompute=layout.recompute,
+                                           dtype_bytes=cluster.dtype_bytes)
+    activations = per_layer * blocks_in_flight(layout, cfg.n_layers)
+    logits = 0.0
+    if p == 1:  # a pipelined run's last stage holds fewer micro-batches; the first stage is the peak
+        logits = seq_len * layout.micro_batch * cfg.vocab_size / t / layout.minisequence_chunks \
+            * (cluster.dtype_bytes + 4)
+    return {"weights_grads_optimizer": states, "gathered_weights": gathered, "activations": activations,
+            "logits": logits, "reserved": cluster.reserved_bytes}
+
+
+# -------------------------------------------------------------------------------------------------- prediction
+
+@dataclass
+class Prediction:
+    """A PREDICTED step of one layout (nothing here is measured)."""
+
+    layout: Layout
+    """The layout predicted."""
+    cluster: str
+    """Cluster name."""
+    step_time_s: float
+    """Predicted seconds per optimizer step."""
+    breakdown_s: dict
+    """Predicted seconds per step: compute, tp_comm, dp_comm (exposed), pp_comm, bubble."""
+    tokens_per_s: float
+    """Predicted tokens/s over all GPUs."""
+    tokens_per_s_per_gpu: float
+    """Predicted tokens/s per GPU."""
+    mfu: float
+    """Predicted model FLOPs utilisation (model FLOPs without recomputation / peak)."""
+    memory_bytes: float
+    """Predicted peak bytes per GPU."""
+    memory_breakdown: dict
+    """Predicted bytes per GPU by kind."""
+    fits_in_memory: bool
+    """Predicted memory ≤ the device's memory."""
+    compute_source: str
+    """Where the compute rate came from: 'measured single-device' or 'peak × efficiency'."""
+    kind: str = "prediction"
+    """Always 'prediction': these numbers come from the model, not from a run."""
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "layout": {**dataclasses.asdict(self.layout), "label": self.layout.label(),
+                                                       "gpus": self.layout.gpus}}
+
+
+def predict(model_cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Cluster, *,
+            single_device_tokens_per_s: float | None = None, single_device_recompute: str = "none") -> Prediction:
+    """PREDICT one layout's step time, throughput and memory.
+
+    `single_device_tokens_per_s` (measured on one device of this cluster, same model and seq_len, recompute mode
+    `single_device_recompute`) sets the achieved FLOP/s; without it `peak_flops × efficiency` is used.
+    """
+    if layout.global_batch % (layout.dp * layout.micro_batch):
+        raise ValueError(f"global_batch {layout.global_batch} is not a multiple of dp × micro_batch "
+                         f"= {layout.dp} × {layout.micro_batch}.")
+    st = model_stats(model_cfg, seq_len)
+    fpt = st.flops_per_token
+    if single_device_tokens_per_s:
+        achieved = single_device_tokens_per_s * (fpt + st.recompute_flops[single_device_recompute])
+        source = "measured single-device"
+    else:
+        achieved = cluster.peak_flops * cluster.efficiency
+        source = "peak × efficiency"
+    tokens = layout.global_batch * seq_len
+    compute = tokens * (fpt + st.recompute_flops[layout.recompute]) / layout.gpus / achieved
+
+    t, p, d, m, b = layout.tp, layout.pp, layout.dp, layout.micro_batches, layout.micro_batch
+    g = cluster.gpus_per_node
+    h, L = model_cfg.d_model, model_cfg.n_layers
+    tp_s = pp_s = dp_s = 0.0
+    if t > 1:
+        vol = tp_volume(s=seq_len, b=b, h=h, layers=L // p, ends=2 if p == 1 else 1, micro_batches=m,
+                        dtype_bytes=cluster.dtype_bytes, sequence_parallel=layout.sp,
+                        recompute_full=layout.recompute == "full")
+        alpha, beta = cluster.link(t > g)
+        tp_s = volume_time(vol, group=t, alpha=alpha, beta=beta)
+    if p > 1:
+        crossings = max(boundaries(r, p, layout.v) for r in range(p))
+        vol = pp_volume(s=seq_len, b=b, h=h, tp=t, micro_batches=m, boundaries=crossings,
+                        dtype_bytes=cluster.dtype_bytes, sequence_parallel=layout.sp, carry=model_cfg.arch == "rwkv7")
+        alpha, beta = cluster.link(d * t * p > g)  # neighbours are dp·tp ranks apart
+        pp_s = volume_time(vol, group=2, alpha=alpha, beta=beta)
+    if d > 1:
+        vol = dp_volume(rank_params(st, model_cfg, layout), units=L // p + 1, micro_batches=m, fsdp=layout.data_parallel == "fsdp",
+                        reshard_after_forward=layout.reshard_after_forward, gather_bytes=cluster.dtype_bytes,
+                        reduce_bytes=4)
+        alpha, beta = cluster.link(d * t > g)
+        dp_s = (1 - cluster.dp_overlap) * volume_time(vol, group=d, alpha=alpha, beta=beta)
+    bubble = bubble_fraction(p, layout.v, m, layout.pp_schedule) * (compute + tp_s + pp_s)
+    step = compute + tp_s + pp_s + bubble + dp_s
+    mem = memory_breakdown(model_cfg, layout, seq_len, cluster)
+    total_mem = sum(mem.values())
+    tps = tokens / step
+    return Prediction(layout=layout, cluster=cluster.name, step_time_s=step,
+                      breakdown_s={"compute": compute, "tp_comm": tp_s, "dp_comm": dp_s, "pp_comm": pp_s,
+                                   "bubble": bubble},
+                      tokens_per_s=tps, tokens_per_s_per_gpu=tps / layout.gpus,
+                      mfu=fpt * tps / layout.gpus / cluster.peak_flops, memory_bytes=total_mem,
+                      memory_breakdown=mem, fits_in_memory=total_mem <= cluster.memory_bytes, compute_source=source)
+
+
+# --------------------------------------------------------------------------------------- calibration, validation
+
+def row_config(row: dict) -> Config:
+    """The run's Config from a sweep row's full `config` dict (as Config.to_dict() wrote it)."""
+    return build_config(row["config"], {})
+
+
+def calibration_key(cfg: ModelConfig, seq_len: int) -> tuple[str, str, int]:
+    return cfg.arch, size_label(cfg), seq_len
+
+
+def calibrate(results_rows: list[dict]) -> dict[tuple[str, str, int], dict]:
+    """Single-device throughput per (arch, size, seq_len) from measured sweep rows (status ok, one process).
+
+    Returns {key: {"tokens_per_s", "recompute", "device", "point"}}; where one key was measured several times
+    (different micro-batches or recompute modes), the fastest is kept: it is the rate the device can reach.
+    """
+    out: dict[tuple[str, str, int], dict] = {}
+    for row in results_rows:
+        if row.get("status") != "ok" or row.get("world_size") != 1 or not row.get("tokens_per_s"):
+            continue
+        cfg = row_config(row)
+        key = calibration_key(cfg.model, cfg.model.seq_len)
+        # compare by achieved FLOP/s so a faster-looking point without recomputation does not hide a better one
+        st = model_stats(cfg.model, cfg.model.seq_len)
+        rate = row["tokens_per_s"] * (st.flops_per_token + st.recompute_flops[cfg.parallel.recompute])
+        if key not in out or rate > out[key]["achieved_flops"]:
+            out[key] = {"tokens_per_s": row["tokens_per_s"], "recompute": cfg.parallel.recompute,
+                        "achieved_flops": rate, "device": row.get("device"), "point": row.get("point")}
+    return out
+
+
+def validate(results_rows: list[dict], cluster: Cluster) -> list[dict]:
+    """PREDICTED vs measured tokens/s for every measured (status ok) row whose model has a calibration point."""
+    calibration = calibrate(results_rows)
+    out = []
+    for row in results_rows:
+        if row.get("status") != "ok" or not row.get("tokens_per_s"):
+            continue
+        cfg = row_config(row)
+        key = calibration_key(cfg.model, cfg.model.seq_len)
+        if key not in calibration:
+            continue
+        pred = predict(cfg.model, Layout.from_config(cfg, row["world_size"]), cfg.model.seq_len, cluster,
+                       single_device_tokens_per_s=calibration[key]["tokens_per_s"],
+                       single_device_recompute=calibration[key]["recompute"])
+        out.append({"point": row.get("point"), "world_size": row["world_size"], "layout": pred.layout.label(),
+                    "measured_tokens_per_s": row["tokens_per_s"], "predicted_tokens_per_s": pred.tokens_per_s,
+                    "ratio": pred.tokens_per_s / row["tokens_per_s"],
+                    "measured_peak_memory_gb": row.get("peak_memory_gb"),
+                    "predicted_memory_gb": pred.memory_bytes / 1e9})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ suggest
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def candidate_layouts(cfg: ModelConfig, seq_len: int, gpus: int, cluster: Cluster, global_batch: int, *,
+                      micro_batches=(1, 2, 4, 8, 16)) -> list[Layout]:
+    """Every layout the training code accepts on `gpus` devices (the checks of parallel.mesh.ParallelDims)."""
+    from pretrain.models.common import mlp_hidden_size
+
+    out = []
+    for tp in _divisors(gpus):
+        if tp > cluster.gpus_per_node or cfg.n_heads % tp or mlp_hidden_size(cfg) % tp or seq_len % tp:
+            continue
+        for pp in _divisors(gpus // tp):
+            if cfg.n_layers % pp or (pp > 1 and cfg.tie_embeddings):
+                continue
+            dp = gpus // (tp * pp)
+            if global_batch % dp:
+                continue
+            schedules = [("1f1b", 1)] if pp == 1 else \
+                [("1f1b", 1)] + [(s, 2) for s in ("interleaved_1f1b", "zero_bubble") if cfg.n_layers % (2 * pp) == 0]
+            dps = [("fsdp", True)] if dp == 1 else [("fsdp", True), ("fsdp", False), ("ddp", True)]
+            for mb in micro_batches:
+                if (global_batch // dp) % mb or (global_batch // (dp * mb)) % pp:
+                    continue
+                for schedule, v in schedules:
+                    for mode, reshard in dps:
+                        for recompute in ("none", "selective", "full"):
+                            out.append(Layout(dp=dp, tp=tp, pp=pp, sequence_parallel=tp > 1, data_parallel=mode,
+                                              reshard_after_forward=reshard, pp_schedule=schedule,
+                                              virtual_stages=v if pp > 1 else 0, recompute=recompute,
+                                              micro_batch=mb, global_batch=global_batch))
+    return out
+
+
+def suggest(model_cfg: ModelConfig, seq_len: int, gpus: int, cluster: Cluster, global_batch: int, *,
+            single_device_tokens_per_s: float | None = None, single_device_recompute: str = "none",
+            minisequence_chunks: int = 1) -> list[Prediction]:
+    """PREDICTED layouts for `gpus` devices that fit in memory, fastest first."""
+    preds = []
+    for layout in candidate_layouts(model_cfg, seq_len, gpus, cluster, global_batch):
+        layout = dataclasses.replace(layout, minisequence_chunks=minisequence_chunks)
+        pred = predict(model_cfg, layout, seq_len, cluster, single_device_tokens_per_s=single_device_tokens_per_s,
+                       single_device_recompute=single_device_recompute)
+        if pred.fits_in_memory:
+            preds.append(pred)
+    return sorted(preds, key=lambda pr: pr.tokens_per_s, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------- gloo α-β fit
+
+def _time_all_reduce(sizes: list[int], iters: int) -> list[float]:
+    """One rank: seconds of an all-reduce of each size (bytes, fp32), after a warm-up: the minimum over `iters`,
+    the uncontended time (this machine is shared; medians moved 5x between runs, minima did not)."""
+    import torch
+    import torch.distributed as dist
+
+    out = []
+    for nbytes in sizes:
+        x = torch.ones(nbytes // 4)
+        for _ in range(3):
+            dist.all_reduce(x)
+        times = []
+        for _ in range(iters):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(x)
+            times.append(time.perf_counter() - start)
+        out.append(min(times))
+    return out
+
+
+def fit_alpha_beta(sizes: list[int], seconds: list[float], group: int) -> tuple[float, float]:
+    """(α, β) of ring all-reduce times t = 2(g−1)·α + 2(g−1)/g · n/β, by least squares on the relative error
+    (weights 1/t²), so the small messages that fix α count as much as the large ones that fix β."""
+    xs = [2 * (group - 1) / group * n for n in sizes]
+    w = [1 / t**2 for t in seconds]
+    sw = sum(w)
+    mx = sum(wi * x for wi, x in zip(w, xs)) / sw
+    mt = sum(wi * t for wi, t in zip(w, seconds)) / sw
+    slope = sum(wi * (x - mx) * (t - mt) for wi, x, t in zip(w, xs, seconds)) / \
+        sum(wi * (x - mx) ** 2 for wi, x in zip(w, xs))
+    intercept = mt - slope * mx
+    return max(intercept, 0.0) / (2 * (group - 1)), 1 / slope
+
+
+def fit_gloo(*, sizes=(2**12, 2**16, 2**18, 2**20, 2**22, 2**24), iters: int = 30, processes: int = 2) -> dict:
+    """Measure gloo all-reduce on `processes` local CPU processes and fit α, β (the cpu-gloo cluster's links)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.dist import run_distributed
+
+    seconds = run_distributed(_time_all_reduce, processes, list(sizes), iters)[0]
+    alpha, beta = fit_alpha_beta(list(sizes), seconds, processes)
+    return {"processes": processes, "sizes_bytes": list(sizes), "min_seconds": seconds, "alpha_s": alpha,
+            "beta_bytes_per_s": beta}
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an fp32 n×n matmul on this process's threads (the CPU cluster's nominal peak)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+def _si(x: float) -> str:
+    return next((f"{x / scale:.2f}{unit}" for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3))
+                 if x >= scale), f"{x:.0f}")
+
+
+def _format_table(preds: list[Prediction], cluster: Cluster, *, gpus: int, seq_len: int, global_batch: int,
+                  model_cfg: ModelConfig, top: int) -> str:
+    st = model_stats(model_cfg, seq_len)
+    lines = [f"PREDICTIONS (performance model, not measurements) — {model_cfg.arch} {size_label(model_cfg)} "
+             f"({_si(st.params)} params, {_si(st.flops_per_token)}FLOP/token), seq {seq_len}, "
+             f"global batch {global_batch}, {gpus} GPUs on {cluster.name}; compute rate: "
+             f"{preds[0].compute_source if preds else '-'}",
+             f"{'layout':<46}{'tok/s/GPU':>10}{'MFU':>7}{'step s':>9}{'compute':>9}{'tp':>8}{'dp':>8}{'pp':>8}"
+             f"{'bubble':>8}{'mem GB':>8}"]
+    for pr in preds[:top]:
+        br = pr.breakdown_s
+        lines.append(f"{pr.layout.label():<46}{pr.tokens_per_s_per_gpu:>10.0f}{100 * pr.mfu:>6.1f}%"
+                     f"{pr.step_time_s:>9.3f}{br['compute']:>9.3f}{br['tp_comm']:>8.3f}{br['dp_comm']:>8.3f}"
+                     f"{br['pp_comm']:>8.3f}{br['bubble']:>8.3f}{pr.memory_bytes / 1e9:>8.1f}")
+    if not preds:
+        lines.append("(no layout is predicted to fit in memory)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.perfmodel",
+        description="PREDICT step time, throughput and memory of layouts on N GPUs and suggest the fastest. "
+                    "Model options come as in training: --config FILE.toml and --model.key=value overrides.",
+        epilog="Every number printed is a prediction of the performance model (see the module docstring for "
+               "what it models and what it leaves out).")
+    parser.add_argument("--cluster", help="cluster TOML (configs/clusters/*.toml): device peak, memory, link α-β")
+    parser.add_argument("--gpus", type=int, help="number of GPUs to lay the run out on")
+    parser.add_argument("--seq-len", type=int, help="training sequence length (default: the config's model.seq_len)")
+    parser.add_argument("--global-batch", type=int,
+                        help="sequences per optimizer step (default: the config's train.global_batch)")
+    parser.add_argument("--results", help="sweep results.jsonl: calibrate the compute rate from its single-device "
+                                          "point of this model and print predicted vs measured for its rows")
+    parser.add_argument("--tokens-per-s", type=float,
+                        help="measured single-device tokens/s of this model and seq_len, without recomputation "
+                             "(instead of --results)")
+    parser.add_argument("--top", type=int, default=10, help="how many suggested layouts to print")
+    parser.add_argument("--json", action="store_true", help="print JSON (predictions and validation) instead")
+    parser.add_argument("--fit-gloo", action="store_true",
+                        help="measure gloo all-reduce on 2 local processes, fit α and β, print them and exit")
+    args, rest = parser.parse_known_args(argv)
+    if args.fit_gloo:
+        fit = fit_gloo()
+        fit["matmul_flops"] = measure_matmul_flops()
+        print(json.dumps(fit, indent=1))
+        return
+    if not args.cluster or not args.gpus:
+        parser.error("--cluster and --gpus are needed (or --fit-gloo)")
+    cfg = load_config(rest)
+    cluster = Cluster.load(args.cluster)
+    seq_len = args.seq_len or cfg.model.seq_len
+    global_batch = args.global_batch or cfg.train.global_batch
+    model_cfg = dataclasses.replace(cfg.model, seq_len=seq_len)
+    rows = []
+    if args.results:
+        rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    tps, rc = args.tokens_per_s, "none"
+    if rows and tps is None:
+        point = calibrate(rows).get(calibration_key(model_cfg, seq_len))
+        if point:
+            tps, rc = point["tokens_per_s"], point["recompute"]
+    preds = suggest(model_cfg, seq_len, args.gpus, cluster, global_batch, single_device_tokens_per_s=tps,
+                    single_device_recompute=rc, minisequence_chunks=cfg.parallel.minisequence_chunks)
+    validation = validate(rows, cluster) if rows else []
+    if args.json:
+        print(json.dumps({"kind": "prediction", "cluster": dataclasses.asdict(cluster), "gpus": args.gpus,
+                          "seq_len": seq_len, "global_batch": global_batch, "model": dataclasses.asdict(model_cfg),
+                          "suggestions": [pr.to_dict() for pr in preds[:args.top]],
+                          "validation": validation}, indent=1))
+        return
+    print(_format_table(preds, cluster, gpus=args.gpus, seq_len=seq_len, global_batch=global_batch,
+                        model_cfg=model_cfg, top=args.top))
+    if validation:
+        print("\nPREDICTED vs MEASURED (rows of --results with a calibration point)")
+        print(f"{'point':<32}{'layout':<46}{'measured tok/s':>15}{'predicted':>12}{'ratio':>8}")
+        for v in validation:
+            print(f"{str(v['point']):<32}{v['layout']:<46}{v['measured_tokens_per_s']:>15.0f}"
+                  f"{v['predicted_tokens_per_s']:>12.0f}{v['ratio']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

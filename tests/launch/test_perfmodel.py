@@ -1,0 +1,150 @@
+"""The performance model: reproduces its inputs on measured points, α-β and bubble formulas, Korthikanti's activation
+memory, layout suggestions and the CLI. Pure arithmetic on meta-device models: no process group, a few seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from launch.perfmodel import (Cluster, Layout, activation_bytes_per_layer, bubble_fraction, calibrate,
+                              collective_time, main, memory_breakdown, model_stats, predict, suggest, validate)
+from pretrain.config import build_config
+
+REPO = Path(__file__).resolve().parents[2]
+H100 = Cluster.load(REPO / "configs/clusters/h100-nvlink-ib.toml")
+CPU = Cluster.load(REPO / "configs/clusters/cpu-gloo.toml")
+TINY = {"d_model": 64, "n_layers": 4, "n_heads": 4, "vocab_size": 256, "seq_len": 64}
+
+
+def sweep_row(world_size: int, tokens_per_s: float, *, parallel=None, train=None, model=None, status="ok") -> dict:
+    """A results.jsonl row as the sweep writes it (only the fields the model reads are real)."""
+    cfg = build_config({"model": {**TINY, **(model or {})}, "parallel": parallel or {},
+                        "train": {"global_batch": 8, "micro_batch": 2, **(train or {})}})
+    return {"point": f"w{world_size}", "status": status, "reason": None, "overrides": {}, "config": cfg.to_dict(),
+            "world_size": world_size, "nodes": 1, "device": "cpu", "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_gpu": tokens_per_s / world_size, "step_time_s": 8 * 64 / tokens_per_s,
+            "tflops_per_gpu": None, "mfu": None, "peak_memory_gb": None, "flops_per_token": None}
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_reproduces_its_own_inputs_on_a_measured_single_device_point(recompute):
+    rows = [sweep_row(1, 1234.5, parallel={"recompute": recompute}),
+            sweep_row(2, 2000.0, parallel={"dp": 2, "recompute": recompute}),
+            sweep_row(1, 99.0, status="failed")]
+    point = calibrate(rows)[("transformer", "d64-L4-H4", 64)]
+    assert point["tokens_per_s"] == 1234.5 and point["recompute"] == recompute
+    checked = validate(rows, CPU)
+    single = next(v for v in checked if v["world_size"] == 1)
+    assert single["predicted_tokens_per_s"] == pytest.approx(1234.5, rel=1e-6)
+    assert single["ratio"] == pytest.approx(1.0, abs=1e-6)
+    two = next(v for v in checked if v["world_size"] == 2)
+    assert 0 < two["predicted_tokens_per_s"] <= 2 * 1234.5  # dp adds devices and communication, never speed-up > 2
+    assert len(checked) == 2  # the failed row is not validated
+
+
+def test_collective_times_are_ring_alpha_beta():
+    n, alpha, beta = 1e6, 1e-5, 1e9
+    assert collective_time("all_reduce", calls=1, nbytes=n, group=4, alpha=alpha, beta=beta) == \
+        pytest.approx(2 * 3 / 4 * n / beta + 2 * 3 * alpha)
+    for kind in ("all_gather", "reduce_scatter"):
+        assert collective_time(kind, calls=2, nbytes=n, group=8, alpha=alpha, beta=beta) == \
+            pytest.approx(7 / 8 * n / beta + 2 * 7 * alpha)
+    assert collective_time("send", calls=3, nbytes=n, group=2, alpha=alpha, beta=beta) == pytest.approx(n / beta + 3 * alpha)
+    assert collective_time("all_reduce", calls=5, nbytes=n, group=1, alpha=alpha, beta=beta) == 0.0
+
+
+def test_bubble():
+    assert bubble_fraction(1, 1, 8, "1f1b") == 0.0
+    assert bubble_fraction(4, 1, 8, "1f1b") == pytest.approx(3 / 8)
+    assert bubble_fraction(4, 2, 8, "interleaved_1f1b") == pytest.approx(3 / 16)
+    assert bubble_fraction(4, 2, 8, "zero_bubble") == pytest.approx(3 / 48)
+    cfg = build_config({"model": TINY}).model
+    flat = predict(cfg, Layout(dp=1, pp=1, micro_batch=1, global_batch=8), 64, H100)
+    piped = predict(cfg, Layout(pp=2, micro_batch=1, global_batch=8), 64, H100)
+    br = piped.breakdown_s
+    assert br["bubble"] == pytest.approx((2 - 1) / 8 * (br["compute"] + br["tp_comm"] + br["pp_comm"]))
+    assert br["compute"] == pytest.approx(flat.breakdown_s["compute"] / 2)
+
+
+def test_tp_communication_time_matches_the_hand_count():
+    cfg = build_config({"model": TINY}).model
+    layout = Layout(tp=2, micro_batch=2, global_batch=8)  # 4 micro-batches, TP + SP
+    pred = predict(cfg, layout, 64, H100)
+    a = 64 * 2 * 64 * 2  # s·b·h bf16 bytes
+    per_collective = 1 / 2 * a / H100.intra_beta + H100.intra_alpha
+    calls = 4 * (4 * 4 + 2)  # micro-batches × (4 per block + embedding + head)
+    loss = 2 * 1 / 2 * (4 * 3 * 64 * 2 * 4) / H100.intra_beta + 4 * 3 * 2 * H100.intra_alpha
+    assert pred.breakdown_s["tp_comm"] == pytest.approx(2 * calls * per_collective + loss)
+
+
+GPT = {"preset": "gpt", "d_model": 256, "n_heads": 8, "n_layers": 2, "vocab_size": 128, "seq_len": 512}
+
+
+@pytest.mark.parametrize("t, sp", [(1, False), (2, False), (4, False), (2, True), (4, True)])
+def test_activation_memory_is_korthikanti(t, sp):
+    cfg = build_config({"model": GPT}).model
+    s, b, h, a = 512, 2, 256, 8
+    sbh = s * b * h
+    formula = {  # DESIGN §5
+        "none": sbh * (34 / t + 5 * a * s / (h * t)) if sp else sbh * (10 + 24 / t + 5 * a * s / (h * t)),
+        "selective": 34 * sbh / t if sp else sbh * (10 + 24 / t),
+        "full": 2 * sbh / (t if sp else 1),
+    }
+    for mode, expected in formula.items():
+        got = activation_bytes_per_layer(cfg, s=s, b=b, t=t, sequence_parallel=sp, recompute=mode, dtype_bytes=2)
+        assert got == pytest.approx(expected), mode
+
+
+def test_weights_and_optimizer_memory_shard():
+    cfg = build_config({"model": TINY}).model
+    st = model_stats(cfg, 64)
+    base = memory_breakdown(cfg, Layout(global_batch=8), 64, H100)["weights_grads_optimizer"]
+    assert base == pytest.approx(16 * st.params)
+    fsdp = memory_breakdown(cfg, Layout(dp=4, global_batch=8), 64, H100)["weights_grads_optimizer"]
+    ddp = memory_breakdown(cfg, Layout(dp=4, data_parallel="ddp", global_batch=8), 64, H100)
+    assert fsdp == pytest.approx(base / 4) and ddp["weights_grads_optimizer"] == pytest.approx(base)
+    tp2 = memory_breakdown(cfg, Layout(tp=2, global_batch=8), 64, H100)["weights_grads_optimizer"]
+    assert tp2 == pytest.approx(base / 2)
+    pp2 = memory_breakdown(cfg, Layout(pp=2, global_batch=8), 64, H100)["weights_grads_optimizer"]
+    first_stage = st.layer_params * 2 + max(st.embed_params, st.head_params)
+    assert pp2 == pytest.approx(16 * first_stage)
+
+
+def test_suggestions_fit_use_every_gpu_and_are_sorted():
+    cfg = build_config({"model": TINY}).model
+    preds = suggest(cfg, 64, 8, dataclasses.replace(H100, memory_bytes=5.2e9), 32)
+    assert preds
+    assert all(p.fits_in_memory and p.layout.gpus == 8 and p.kind == "prediction" for p in preds)
+    rates = [p.tokens_per_s for p in preds]
+    assert rates == sorted(rates, reverse=True)
+    assert {p.layout.tp for p in preds} >= {1, 2, 4} and all(4 % p.layout.tp == 0 for p in preds)
+
+
+def test_a_7b_like_transformer_on_1024_gpus():
+    cfg = build_config({"model": {"d_model": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000,
+                                  "seq_len": 4096, "mlp_multiple_of": 256}}).model
+    preds = suggest(cfg, 4096, 1024, H100, 1024)
+    assert preds and preds[0].layout.tp <= 8 and preds[0].layout.gpus == 1024
+    assert 0.1 < preds[0].mfu < H100.efficiency  # communication and bubble only take away from peak × efficiency
+    # the whole model replicated with AdamW states (16 bytes × 6.7B) cannot fit on one 80 GB device
+    assert not predict(cfg, Layout(dp=1024, data_parallel="ddp", micro_batch=1, global_batch=1024), 4096, H100).fits_in_memory
+
+
+def test_cli_prints_predictions(capsys, tmp_path):
+    main(["--cluster", str(REPO / "configs/clusters/h100-nvlink-ib.toml"), "--gpus", "16", "--seq-len", "64",
+          "--global-batch", "32", "--top", "3", *[f"--model.{k}={v}" for k, v in TINY.items()]])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("PREDICTIONS") and "dp" in out
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in (sweep_row(1, 500.0), sweep_row(2, 800.0, parallel={"tp": 2}))))
+    main(["--cluster", str(REPO / "configs/clusters/cpu-gloo.toml"), "--gpus", "2", "--json", "--results",
+          str(results), "--global-batch", "8", *[f"--model.{k}={v}" for k, v in TINY.items()]])
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "prediction" and report["suggestions"][0]["compute_source"] == "measured single-device"
+    assert [round(v["ratio"], 6) for v in report["validation"]][0] == 1.0
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "PREDICT" in capsys.readouterr().out
