@@ -403,3 +403,46 @@ class ValLoader:
         for j in range(min(n, self.num_batches)):
             start = j * global_batch + self.dp_rank * self.micro_batch
             yield make_batch(self.stream, start, self.micro_batch, self.seq_len, self.boundaries)
+
+
+SYNTHETIC = "synthetic"
+
+
+class SyntheticLoader:
+    """Uniformly random tokens with Loader's interface, for throughput studies and smoke tests (data.path =
+    'synthetic'): step time does not depend on the token values, and nothing has to be prepared first.
+
+    Global sample g is drawn from a generator seeded with (seed, g), so batches depend on neither dp_size nor the
+    resume point, exactly as with Loader. The loss stays near log(vocab_size): nothing here is learnable.
+    """
+
+    def __init__(self, vocab_size: int, *, seq_len: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0):
+        _check_layout(seq_len, micro_batch, dp_rank, dp_size)
+        self.vocab_size, self.seq_len, self.micro_batch, self.seed = vocab_size, seq_len, micro_batch, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.consumed = 0
+        self.epoch = 0
+        self.skipped_shards: dict = {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.consumed + self.dp_rank * self.micro_batch
+        rows = torch.stack([torch.randint(self.vocab_size, (self.seq_len + 1,),
+                                          generator=torch.Generator().manual_seed(self.seed * 2**32 + g))
+                            for g in range(first, first + self.micro_batch)])  # (B, T + 1)
+        self.consumed += self.dp_size * self.micro_batch
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len,
+                "data": SYNTHETIC}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("data") != SYNTHETIC or state.get("seed") != self.seed or state.get("seq_len") != self.seq_len:
+            raise ValueError(f"data loader state {state.get('data')!r} (seed {state.get('seed')}, seq_len "
+                             f"{state.get('seq_len')}) is not this run's synthetic data (seed {self.seed}, seq_len "
+                             f"{self.seq_len}); resume with the data and settings it was saved with")
+        self.consumed = state["consumed"]

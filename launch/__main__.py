@@ -5,6 +5,9 @@
         --gpus-per-node 8 --time 12:00:00 --partition gpu --train.run_dir=runs/125m
     python -m launch status runs/125m
     python -m launch resume runs/125m
+    python -m launch sweep configs/studies/tiny.toml           # a throughput study, point by point, here
+    python -m launch sweep configs/studies/x.toml --slurm --gpus-per-node 8 --time 00:30:00   # as job arrays
+    python -m launch report runs/studies/tiny/results.jsonl  # tables and plots
 """
 
 from __future__ import annotations
@@ -155,11 +158,59 @@ def cmd_status(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
+    from launch import report, sweep
+
+    if overrides:
+        sys.exit(f"sweep takes no training options ({' '.join(overrides)}): put them in the study's [base] table")
+    try:
+        study = sweep.load_study(args.study)
+    except sweep.StudyError as e:
+        sys.exit(f"study error: {e}")
+    out_dir = (args.out or Path("runs") / "studies" / study.name).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.slurm:
+        try:
+            jobs = sweep.submit_arrays(study, out_dir, gpus_per_node=args.gpus_per_node, time_limit=args.time,
+                                       partition=args.partition, account=args.account,
+                                       max_concurrent=args.max_concurrent, extra=args.sbatch)
+        except slurm.SlurmError as e:
+            sys.exit(str(e))
+        if not args.wait:
+            print(f"when the arrays have finished: python -m launch report {out_dir / 'results.jsonl'}")
+            return 0
+        sweep.wait_for_jobs(jobs)
+        bad = sum(r["status"] == "failed" for r in sweep.read_results(out_dir).values())
+    else:
+        bad = sweep.sweep_local(study, out_dir)
+    if (out_dir / "results.jsonl").exists() and not args.no_report:
+        md = report.write_report(out_dir / "results.jsonl", cluster_path=args.cluster)
+        print(f"report: {md} ({md.with_suffix('.html').name} and the plots beside it)")
+    return 1 if bad else 0
+
+
+def cmd_sweep_task(args: argparse.Namespace, overrides: list[str]) -> int:
+    from launch import sweep
+
+    return sweep.run_array_task(Path(args.out_dir), Path(args.array_file), args.index)
+
+
+def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
+    from launch import report
+
+    try:
+        md = report.write_report(args.results, args.out, cluster_path=args.cluster)
+    except (OSError, ValueError) as e:
+        sys.exit(str(e))
+    print(f"wrote {md}, {md.with_suffix('.html').name} and the plots in {md.parent}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     # No abbreviations: `--node 2` must be an error, not a silent `--nodes 2`; `--train.x` must stay unknown.
     p = argparse.ArgumentParser(prog="python -m launch", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,submit,status,resume}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,submit,status,resume,sweep,report}")
 
     run = sub.add_parser("run", allow_abbrev=False,
                          help="train on this machine with N processes (torchrun --standalone)",
@@ -210,6 +261,48 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--partition", help="another partition for this job")
     r.add_argument("--account", help="another account for this job")
     r.set_defaults(fn=cmd_resume)
+
+    sw = sub.add_parser("sweep", allow_abbrev=False, help="run a throughput study: every point of a grid, timed",
+                        description="Run every point of a study file (configs/studies/) here one after another, or "
+                                    "as SLURM job arrays; one JSON line per point in <out>/results.jsonl, then "
+                                    "the report. Points that cannot run are recorded with the reason; running "
+                                    "the sweep again skips points already done and retries failed ones.")
+    sw.add_argument("study", help="the study TOML ([study], [base], [grid]; see launch/sweep.py)")
+    sw.add_argument("--out", type=Path, help="output directory (default runs/studies/<study name>)")
+    sw.add_argument("--slurm", action="store_true",
+                    help="submit the points as job arrays (one per node shape) instead of running them here")
+    sw.add_argument("--wait", action="store_true", help="with --slurm: wait for the arrays, then write the report")
+    sw.add_argument("--gpus-per-node", type=int, default=0,
+                    help="with --slurm: GPUs to allocate per node (default 0: CPU processes)")
+    sw.add_argument("--time", help="with --slurm: time limit of one point, e.g. 00:30:00")
+    sw.add_argument("--partition", help="with --slurm: SLURM partition")
+    sw.add_argument("--account", help="with --slurm: account to charge")
+    sw.add_argument("--max-concurrent", type=int, default=0,
+                    help="with --slurm: array tasks running at once (default 0: no limit). Points sharing a node "
+                         "disturb each other's timing")
+    sw.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                    help="with --slurm: any other sbatch option, verbatim and repeatable")
+    sw.add_argument("--cluster", type=Path,
+                    help="cluster TOML (configs/clusters/) for the report's modelled step-time breakdown")
+    sw.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    sw.set_defaults(fn=cmd_sweep)
+
+    # Run inside a sweep's array task by slurm/sweep.sbatch; not for people.
+    task = sub.add_parser("sweep-task", allow_abbrev=False)
+    task.add_argument("out_dir")
+    task.add_argument("array_file")
+    task.add_argument("index", type=int)
+    task.set_defaults(fn=cmd_sweep_task)
+
+    rp = sub.add_parser("report", allow_abbrev=False, help="tables and plots of a study's results.jsonl",
+                        description="Write report.md, report.html and PNG plots (scaling with the ideal line, "
+                                    "MFU by architecture and sequence length, memory per recompute mode, the "
+                                    "modelled step-time breakdown) from a study's results.jsonl.")
+    rp.add_argument("results", type=Path, help="a study's results.jsonl")
+    rp.add_argument("--out", type=Path, help="directory for the report (default: beside results.jsonl)")
+    rp.add_argument("--cluster", type=Path,
+                    help="cluster TOML (configs/clusters/) for the modelled step-time breakdown plot")
+    rp.set_defaults(fn=cmd_report)
     return p
 
 

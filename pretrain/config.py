@@ -116,7 +116,7 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     path: str = ".data/stdlib"
-    """Shards from `python -m data.prepare`: their directory, manifest.json, or a manifest URL (file:, pipe:, http)."""
+    """Shards of `python -m data.prepare` (directory, manifest.json or its URL), or 'synthetic' (random tokens)."""
     tokenizer: str = "byte"
     """Tokenizer the data was prepared with: 'byte', a tokenizer.json or a .tiktoken file (checked against the data)."""
     blend: str = ""
@@ -193,6 +193,8 @@ class CheckpointConfig:
     """Keep the newest this many checkpoints (0 = keep all)."""
     resume: str = "auto"
     """auto (newest complete checkpoint in run_dir, if any) | none | a checkpoint directory."""
+    save_at_end: bool = True
+    """Save after the last step (sweeps turn it off: they time steps and keep no weights)."""
 
 
 @dataclass
@@ -386,6 +388,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.num_workers < 0 or cfg.data.shuffle_window < 1:
         raise ConfigError(f"data.num_workers must be >= 0 and data.shuffle_window >= 1; got "
                           f"{cfg.data.num_workers}, {cfg.data.shuffle_window}.")
+    if cfg.data.path == "synthetic" and (t.eval_interval or cfg.data.blend):
+        raise ConfigError("data.path='synthetic' has no validation split and cannot be blended; set "
+                          "train.eval_interval=0 and data.blend=''.")
     c = cfg.checkpoint
     if c.interval < 0 or c.keep_last < 0:
         raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0 (0 = off / keep all).")

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.stream import Loader, ValLoader, check_tokenizer, check_vocab
+from data.stream import SYNTHETIC, Loader, SyntheticLoader, ValLoader, check_tokenizer, check_vocab
 from launch.bootstrap import init_distributed, shutdown
 from launch.preemption import JobControl, stop_on_signals
 from parallel.data_parallel import set_gradient_sync
@@ -94,6 +95,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank so far: tensors allocated on the GPU, or the process's resident set on CPU
+    (which also counts the interpreter and libraries, a few hundred MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def build_loaders(cfg: Config, *, dp_rank: int, dp_size: int):
+    """This rank's training loader and validation loader (None without evaluation), checked against the model."""
+    d, seq_len, micro = cfg.data, cfg.model.seq_len, cfg.train.micro_batch
+    if d.path == SYNTHETIC:
+        return SyntheticLoader(cfg.model.vocab_size, seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank,
+                               dp_size=dp_size, seed=cfg.train.seed), None
+    check_vocab(d.path, cfg.model.vocab_size, blend=d.blend)
+    check_tokenizer(d.path, d.tokenizer, blend=d.blend)
+    loader = Loader(d.path, "train", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank, dp_size=dp_size,
+                    seed=cfg.train.seed, blend=d.blend, num_workers=d.num_workers, on_error=d.on_error,
+                    shuffle_window=d.shuffle_window)
+    val_loader = (ValLoader(d.val_path or d.path, "val", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank,
+                            dp_size=dp_size, blend="" if d.val_path else d.blend, on_error=d.on_error)
+                  if cfg.train.eval_interval else None)
+    return loader, val_loader
+
+
 def train(cfg: Config) -> list[float]:
     """Run (or resume) the configured training; returns the losses it logged (mean over ranks)."""
     t_start = time.monotonic()
@@ -109,16 +135,8 @@ def train(cfg: Config) -> list[float]:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
 
     # Data first: a data/tokenizer mismatch should fail before any model memory is allocated.
-    d = cfg.data
-    check_vocab(d.path, cfg.model.vocab_size, blend=d.blend)
-    check_tokenizer(d.path, d.tokenizer, blend=d.blend)
+    loader, val_loader = build_loaders(cfg, dp_rank=dp_rank, dp_size=dims.dp)
     seq_len, micro = cfg.model.seq_len, cfg.train.micro_batch
-    loader = Loader(d.path, "train", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank, dp_size=dims.dp,
-                    seed=cfg.train.seed, blend=d.blend, num_workers=d.num_workers, on_error=d.on_error,
-                    shuffle_window=d.shuffle_window)
-    val_loader = (ValLoader(d.val_path or d.path, "val", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank,
-                            dp_size=dims.dp, blend="" if d.val_path else d.blend, on_error=d.on_error)
-                  if cfg.train.eval_interval else None)
     grad_accum = cfg.train.global_batch // (micro * dims.dp)
 
     # Build on the meta device (no memory), lay out, then materialise and initialise identically everywhere.
@@ -175,7 +193,7 @@ def train(cfg: Config) -> list[float]:
                        "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
                        "tflops_per_gpu": achieved / 1e12, "mfu": achieved / peak if peak else None,
                        "tokens_seen": tokens_seen, "epoch": loader.epoch, "skipped_shards": len(loader.skipped_shards),
-                       "memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+                       "memory_gb": peak_memory_gb(device)}
             if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
                 batches = [tuple(t.to(device) for t in b) for b in val_loader.batches(cfg.train.eval_batches)]
                 val_loss = evaluate(model, batches, autocast)
@@ -185,7 +203,7 @@ def train(cfg: Config) -> list[float]:
 
         exiting = 0 < cfg.train.exit_after_steps <= steps_this_run
         exiting |= job.should_stop(step)  # collective: every rank saves and stops at the same step
-        if ckpt.due(step) or exiting or step == cfg.train.steps:
+        if ckpt.due(step) or exiting or (step == cfg.train.steps and cfg.checkpoint.save_at_end):
             ckpt.save(step, model=model.parts, optimizer=optimizers,
                       state={"data": loader.state_dict(), "tokens_seen": tokens_seen})
         if exiting and step < cfg.train.steps:

@@ -1,0 +1,164 @@
+"""Throughput studies: a real local sweep (torchrun, gloo), its results and report, re-runs, and a SLURM job array."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from launch import sweep
+from launch.report import efficiency, load_rows
+from tests.launch.conftest import REPO, clean_env
+
+STUDY = """\
+    [study]
+    name = "t"
+    warmup_steps = 1
+    timed_steps = 3
+
+    [base]
+    model = {{ d_model = 32, n_layers = 2, n_heads = 2, vocab_size = 128, seq_len = 32 }}
+    data = {{ path = "synthetic" }}
+    train = {{ global_batch = 4, micro_batch = 2, device = "cpu" }}
+
+    [grid]
+    {grid}
+    """
+
+
+def write_study(tmp_path: Path, grid: str, name: str = "study.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(STUDY.format(grid=grid)))
+    return path
+
+
+def launch(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd, env=clean_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def results(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_local_sweep_records_points_writes_report_and_skips_done_points_on_rerun(tmp_path):
+    study = write_study(tmp_path, '"parallel.tp" = [1, 2]\ngpus = [1, 2]')
+    out = tmp_path / "out"
+    run = launch("sweep", str(study), "--out", str(out), "--cluster", str(REPO / "configs/clusters/cpu-gloo.toml"),
+                 cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {(r["config"]["parallel"]["tp"], r["world_size"]): r for r in results(out)}
+    assert set(rows) == {(1, 1), (1, 2), (2, 1), (2, 2)}
+
+    invalid = rows[(2, 1)]
+    assert invalid["status"] == "invalid" and "does not divide the 1 processes" in invalid["reason"]
+    assert not (out / "points" / invalid["point"] / "train.log").exists(), "an invalid point must not start"
+    for key in [(1, 1), (1, 2), (2, 2)]:
+        r = rows[key]
+        assert r["status"] == "ok", r
+        # the timing is the mean over the timed steps of the run's own metrics (log.interval = 1)
+        logged = [json.loads(line) for line in (out / "points" / r["point"] / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in logged] == [1, 2, 3, 4]
+        step_times = [r["tokens_per_step"] / m["tokens_per_s"] for m in logged[1:]]
+        assert r["step_time_s"] == pytest.approx(sum(step_times) / 3)
+        assert r["tokens_per_step"] == 4 * 32
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / r["world_size"])
+        assert r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"] * r["flops_per_token"] / 1e12)
+        assert r["mfu"] is None and r["memory_kind"] == "cpu_rss_rank0" and r["peak_memory_gb"] > 0
+        assert len(r["rank_cpu_s"]) == r["world_size"] and r["versions"]["torch"]
+        assert not (out / "points" / r["point"] / "checkpoints").exists(), "a sweep point saves no checkpoint"
+    assert rows[(2, 2)]["config"]["parallel"]["tp"] == 2 and rows[(1, 2)]["config"]["parallel"]["dp"] in (0, 2)
+
+    for name in ("report.md", "report.html", "scaling.png", "mfu.png", "breakdown.png"):
+        assert (out / name).stat().st_size > 0, name
+    md = (out / "report.md").read_text()
+    assert "## Scaling efficiency" in md and "does not divide the 1 processes" in md
+    # the performance model, calibrated on the single-process point, gives it back and predicts the others
+    section = md.split("## Performance model check")[1].split("##")[0]
+    checks = {(cells[1].strip(), int(cells[2])): float(cells[5]) for cells in
+              (line.split("|") for line in section.splitlines() if line.startswith("| tp="))}
+    assert set(checks) == {("tp=1", 1), ("tp=1", 2), ("tp=2", 2)} and checks[("tp=1", 1)] == 1.0
+    assert efficiency(load_rows(out / "results.jsonl"))["tp=1"][1] == 1.0
+
+    # a second run skips every recorded point; a failed one runs again
+    lines = (out / "results.jsonl").read_text().splitlines()
+    again = launch("sweep", str(study), "--out", str(out), "--no-report", cwd=tmp_path)
+    assert again.returncode == 0 and "0 point(s) to run, 4 done or invalid" in again.stdout, again.stdout
+    assert (out / "results.jsonl").read_text().splitlines() == lines
+    failed = out / "points" / rows[(1, 1)]["point"] / "result.json"
+    failed.write_text(json.dumps({**json.loads(failed.read_text()), "status": "failed"}))
+    third = launch("sweep", str(study), "--out", str(out), "--no-report", cwd=tmp_path)
+    assert third.returncode == 0 and "1 point(s) to run, 3 done or invalid" in third.stdout, third.stdout
+    assert json.loads(failed.read_text())["status"] == "ok"
+
+
+def test_failed_point_is_recorded_with_its_error_and_the_sweep_goes_on(tmp_path):
+    # the data path does not exist: the config is valid, the run starts and stops with a clear error
+    study = write_study(tmp_path, '"data.path" = ["/nonexistent/shards"]')
+    out = tmp_path / "out"
+    run = launch("sweep", str(study), "--out", str(out), "--no-report", cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    (row,) = results(out)
+    assert row["status"] == "failed" and "/nonexistent/shards" in row["reason"], row["reason"]
+
+
+def test_failure_classifies_out_of_memory_and_keeps_the_last_error_line():
+    log = "step 1\nTraceback (most recent call last):\n  ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB\n"
+    assert sweep.failure(log, 1) == ("oom", "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB")
+    log = "Traceback:\nValueError: bad thing\nRuntimeError: worse thing happened\n"
+    assert sweep.failure(log, 1) == ("failed", "RuntimeError: worse thing happened")
+    assert sweep.failure("", -9)[1].startswith("killed by a signal")
+
+
+def test_study_expands_to_the_product_with_stable_ids(tmp_path):
+    study = sweep.load_study(write_study(tmp_path, '"model.arch" = ["transformer", "gla"]\n'
+                                                    'parallel = [{ tp = 1 }, { tp = 2, sequence_parallel = true }]\n'
+                                                    'gpus = [1, 2, 4]'))
+    points = sweep.expand(study)
+    assert len(points) == 12 and len({p.id for p in points}) == 12
+    assert [p.id for p in sweep.expand(study)] == [p.id for p in points]
+    assert points[-1].label == "arch=gla parallel=tp:2,sequence_parallel:true gpus=4"
+    assert points[-1].overrides["parallel"] == {"tp": 2, "sequence_parallel": True}
+    assert points[-1].overrides["model"]["arch"] == "gla" and points[-1].overrides["model"]["d_model"] == 32
+    study.base["model"]["d_model"] = 64  # another base is another study: no point may be taken as done
+    assert not {p.id for p in sweep.expand(study)} & {p.id for p in points}
+
+
+@pytest.mark.parametrize("grid, message", [
+    ('"model.arch" = "gla"', "needs a non-empty list"),
+    ('"modle.arch" = ["gla"]', "neither 'section.key' nor 'section'"),
+    ('model = [1, 2]', "must be tables"),
+])
+def test_bad_study_files_are_explained(tmp_path, grid, message):
+    with pytest.raises(sweep.StudyError, match=message):
+        sweep.load_study(write_study(tmp_path, grid))
+
+
+def test_invalid_config_values_are_invalid_points_not_crashes(tmp_path):
+    study = sweep.load_study(write_study(tmp_path, '"model.arch" = ["transformer", "mamba"]'))
+    reasons = [sweep.why_invalid(study, p, local=True) for p in sweep.expand(study)]
+    assert reasons[0] is None and "model.arch='mamba' is not one of" in reasons[1]
+
+
+def test_example_study_is_valid():
+    study = sweep.load_study(REPO / "configs" / "studies" / "tiny.toml")
+    assert all(sweep.why_invalid(study, p, local=True) is None for p in sweep.expand(study))
+
+
+@pytest.mark.slurm
+def test_sweep_as_a_job_array_on_slurm(slurm_cluster, tmp_path):
+    study = write_study(tmp_path, 'gpus = [1, 2]\nnodes = [1]')
+    out = tmp_path / "out"
+    run = launch("sweep", str(study), "--out", str(out), "--slurm", "--wait", "--time", "00:05:00", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("submitted job array") == 2  # one array per node shape: 1x1 and 1x2
+    rows = results(out)
+    assert sorted(r["world_size"] for r in rows) == [1, 2]
+    assert all(r["status"] == "ok" and r["slurm_job"].split("_")[1] == "0" for r in rows), rows
+    log = next((out / "slurm").glob("sweep-*_0.out")).read_text()
+    assert "array task" in log
+    assert (out / "report.md").exists()
