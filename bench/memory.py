@@ -1,10 +1,15 @@
 """Activation memory: the `gpt` preset against Korthikanti et al., and all four architectures with and without MsT.
 
-    python -m bench.memory [--seq 512] [--batch 1] [--d-model 256] [--heads 8] [--archs] [--max-seq 32768]
+    python -m bench.memory [--seq 512] [--batch 1] [--d-model 256] [--heads 8] [--tp 2] [--archs] [--max-seq 32768]
 
 Saved-activation bytes are the distinct storages autograd keeps for backward during one forward
-(`torch.autograd.graph.saved_tensors_hooks`), parameters excluded; per layer = (L layers) − (L − 1 layers).
-Prints one JSON object, then a table of measured vs formula bytes per layer for recompute none / selective / full.
+(`torch.autograd.graph.saved_tensors_hooks`), parameters excluded; under tensor parallelism a saved DTensor counts
+as its local shard, so the bytes are one rank's; per layer = (L layers) − (L − 1 layers).
+Prints one JSON object, then a table of measured vs formula bytes per layer for the rows of the paper's table 2:
+recompute none / selective / full on one process, and TP, TP+SP, TP+selective, TP+SP+selective on `--tp` gloo
+processes with the training run's own tensor-parallel plan (`parallel.parallelize`); writes the same to
+<out>/memory-gpt-cpu.json. Each row lists the terms by which this build differs from the paper, with the reason
+(`cpu_extra_bytes`); what is left (`unexplained`) must stay within 3% of the formula.
 With --archs it also measures, for transformer / FoX / GLA / RWKV-7 at tiny width, saved bytes per token per
 layer for each recompute mode × MsT off/on, and the peak live memory of one forward + backward (`PeakMemory`)
 against sequence length; it prints both as tables and writes them to <out>/memory-cpu-<N>core.json and a plot to
@@ -18,27 +23,43 @@ import json
 import os
 import platform
 import time
+import warnings
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
+from parallel.mesh import ParallelDims
 from parallel.minisequence import apply_minisequence
+from parallel.parallelize import parallelize
 from parallel.recompute import apply_recompute
 from pretrain.config import build_config
 from pretrain.models import build_model
 
 
+def _stored(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `t`'s data on this process: for a tensor subclass (a DTensor's local shard, the
+    result of a collective still in flight) its inner tensors, recursively, else `t`."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        inner = (getattr(t, name) for name in names)
+        return [x for i in inner if isinstance(i, torch.Tensor) for x in _stored(i)]  # a DTensor also names its mesh
+    return [t]
+
+
 def saved_bytes(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> int:
-    """Bytes of the distinct non-parameter storages saved for backward by one forward of model(tokens, labels)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """Bytes of the distinct non-parameter storages this process saves for backward in one forward of
+    model(tokens, labels)."""
+    params = {x.untyped_storage().data_ptr() for p in model.parameters() for x in _stored(p)}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params and t.device.type != "meta":
-            storages[s.data_ptr()] = s.nbytes()
+        for x in _stored(t):
+            s = x.untyped_storage()
+            if s.data_ptr() not in params and x.device.type != "meta":
+                storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -46,42 +67,116 @@ def saved_bytes(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tens
     return sum(storages.values())
 
 
-def gpt_config(*, seq: int, d_model: int, heads: int, layers: int, vocab: int = 128):
+def gpt_config(*, seq: int, d_model: int, heads: int, layers: int, vocab: int = 128, parallel: dict | None = None):
     return build_config({"model": {"preset": "gpt", "d_model": d_model, "n_heads": heads, "n_layers": layers,
-                                   "seq_len": seq, "vocab_size": vocab}})
+                                   "seq_len": seq, "vocab_size": vocab}, "parallel": parallel or {}})
 
 
 def per_layer_bytes(mode: str, *, seq: int, batch: int, d_model: int, heads: int, layers: int = 2,
-                    dtype: torch.dtype = torch.bfloat16) -> int:
-    """Saved bytes of `layers` minus `layers - 1` blocks of the gpt preset under recompute `mode`."""
+                    dtype: torch.dtype = torch.bfloat16, sequence_parallel: bool = False) -> int:
+    """Saved bytes of `layers` minus `layers - 1` blocks of the gpt preset under recompute `mode`.
+
+    On one process, or inside an initialised process group: then the model is tensor-parallel over all its
+    ranks (`parallelize`, the training run's plan) and the bytes are this rank's."""
+    tp = dist.get_world_size() if dist.is_initialized() else 1
     sizes = []
     for n in (layers - 1, layers):
-        cfg = gpt_config(seq=seq, d_model=d_model, heads=heads, layers=n)
-        torch.manual_seed(0)
+        cfg = gpt_config(seq=seq, d_model=d_model, heads=heads, layers=n,
+                         parallel={"tp": tp, "sequence_parallel": sequence_parallel, "recompute": mode})
+        mesh = ParallelDims.from_config(cfg, tp).build_mesh("cpu") if tp > 1 else None
+        torch.manual_seed(0)  # the same weights on every rank, as tensor parallelism expects
         model = build_model(cfg.model).to(dtype)
-        apply_recompute(model, mode)
+        model = parallelize(model, cfg, mesh, device=torch.device("cpu")).parts[0]
         model.train()
         tokens = torch.randint(0, cfg.model.vocab_size, (batch, seq))
         sizes.append(saved_bytes(model, tokens, tokens))
     return sizes[1] - sizes[0]
 
 
-def formula_bytes(mode: str, *, s: int, b: int, h: int, a: int) -> float:
-    """Korthikanti et al. 2022 (t = 1): none sbh(34 + 5as/h), selective 34·sbh, full 2sbh (DESIGN §5)."""
-    return s * b * h * {"none": 34 + 5 * a * s / h, "selective": 34, "full": 2}[mode]
+# The rows of Korthikanti et al.'s table 2 measured here: name → (tensor parallel, sequence parallel, recompute
+# mode); tensor-parallel rows run on t gloo processes (t = --tp, 2 by default).
+GPT_ROWS = {"none": (False, False, "none"), "selective": (False, False, "selective"), "full": (False, False, "full"),
+            "tp": (True, False, "none"), "tp+sp": (True, True, "none"), "tp+selective": (True, False, "selective"),
+            "tp+sp+selective": (True, True, "selective")}
 
 
-def cpu_extra_bytes(mode: str, *, s: int, b: int, h: int, a: int) -> dict[str, float]:
-    """The terms by which this CPU build differs from the paper, each explained (bf16, unfused attention):
+def formula(mode: str, *, t: int = 1, sp: bool = False) -> str:
+    """The paper's bytes per layer for `mode` as text, at tensor-parallel size t (written out for t = 1)."""
+    if mode == "full":
+        return "2sbh/t" if sp else "2sbh"
+    if t == 1:
+        return "sbh(34 + 5as/h)" if mode == "none" else "34sbh"
+    if mode == "none":
+        return "sbh(34/t + 5as/(ht))" if sp else "sbh(10 + 24/t + 5as/(ht))"
+    return "34sbh/t" if sp else "sbh(10 + 24/t)"
+
+
+def formula_bytes(mode: str, *, s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False) -> float:
+    """Korthikanti et al. 2022 (DESIGN §5): none sbh(10 + 24/t + 5as/(ht)), TP+SP sbh(34/t + 5as/(ht)), selective
+    sbh(10 + 24/t) and 34sbh/t with SP, full 2sbh; at t = 1 none is sbh(34 + 5as/h) and selective 34sbh.
+    Of the 34: 10 are replicated over the TP ranks without SP (the two LayerNorm inputs, the attention and MLP
+    inputs, 2sbh each; the two residual dropout masks, sbh each), 24 are split with the heads and the MLP width."""
+    if mode == "full":
+        return 2 * s * b * h / (t if sp else 1)
+    per_sbh = 34 / t if sp else 10 + 24 / t
+    if mode == "none":
+        per_sbh += 5 * a * s / (h * t)
+    return s * b * h * per_sbh
+
+
+def cpu_extra_bytes(mode: str, *, s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False) -> dict[str, float]:
+    """The terms by which this build differs from the paper, each explained (bf16, unfused attention, t TP ranks):
     the paper stores dropout masks as 1 byte each, eager CPU dropout keeps them in the input's dtype (2 bytes);
-    the unfused path materialises its causal mask (s² bools, per layer, not per sample); LayerNorm keeps its
-    mean and rstd (2 norms × 2 × sb, in bf16) which the paper neglects. Full recomputation keeps only block inputs."""
+    the unfused path materialises its causal mask (s² bools, per layer, not per sample, whole on every rank);
+    LayerNorm keeps its mean and rstd (2 norms × 2 × sb, in bf16) which the paper neglects. Under SP, DTensor's
+    all-gather before the attention and the MLP hands their first linear the gathered input, which autograd then
+    keeps whole (2sbh each), where Megatron keeps the 2sbh/t shard and gathers it again in backward (two more
+    all-gathers per block in exchange for the memory). Full recomputation keeps only block inputs."""
     if mode == "full":
         return {}
-    extra = {"residual dropout masks at 2 bytes": 2 * s * b * h, "layernorm mean and rstd": 8 * s * b}
+    shard = t if sp else 1  # what runs on the residual stream is split over the ranks only under SP
+    extra = {"residual dropout masks at 2 bytes": 2 * s * b * h / shard, "layernorm mean and rstd": 8 * s * b / shard}
+    if sp:
+        extra["all-gathered attention and MLP inputs kept whole"] = 2 * (2 * s * b * h - 2 * s * b * h / t)
     if mode == "none":
-        extra |= {"attention dropout mask at 2 bytes": a * s * s * b, "causal mask (s² bools)": s * s}
+        extra |= {"attention dropout mask at 2 bytes": a * s * s * b / t, "causal mask (s² bools)": s * s}
     return extra
+
+
+def gpt_row(name: str, measured: list[int], *, s: int, b: int, h: int, a: int) -> dict:
+    """One row of the formula check: `measured` holds each of the t ranks' bytes per layer (t = 1: one process)."""
+    _, sp, mode = GPT_ROWS[name]
+    t = len(measured)
+    expected = formula_bytes(mode, s=s, b=b, h=h, a=a, t=t, sp=sp)
+    extra = cpu_extra_bytes(mode, s=s, b=b, h=h, a=a, t=t, sp=sp)
+    unexplained = max(measured) - expected - sum(extra.values())
+    return {"t": t, "sequence_parallel": sp, "recompute": mode, "formula": formula(mode, t=t, sp=sp),
+            "measured_bytes": max(measured), "measured_bytes_per_rank": measured, "formula_bytes": expected,
+            "measured_over_sbh": max(measured) / (s * b * h), "formula_over_sbh": expected / (s * b * h),
+            "explained_extra_bytes": extra, "unexplained_bytes": unexplained,
+            "unexplained_fraction": unexplained / expected, "within_3pct": abs(unexplained) <= 0.03 * expected}
+
+
+def tp_rows_on_rank(names: list[str], s: int, b: int, h: int, a: int) -> dict[str, int]:
+    """Run on each rank of a process group (its size is t): this rank's bytes per layer for each row in `names`."""
+    # DTensor warns that its random ops (dropout) on a CPU mesh may not draw as on GPU; the masks' values do not
+    # change the bytes counted here
+    warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+    return {name: per_layer_bytes(GPT_ROWS[name][2], seq=s, batch=b, d_model=h, heads=a,
+                                  sequence_parallel=GPT_ROWS[name][1]) for name in names}
+
+
+def gpt_rows(*, s: int, b: int, h: int, a: int, tp: int = 2) -> dict[str, dict]:
+    """All rows of GPT_ROWS, the tensor-parallel ones on `tp` gloo processes (tp = 1 skips them)."""
+    from tests.dist import run_distributed  # the repository's gloo harness, as bench/comm.py uses it
+
+    measured = {name: [per_layer_bytes(mode, seq=s, batch=b, d_model=h, heads=a)]
+                for name, (tensor_parallel, _, mode) in GPT_ROWS.items() if not tensor_parallel}
+    parallel = [name for name, (tensor_parallel, _, _) in GPT_ROWS.items() if tensor_parallel]
+    if tp > 1 and parallel:
+        ranks = run_distributed(tp_rows_on_rank, tp, parallel, s, b, h, a)
+        measured |= {name: [r[name] for r in ranks] for name in parallel}
+    return {name: gpt_row(name, m, s=s, b=b, h=h, a=a) for name, m in measured.items()}
 
 
 class PeakMemory(TorchDispatchMode):
@@ -236,27 +331,36 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the TP rows (gloo processes; 1 = skip)")
     ap.add_argument("--archs", action="store_true", help="also the four architectures with and without MsT")
     ap.add_argument("--arch-seq", type=int, default=1024, help="sequence length of the per-layer bytes")
     ap.add_argument("--max-seq", type=int, default=32768, help="longest sequence of the peak sweep")
-    ap.add_argument("--out", default="bench/results", help="where --archs writes its JSON and plot")
+    ap.add_argument("--out", default="bench/results", help="where the JSON files and the plot go")
     args = ap.parse_args(argv)
     s, b, h, a = args.seq, args.batch, args.d_model, args.heads
-    rows = {}
-    for mode in ("none", "selective", "full"):
-        measured = per_layer_bytes(mode, seq=s, batch=b, d_model=h, heads=a)
-        formula = formula_bytes(mode, s=s, b=b, h=h, a=a)
-        extra = cpu_extra_bytes(mode, s=s, b=b, h=h, a=a)
-        rows[mode] = {"measured_bytes": measured, "formula_bytes": formula, "measured_over_sbh": measured / (s * b * h),
-                      "formula_over_sbh": formula / (s * b * h), "explained_extra_bytes": extra,
-                      "unexplained_bytes": measured - formula - sum(extra.values())}
-    print(json.dumps({"s": s, "b": b, "h": h, "a": a, "dtype": "bf16", "per_layer": rows}))
-    print(f"{'recompute':<10} {'measured':>12} {'formula':>12} {'meas/sbh':>9} {'form/sbh':>9} {'unexplained':>12}")
-    for mode, r in rows.items():
-        print(f"{mode:<10} {r['measured_bytes']:>12} {r['formula_bytes']:>12.0f} {r['measured_over_sbh']:>9.2f} "
-              f"{r['formula_over_sbh']:>9.2f} {r['unexplained_bytes']:>12.0f}")
+    rows = gpt_rows(s=s, b=b, h=h, a=a, tp=args.tp)
+    result = {"command": "python -m bench.memory" + (f" --tp {args.tp}" if args.tp != 2 else ""),
+              "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}",
+              "preset": "gpt, attn_impl=unfused", "s": s, "b": b, "h": h, "a": a, "dtype": "bf16",
+              "note": "bytes per layer on one rank (max over ranks; per rank in measured_bytes_per_rank); "
+                      "explained_extra_bytes: where this build differs from the paper and why (bench/memory.py, "
+                      "cpu_extra_bytes): 2-byte dropout masks (the paper: 1 byte), the unfused path's s^2 causal "
+                      "mask, LayerNorm mean and rstd, and under SP the all-gathered attention and MLP inputs, which "
+                      "autograd keeps whole where Megatron keeps the shard and gathers again in backward; "
+                      "unexplained = measured - formula - explained",
+              "per_layer": rows}
+    print(json.dumps(result))
+    print(f"{'row':<16} {'t':>2} {'formula':<26} {'measured':>10} {'formula':>11} {'meas/sbh':>9} {'form/sbh':>9} "
+          f"{'unexplained':>12}")
+    for name, r in rows.items():
+        print(f"{name:<16} {r['t']:>2} {r['formula']:<26} {r['measured_bytes']:>10} {r['formula_bytes']:>11.0f} "
+              f"{r['measured_over_sbh']:>9.3f} {r['formula_over_sbh']:>9.3f} "
+              f"{r['unexplained_bytes']:>8.0f} ({r['unexplained_fraction']:+.1%})")
         for term, nbytes in r["explained_extra_bytes"].items():
-            print(f"{'':<10} + {term}: {nbytes}")
+            print(f"{'':<16} + {term}: {nbytes:.0f} ({nbytes / (s * b * h):.3f} sbh)")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "memory-gpt-cpu.json"), "w") as f:
+        json.dump(result, f, indent=1)
     if args.archs:
         run_archs(seq=args.arch_seq, max_seq=args.max_seq, out=args.out)
 

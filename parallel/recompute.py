@@ -2,10 +2,11 @@
 
 `apply_recompute(model, mode)` with mode
 - "none": nothing changes.
-- "selective": recompute what is cheap to recompute and expensive to keep. Softmax attention (transformer, FoX):
-  the core attention `mixer.attend` (scores, softmax, dropout, · v), whose (B, H, T, T) tensors dominate.
-  GLA and RWKV-7 do not expose their chunked op as a method, so their whole mixer is recomputed (the op's
-  intra-chunk states included). `modules` adds block submodules by name, like megatron-core's
+- "selective": recompute what is cheap to recompute and expensive to keep: every mixer's `attend`, its core op.
+  Softmax attention (transformer, FoX): scores, softmax, dropout, · v, whose (B, H, T, T) tensors dominate.
+  GLA and RWKV-7: the chunked recurrence, whose intra-chunk tensors (decay-weighted scores, per-chunk states,
+  RWKV-7's per-chunk corrections) are several times the size of its inputs; the projections, gates and output
+  norm around it keep their activations. `modules` adds block submodules by name, like megatron-core's
   `recompute_modules`: "mlp", "norm" (the block's norms) or any attribute name of the block ("attn_norm").
 - "full": each chosen block keeps only its input (2sbh bytes in bf16) and runs again in backward.
 
@@ -49,8 +50,7 @@ def apply_recompute(model: nn.Module, mode: str, *, modules: tuple[str, ...] = (
             if int(key) % every == 0 and (first is None or int(key) < first):
                 checkpoint_method(block)
             continue
-        # the mixer's own `attend` when it has one (softmax attention), else the whole mixer
-        checkpoint_method(block.mixer, "attend" if hasattr(block.mixer, "attend") else "_call_impl")
+        checkpoint_method(block.mixer, "attend")
         for name in modules:
             names = [n for n in NORMS if getattr(block, n, None) is not None] if name == "norm" else [name]
             for n in names:

@@ -102,7 +102,7 @@ class ParallelConfig:
     compile: bool = False
     """torch.compile each block (CUDA only)."""
     recompute: str = "none"
-    """Activation recomputation: none | selective (core attention; GLA/RWKV-7: whole mixer) | full (whole blocks)."""
+    """Activation recomputation: none | selective (each mixer's attention or chunked recurrence) | full (blocks)."""
     recompute_modules: str = ""
     """Selective: extra block submodules to recompute, comma-separated (e.g. 'mlp,norm')."""
     recompute_every: int = 1

@@ -84,9 +84,14 @@ class GatedLinearAttention(nn.Module):
         # the log decay is formed in fp32 (or wider): under bf16 autocast logsigmoid(·)/16 loses small values
         gk = at_least_fp32(self.gk_proj(x)).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk)
         g = F.logsigmoid(gk) / GATE_NORMALIZER  # (B, T, H, Dk): log decay
-        o = gla(q, k, v, g, impl=self.impl)  # (B, T, H, Dv)
+        o = self.attend(q, k, v, g)  # (B, T, H, Dv)
         o = self.o_norm(o) * F.silu(self.g_proj(x)).view_as(o)  # (B, T, H, Dv)
         return self.o_proj(o.flatten(2)), carry
+
+    def attend(self, q, k, v, g):
+        """The chunked recurrence alone, as its own method (named like the softmax mixers' `attend`) so that it
+        can be recomputed in backward without the projections around it."""
+        return gla(q, k, v, g, impl=self.impl)  # (B, T, H, Dv)
 
 
 def build_gla(cfg: ModelConfig) -> LanguageModel:

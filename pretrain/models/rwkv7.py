@@ -121,10 +121,15 @@ class RWKV7TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, -1, D), dim=-1)  # (B, T, H, D): κ̂, unit length per head
         k = k * (1 + (a - 1) * self.k_a)  # (B, T, H·D)
         k, v, a = (t.view(B, T, -1, D) for t in (k, v, a))  # (B, T, H, D) each
-        o = rwkv7(r, w, k, v, -kk, kk * a, impl=self.impl)  # (B, T, H, D)
+        o = self.attend(r, w, k, v, -kk, kk * a)  # (B, T, H, D)
         bonus = (r * k * self.r_k.view(-1, D)).sum(-1, keepdim=True) * v  # (B, T, H, D): the current token's own term
         o = self.o_norm(o) + bonus  # (B, T, H, D)
         return self.o_proj(o.flatten(2) * g), v_first
+
+    def attend(self, r, w, k, v, a, b):
+        """The chunked recurrence alone, as its own method (named like the softmax mixers' `attend`) so that it
+        can be recomputed in backward without the projections around it."""
+        return rwkv7(r, w, k, v, a, b, impl=self.impl)  # (B, T, H, D)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -1,13 +1,15 @@
 """Activation recomputation changes memory, never results: every mode gives the plain path's loss and gradients
 bitwise (float32, CPU), dropout masks included, on one process and under tp=2 + SP, pp=2 and FSDP2 (within the
-layout tests' 1e-5); and the saved bytes per layer match Korthikanti et al.'s formulas term by term."""
+layout tests' 1e-5); and the saved bytes per layer match Korthikanti et al.'s formulas term by term, on one process
+and per rank under tp=2 with and without SP."""
 
 import functools
 
 import pytest
 import torch
 
-from bench.memory import cpu_extra_bytes, formula_bytes, per_layer_bytes
+from bench.memory import (GPT_ROWS, arch_bytes_per_token, cpu_extra_bytes, formula_bytes, gpt_row, per_layer_bytes,
+                          tp_rows_on_rank)
 from parallel.parallelize import parallelize
 from parallel.recompute import apply_recompute
 from pretrain.config import ConfigError, build_config
@@ -94,6 +96,31 @@ def test_saved_bytes_match_korthikanti(mode):
     measured = per_layer_bytes(mode, seq=s, batch=b, d_model=h, heads=a)
     extra = cpu_extra_bytes(mode, s=s, b=b, h=h, a=a)
     assert measured == formula_bytes(mode, s=s, b=b, h=h, a=a) + sum(extra.values()), (measured, extra)
+
+
+def test_tensor_parallel_saved_bytes_match_korthikanti():
+    """TP, TP+SP, TP+selective, TP+SP+selective (t = 2, the training run's plan): each rank's saved bytes per gpt
+    layer = sbh(10 + 24/t + 5as/(ht)), sbh(34/t + 5as/(ht)), sbh(10 + 24/t), 34sbh/t plus the explained terms."""
+    s, b, h, a = 32, 2, 48, 4
+    names = [name for name, (tensor_parallel, _, _) in GPT_ROWS.items() if tensor_parallel]
+    ranks = run_distributed(tp_rows_on_rank, 2, names, s, b, h, a)
+    for name in names:
+        row = gpt_row(name, [r[name] for r in ranks], s=s, b=b, h=h, a=a)
+        assert len(set(row["measured_bytes_per_rank"])) == 1, row  # heads and sequence split evenly
+        assert row["unexplained_bytes"] == 0, row
+
+
+@pytest.mark.parametrize("arch", ["gla", "rwkv7"])
+def test_linear_mixers_selective_recomputes_the_recurrence(arch):
+    """Selective wraps only the chunked recurrence (`mixer.attend`): its intra-chunk tensors are not kept, the
+    projections, gates and norms around it are, so it keeps less than none and more than full recomputation."""
+    model = build_model(tiny_config(arch).model)
+    apply_recompute(model, "selective")
+    mixer = model.layers["0"].mixer
+    assert isinstance(mixer.__dict__.get("attend"), functools.partial) and "_call_impl" not in mixer.__dict__
+    saved = {mode: arch_bytes_per_token(arch, mode, mst=1, seq=64, dtype=torch.bfloat16)
+             for mode in ("none", "selective", "full")}
+    assert saved["full"] < saved["selective"] < saved["none"], saved
 
 
 TRAIN = {"micro_batch": 2}
