@@ -84,6 +84,19 @@ def _pyplot():
     return plt
 
 
+def _save(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str) -> bool:
+    """Label, lay out, write and close a figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return True
+
+
 def plot_scaling(rows: list[dict], path: Path) -> bool:
     series = {k: v for k, v in _by_series(rows).items() if len(v) > 1}
     if not series:
@@ -98,15 +111,8 @@ def plot_scaling(rows: list[dict], path: Path) -> bool:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({g for group in series.values() for g in group}))
     ax.get_xaxis().set_major_formatter("{x:.0f}")
-    ax.set_xlabel("GPUs (processes)")
-    ax.set_ylabel("tokens/s per GPU")
-    ax.set_title("Scaling (dashed: ideal, flat per GPU)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path, xlabel="GPUs (processes)", ylabel="tokens/s per GPU",
+                 title="Scaling (dashed: ideal, flat per GPU)")
 
 
 def plot_mfu(rows: list[dict], path: Path) -> bool:
@@ -128,15 +134,9 @@ def plot_mfu(rows: list[dict], path: Path) -> bool:
         xs = [j + i * width for j in range(len(seqs))]
         ax.bar(xs, [best.get((arch, s), 0.0) for s in seqs], width, label=arch)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(seqs))], [str(s) for s in seqs])
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("MFU (%)" if use_mfu else "TFLOP/s per GPU (no known peak for this device)")
-    ax.set_title("Model FLOPs utilisation, best layout per bar" if use_mfu else "Achieved TFLOP/s, best layout")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path, xlabel="sequence length",
+                 ylabel="MFU (%)" if use_mfu else "TFLOP/s per GPU (no known peak for this device)",
+                 title="Model FLOPs utilisation, best layout per bar" if use_mfu else "Achieved TFLOP/s, best layout")
 
 
 def plot_memory(rows: list[dict], path: Path) -> bool:
@@ -158,16 +158,9 @@ def plot_memory(rows: list[dict], path: Path) -> bool:
         seqs = sorted(points)
         ax.plot(seqs, [points[s] for s in seqs], "o-", label=key)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("peak GPU memory allocated (GB)" if kinds == {"gpu_allocated"}
-                  else "peak memory (GB; CPU: resident set of rank 0)")
-    ax.set_title("Peak memory per recompute mode")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    ylabel = ("peak GPU memory allocated (GB)" if kinds == {"gpu_allocated"}
+              else "peak memory (GB; CPU: resident set of rank 0)")
+    return _save(fig, ax, path, xlabel="sequence length", ylabel=ylabel, title="Peak memory per recompute mode")
 
 
 def modelled(rows: list[dict], cluster) -> list[tuple[dict, object]]:
@@ -217,13 +210,7 @@ def plot_breakdown(pairs: list[tuple[dict, object]], path: Path) -> bool:
         left = [a + b for a, b in zip(left, widths)]
     ax.plot([t * 1e3 for _, t, _ in items], range(len(items)), "k|", markersize=18, label="measured step")
     ax.set_yticks(range(len(items)), [label for label, _, _ in items], fontsize=7)
-    ax.set_xlabel("ms per step")
-    ax.set_title("Measured step time | modelled split")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path, xlabel="ms per step", ylabel="", title="Measured step time | modelled split")
 
 
 # ------------------------------------------------------------------------------------------------ text

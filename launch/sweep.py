@@ -188,24 +188,29 @@ def point_config(study: Study, point: Point):
     return build_config(file_values, point.overrides, file_name=str(study.config or "the study"))
 
 
-def why_invalid(study: Study, point: Point, *, local: bool) -> str | None:
-    """Why the point cannot run (a config or layout error), or None if it can be tried."""
+def why_invalid(study: Study, point: Point) -> str | None:
+    """Why the point can never run (a config or layout error), or None."""
     from parallel.mesh import ParallelDims
 
     if point.gpus < 1 or point.nodes < 1 or point.gpus % point.nodes:
         return f"gpus={point.gpus} must be a positive multiple of nodes={point.nodes}"
-    if local and point.nodes > 1:
-        return f"nodes={point.nodes}: a local sweep runs on this machine only; submit with --slurm"
     try:
-        cfg = point_config(study, point)
-        ParallelDims.from_config(cfg, point.gpus)
+        ParallelDims.from_config(point_config(study, point), point.gpus)
     except ConfigError as e:
         return str(e)
-    if local:
-        import torch
+    return None
 
-        if cfg.train.device != "cpu" and torch.cuda.is_available() and point.gpus > torch.cuda.device_count():
-            return f"gpus={point.gpus} but this machine has {torch.cuda.device_count()} GPU(s)"
+
+def why_not_here(study: Study, point: Point) -> str | None:
+    """Why a valid point cannot run on this machine (a local sweep), or None. Such points are not recorded: a
+    sweep on SLURM, or on a bigger machine, runs them."""
+    import torch
+
+    if point.nodes > 1:
+        return f"nodes={point.nodes}: a local sweep runs on this machine only; submit with --slurm"
+    device = point_config(study, point).train.device
+    if device != "cpu" and torch.cuda.is_available() and point.gpus > torch.cuda.device_count():
+        return f"gpus={point.gpus} but this machine has {torch.cuda.device_count()} GPU(s)"
     return None
 
 
@@ -369,29 +374,33 @@ def run_point(study: Study, point: Point, out_dir: Path, *, launcher: str) -> di
     return row
 
 
-def plan(study: Study, out_dir: Path, *, local: bool, retry: bool = True) -> tuple[list[Point], list[Point]]:
-    """(points to run, points skipped because done); invalid points are recorded here and count as done."""
+def plan(study: Study, out_dir: Path, *, local: bool) -> tuple[list[Point], list[Point]]:
+    """(points to run, points not to run: done, invalid, or too big for this machine). Invalid points are
+    recorded here; failed ones run again."""
     done = read_results(out_dir)
     todo, skipped = [], []
     for point in expand(study):
         previous = done.get(point.id)
-        if previous and (previous["status"] in DONE or not retry):
+        if previous and previous["status"] in DONE:
             skipped.append(point)
             continue
-        reason = why_invalid(study, point, local=local)
+        reason = why_invalid(study, point)
         if reason:
             write_result(out_dir, base_row(study, point, "invalid", reason))
             print(f"  invalid  {point.label}: {reason}", flush=True)
             skipped.append(point)
-            continue
-        todo.append(point)
+        elif local and (reason := why_not_here(study, point)):
+            print(f"  not here {point.label}: {reason}", flush=True)
+            skipped.append(point)
+        else:
+            todo.append(point)
     return todo, skipped
 
 
 def sweep_local(study: Study, out_dir: Path) -> int:
     """Run the study's points here one after another; the number that did not end ok (invalid ones excluded)."""
     todo, skipped = plan(study, out_dir, local=True)
-    print(f"study {study.name}: {len(todo)} point(s) to run, {len(skipped)} done or invalid; results in "
+    print(f"study {study.name}: {len(todo)} point(s) to run, {len(skipped)} done, invalid or not for here; results in "
           f"{out_dir / 'results.jsonl'}", flush=True)
     bad, start = 0, time.monotonic()
     for i, point in enumerate(todo, 1):

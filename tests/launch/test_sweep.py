@@ -87,12 +87,12 @@ def test_local_sweep_records_points_writes_report_and_skips_done_points_on_rerun
     # a second run skips every recorded point; a failed one runs again
     lines = (out / "results.jsonl").read_text().splitlines()
     again = launch("sweep", str(study), "--out", str(out), "--no-report", cwd=tmp_path)
-    assert again.returncode == 0 and "0 point(s) to run, 4 done or invalid" in again.stdout, again.stdout
+    assert again.returncode == 0 and "0 point(s) to run, 4 done, invalid or not for here" in again.stdout, again.stdout
     assert (out / "results.jsonl").read_text().splitlines() == lines
     failed = out / "points" / rows[(1, 1)]["point"] / "result.json"
     failed.write_text(json.dumps({**json.loads(failed.read_text()), "status": "failed"}))
     third = launch("sweep", str(study), "--out", str(out), "--no-report", cwd=tmp_path)
-    assert third.returncode == 0 and "1 point(s) to run, 3 done or invalid" in third.stdout, third.stdout
+    assert third.returncode == 0 and "1 point(s) to run, 3 done, invalid or not for here" in third.stdout, third.stdout
     assert json.loads(failed.read_text())["status"] == "ok"
 
 
@@ -140,13 +140,14 @@ def test_bad_study_files_are_explained(tmp_path, grid, message):
 
 def test_invalid_config_values_are_invalid_points_not_crashes(tmp_path):
     study = sweep.load_study(write_study(tmp_path, '"model.arch" = ["transformer", "mamba"]'))
-    reasons = [sweep.why_invalid(study, p, local=True) for p in sweep.expand(study)]
+    reasons = [sweep.why_invalid(study, p) for p in sweep.expand(study)]
     assert reasons[0] is None and "model.arch='mamba' is not one of" in reasons[1]
 
 
 def test_example_study_is_valid():
     study = sweep.load_study(REPO / "configs" / "studies" / "tiny.toml")
-    assert all(sweep.why_invalid(study, p, local=True) is None for p in sweep.expand(study))
+    assert all(sweep.why_invalid(study, p) is None and sweep.why_not_here(study, p) is None
+               for p in sweep.expand(study))
 
 
 @pytest.mark.slurm
@@ -162,3 +163,13 @@ def test_sweep_as_a_job_array_on_slurm(slurm_cluster, tmp_path):
     log = next((out / "slurm").glob("sweep-*_0.out")).read_text()
     assert "array task" in log
     assert (out / "report.md").exists()
+
+
+def test_points_too_big_for_this_machine_are_left_for_slurm_not_recorded(tmp_path, capsys):
+    study = sweep.load_study(write_study(tmp_path, 'gpus = [2]\nnodes = [2]'))
+    out = tmp_path / "out"
+    todo, skipped = sweep.plan(study, out, local=True)
+    assert todo == [] and len(skipped) == 1 and "submit with --slurm" in capsys.readouterr().out
+    assert not (out / "results.jsonl").exists()
+    todo, _ = sweep.plan(study, out, local=False)
+    assert len(todo) == 1
