@@ -502,7 +502,8 @@ def predict(model_cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Clust
         alpha, beta = cluster.link(d * t * p > g)  # neighbours are dp·tp ranks apart
         pp_s = volume_time(vol, group=2, alpha=alpha, beta=beta)
     if d > 1:
-        vol = dp_volume(rank_params(st, model_cfg, layout), units=L // p + 1, micro_batches=m, fsdp=layout.data_parallel == "fsdp",
+        vol = dp_volume(rank_params(st, model_cfg, layout), units=L // p + 1, micro_batches=m,
+                        fsdp=layout.data_parallel == "fsdp",
                         reshard_after_forward=layout.reshard_after_forward, gather_bytes=cluster.dtype_bytes,
                         reduce_bytes=4)
         alpha, beta = cluster.link(d * t > g)

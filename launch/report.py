@@ -189,7 +189,8 @@ def model_check(pairs: list[tuple[dict, object]], cluster_name: str) -> list[str
         return []
     out = ["", f"## Performance model check ({cluster_name})", "",
            "PREDICTED by launch/perfmodel.py from the single-process points, against what was measured.", "",
-           "| point | GPUs | measured tokens/s | predicted tokens/s | predicted / measured |", "|---|---:|---:|---:|---:|"]
+           "| point | GPUs | measured tokens/s | predicted tokens/s | predicted / measured |",
+           "|---|---:|---:|---:|---:|"]
     for row, pred in sorted(pairs, key=lambda p: (series_key(p[0]), p[0]["world_size"])):
         out.append(f"| {series_key(row)} | {row['world_size']} | {row['tokens_per_s']:,.0f} | "
                    f"{pred.tokens_per_s:,.0f} | {pred.tokens_per_s / row['tokens_per_s']:.2f} |")

@@ -280,6 +280,8 @@ def base_row(study: Study, point: Point, status: str, reason: str | None = None)
 
 def measure(study: Study, point: Point, run_dir: Path) -> dict:
     """The timing of a finished run from its metrics.jsonl and step_times.jsonl (steps after the warm-up)."""
+    import torch
+
     from pretrain.metrics import flops_per_token, peak_flops
 
     cfg = point_config(study, point)
@@ -294,8 +296,6 @@ def measure(study: Study, point: Point, run_dir: Path) -> dict:
     tokens_per_s = tokens_per_step / step_time
     flops = flops_per_token(cfg.model)
     tflops = tokens_per_s * flops / point.gpus / 1e12
-    import torch
-
     on_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
     peak = peak_flops(torch.device("cuda")) if on_gpu else None
     ranks = [json.loads(line) for line in (run_dir / "step_times.jsonl").read_text().splitlines() if line.strip()]
@@ -306,7 +306,8 @@ def measure(study: Study, point: Point, run_dir: Path) -> dict:
     return {
         "device": device_name(), "step_time_s": step_time,
         "step_time_std_s": statistics.stdev(step_times) if len(step_times) > 1 else 0.0,
-        "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / point.gpus,
+        "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_gpu": tokens_per_s / point.gpus,
         "flops_per_token": flops, "tflops_per_gpu": tflops, "mfu": tflops * 1e12 / peak if peak else None,
         "peak_memory_gb": max(memory) if memory else None,
         "memory_kind": "gpu_allocated" if on_gpu else "cpu_rss_rank0",

@@ -52,7 +52,8 @@ def test_collective_times_are_ring_alpha_beta():
     for kind in ("all_gather", "reduce_scatter"):
         assert collective_time(kind, calls=2, nbytes=n, group=8, alpha=alpha, beta=beta) == \
             pytest.approx(7 / 8 * n / beta + 2 * 7 * alpha)
-    assert collective_time("send", calls=3, nbytes=n, group=2, alpha=alpha, beta=beta) == pytest.approx(n / beta + 3 * alpha)
+    send = collective_time("send", calls=3, nbytes=n, group=2, alpha=alpha, beta=beta)
+    assert send == pytest.approx(n / beta + 3 * alpha)
     assert collective_time("all_reduce", calls=5, nbytes=n, group=1, alpha=alpha, beta=beta) == 0.0
 
 
@@ -130,7 +131,8 @@ def test_a_7b_like_transformer_on_1024_gpus():
     assert preds and preds[0].layout.tp <= 8 and preds[0].layout.gpus == 1024
     assert 0.1 < preds[0].mfu < H100.efficiency  # communication and bubble only take away from peak × efficiency
     # the whole model replicated with AdamW states (16 bytes × 6.7B) cannot fit on one 80 GB device
-    assert not predict(cfg, Layout(dp=1024, data_parallel="ddp", micro_batch=1, global_batch=1024), 4096, H100).fits_in_memory
+    replicated = Layout(dp=1024, data_parallel="ddp", micro_batch=1, global_batch=1024)
+    assert not predict(cfg, replicated, 4096, H100).fits_in_memory
 
 
 def test_cli_prints_predictions(capsys, tmp_path):
