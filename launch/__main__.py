@@ -173,19 +173,29 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
         try:
             jobs = sweep.submit_arrays(study, out_dir, gpus_per_node=args.gpus_per_node, time_limit=args.time,
                                        partition=args.partition, account=args.account,
-                                       max_concurrent=args.max_concurrent, extra=args.sbatch)
-        except slurm.SlurmError as e:
+                                       max_concurrent=args.max_concurrent, exclusive=not args.shared,
+                                       extra=args.sbatch)
+        except (slurm.SlurmError, sweep.StudyError) as e:
             sys.exit(str(e))
         if not args.wait:
             print(f"when the arrays have finished: python -m launch report {out_dir / 'results.jsonl'}")
             return 0
-        sweep.wait_for_jobs(jobs)
-        bad = sum(r["status"] == "failed" for r in sweep.read_results(out_dir).values())
+        sweep.wait_for_jobs(list(jobs))
+        results = sweep.read_results(out_dir)
+        missing = [p for ids in jobs.values() for p in ids if p not in results]
+        if missing:
+            print(f"{len(missing)} submitted point(s) left no result (killed by SLURM?): see "
+                  f"{out_dir / 'slurm'}/sweep-*.out", flush=True)
+        bad = len(missing) + sum(results[p]["status"] == "failed" for ids in jobs.values() for p in ids
+                                 if p in results)
     else:
         bad = sweep.sweep_local(study, out_dir)
     if (out_dir / "results.jsonl").exists() and not args.no_report:
-        md = report.write_report(out_dir / "results.jsonl", cluster_path=args.cluster)
-        print(f"report: {md} ({md.with_suffix('.html').name} and the plots beside it)")
+        try:
+            md = report.write_report(out_dir / "results.jsonl", cluster_path=args.cluster)
+            print(f"report: {md} ({md.with_suffix('.html').name} and the plots beside it)")
+        except (OSError, ValueError, ImportError) as e:
+            print(f"the results are saved, but the report failed: {e}", file=sys.stderr)
     return 1 if bad else 0
 
 
@@ -274,12 +284,14 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--wait", action="store_true", help="with --slurm: wait for the arrays, then write the report")
     sw.add_argument("--gpus-per-node", type=int, default=0,
                     help="with --slurm: GPUs to allocate per node (default 0: CPU processes)")
-    sw.add_argument("--time", help="with --slurm: time limit of one point, e.g. 00:30:00")
+    sw.add_argument("--time", help="with --slurm: time limit of one point, e.g. 00:30:00 (default: the study's "
+                                   "point_timeout_minutes + 5 minutes)")
     sw.add_argument("--partition", help="with --slurm: SLURM partition")
     sw.add_argument("--account", help="with --slurm: account to charge")
     sw.add_argument("--max-concurrent", type=int, default=0,
-                    help="with --slurm: array tasks running at once (default 0: no limit). Points sharing a node "
-                         "disturb each other's timing")
+                    help="with --slurm: array tasks running at once (default 0: no limit)")
+    sw.add_argument("--shared", action="store_true",
+                    help="with --slurm: let points share nodes (default: --exclusive, so timings are undisturbed)")
     sw.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                     help="with --slurm: any other sbatch option, verbatim and repeatable")
     sw.add_argument("--cluster", type=Path,

@@ -40,8 +40,12 @@ def _cfg(row: dict, section: str, key: str, default=None):
 
 
 def series_key(row: dict) -> str:
-    """What a row measures apart from how many GPUs ran it: its label without gpus / nodes."""
-    return " ".join(t for t in row["label"].split() if not t.startswith(("gpus=", "nodes="))) or "(all)"
+    """What a row measures apart from how many GPUs ran it: its label without gpus."""
+    return " ".join(t for t in row["label"].split() if not t.startswith("gpus=")) or "(all)"
+
+
+def size(row: dict) -> str:
+    return f"d{_cfg(row, 'model', 'd_model')}-L{_cfg(row, 'model', 'n_layers')}"
 
 
 def layout(row: dict) -> str:
@@ -123,7 +127,7 @@ def plot_mfu(rows: list[dict], path: Path) -> bool:
     metric = "mfu" if use_mfu else "tflops_per_gpu"
     best: dict[tuple[str, int], float] = {}
     for r in ok:
-        key = (_cfg(r, "model", "arch"), _cfg(r, "model", "seq_len"))
+        key = (f"{_cfg(r, 'model', 'arch')} {size(r)}", _cfg(r, "model", "seq_len"))
         best[key] = max(best.get(key, 0.0), r[metric] * (100 if use_mfu else 1))
     archs = sorted({a for a, _ in best})
     seqs = sorted({s for _, s in best})
@@ -143,9 +147,7 @@ def plot_memory(rows: list[dict], path: Path) -> bool:
     lines: dict[str, dict[int, float]] = defaultdict(dict)
     for r in rows:
         if r["status"] == "ok" and r.get("peak_memory_gb") is not None:
-            mode = _cfg(r, "parallel", "recompute", "none")
-            chunks = _cfg(r, "parallel", "minisequence_chunks", 1)
-            key = f"{_cfg(r, 'model', 'arch')} recompute={mode}" + (f" MsT={chunks}" if chunks > 1 else "")
+            key = f"{_cfg(r, 'model', 'arch')} {size(r)} {layout(r)}"
             seq = _cfg(r, "model", "seq_len")
             lines[key][seq] = max(lines[key].get(seq, 0.0), r["peak_memory_gb"])
     lines = {k: v for k, v in lines.items() if len(v) > 1}
@@ -158,9 +160,9 @@ def plot_memory(rows: list[dict], path: Path) -> bool:
         seqs = sorted(points)
         ax.plot(seqs, [points[s] for s in seqs], "o-", label=key)
     ax.set_xscale("log", base=2)
-    ylabel = ("peak GPU memory allocated (GB)" if kinds == {"gpu_allocated"}
-              else "peak memory (GB; CPU: resident set of rank 0)")
-    return _save(fig, ax, path, xlabel="sequence length", ylabel=ylabel, title="Peak memory per recompute mode")
+    ylabel = ("peak GPU memory allocated (GiB)" if kinds == {"gpu_allocated"}
+              else "peak memory (GiB; CPU: resident set of rank 0)")
+    return _save(fig, ax, path, xlabel="sequence length", ylabel=ylabel, title="Peak memory per layout and recompute mode")
 
 
 def modelled(rows: list[dict], cluster) -> list[tuple[dict, object]]:
@@ -224,12 +226,12 @@ def tables(rows: list[dict]) -> list[str]:
     """Markdown lines: the points, then scaling efficiency, then the points that did not run."""
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (series_key(r), r["world_size"]))
     out = ["## Points", "", "| point | layout | GPUs | tokens/s | tokens/s/GPU | step ms (± sd) | TFLOP/s/GPU | "
-           "MFU | peak mem GB | rank spread |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "MFU | peak mem GiB | rank CPU spread |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in ok:
         out.append(f"| {series_key(r)} | {layout(r)} | {r['world_size']} | {r['tokens_per_s']:,.0f} | "
                    f"{r['tokens_per_s_per_gpu']:,.0f} | {r['step_time_s'] * 1e3:.1f} ± "
                    f"{r['step_time_std_s'] * 1e3:.1f} | {r['tflops_per_gpu']:.3g} | {_fmt(r.get('mfu'), '.1%')} | "
-                   f"{_fmt(r.get('peak_memory_gb'), '.2f')} | {_fmt(r.get('rank_spread'), '.1%')} |")
+                   f"{_fmt(r.get('peak_memory_gb'), '.2f')} | {_fmt(r.get('rank_cpu_spread'), '.1%')} |")
     eff = {k: v for k, v in efficiency(rows).items() if len(v) > 1}
     if eff:
         counts = sorted({g for v in eff.values() for g in v})

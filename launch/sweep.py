@@ -20,13 +20,16 @@ A study file (TOML) names a base run and a grid; every combination of the grid's
     nodes = [1]                   # nodes per point (SLURM; locally only 1)
 
 Each point runs `pretrain.train` for warmup_steps + timed_steps steps under torchrun (locally, one point after
-another) or srun (one SLURM job array per node shape, `slurm/sweep.sbatch`), logging every step and saving no
-checkpoint, in `<out>/points/<id>/`. Its result (`result.json` there, and one line of `<out>/results.jsonl`) is:
+another) or srun (one SLURM job array per node shape, `slurm/sweep.sbatch`, on whole nodes unless --shared),
+logging every step and saving no checkpoint, in `<out>/points/<id>/` (locked while it runs, so two sweeps
+never run one point at once; points still queued in an earlier submission are not submitted again). Its result (`result.json` there, and one line of `<out>/results.jsonl`) is:
 status ok | invalid (the layout cannot run: the reason says why, nothing was started) | oom | failed (the
 reason is the error's last line), the point's overrides and full config, device, world size, nodes, timed step
 time (mean, standard deviation), tokens/s total and per GPU, TFLOP/s per GPU, MFU (GPUs with a known peak),
-peak memory (GPU: allocated by tensors; CPU: resident set of rank 0), per-rank step times and their spread,
-software versions. The point id hashes everything that defines the point, so running the sweep again skips
+peak memory in GiB (GPU: allocated by tensors in the training loop; CPU: resident set of rank 0), per-rank wall
+and CPU seconds per step (`rank_cpu_spread`: (max − min) / mean of the CPU seconds, which show a slow rank
+where collectives make the wall times equal), software versions. Paths in [base] (data.path) are relative to
+the directory the sweep runs in; [study] config is relative to the study file. The point id hashes everything that defines the point, so running the sweep again skips
 points already recorded as ok, invalid or oom, and runs failed ones again.
 """
 
@@ -36,6 +39,7 @@ import fcntl
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -54,6 +58,8 @@ from pretrain.config import SECTIONS, ConfigError, build_config
 
 DONE = ("ok", "invalid", "oom")  # statuses a re-run keeps; "failed" points run again
 SPECIAL = ("gpus", "nodes")  # grid keys that are not config fields
+# torchrun's summary after a worker failed ("...ChildFailedError:"): not the error itself
+LAUNCHER_NOISE = ("torch.distributed.elastic", "ChildFailedError")
 OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError", "HIP out of memory", "MemoryError")
 SWEEP_TEMPLATE = slurm.REPO / "slurm" / "sweep.sbatch"
 
@@ -127,9 +133,12 @@ def load_study(path: str | Path) -> Study:
         config = (path.parent / config).resolve()
         if not config.is_file():
             raise StudyError(f"{path}: [study] config = {config} not found")
-    study = Study(name=head.pop("name", path.stem), path=path.resolve(), config=config, **head)
-    if study.warmup_steps < 0 or study.timed_steps < 1:
-        raise StudyError(f"{path}: warmup_steps must be >= 0 and timed_steps >= 1")
+    for key in ("warmup_steps", "timed_steps", "point_timeout_minutes"):
+        if key in head and (not isinstance(head[key], (int, float)) or isinstance(head[key], bool)):
+            raise StudyError(f"{path}: [study] {key} = {head[key]!r} should be a number")
+    study = Study(name=str(head.pop("name", path.stem)), path=path.resolve(), config=config, **head)
+    if study.warmup_steps < 0 or study.timed_steps < 1 or study.point_timeout_minutes <= 0:
+        raise StudyError(f"{path}: warmup_steps must be >= 0, timed_steps >= 1 and point_timeout_minutes > 0")
     study.base = doc.get("base", {})
     for key, values in doc.get("grid", {}).items():
         if not isinstance(values, list) or not values:
@@ -169,8 +178,8 @@ def expand(study: Study) -> list[Point]:
         overrides.setdefault("optim", {}).update(warmup_steps=0)
         overrides.setdefault("checkpoint", {}).update(interval=0, save_at_end=False, resume="none")
         overrides.setdefault("log", {}).update(interval=1, progress=False, tensorboard=False)
-        ident = json.dumps({"config": config_text, "overrides": overrides, "gpus": gpus, "nodes": nodes},
-                           sort_keys=True)
+        ident = json.dumps({"config": config_text, "overrides": overrides, "gpus": gpus, "nodes": nodes,
+                            "warmup_steps": study.warmup_steps}, sort_keys=True)
         points.append(Point(id=hashlib.sha1(ident.encode()).hexdigest()[:12], label=" ".join(label),
                             overrides=overrides, gpus=gpus, nodes=nodes))
     return points
@@ -312,7 +321,7 @@ def measure(study: Study, point: Point, run_dir: Path) -> dict:
         "peak_memory_gb": max(memory) if memory else None,
         "memory_kind": "gpu_allocated" if on_gpu else "cpu_rss_rank0",
         "rank_wall_s": wall, "rank_cpu_s": cpu,
-        "rank_spread": (max(cpu) - min(cpu)) / statistics.fmean(cpu) if len(cpu) > 1 else 0.0,
+        "rank_cpu_spread": (max(cpu) - min(cpu)) / statistics.fmean(cpu) if len(cpu) > 1 else 0.0,
         "final_loss": timed[-1]["loss"], "versions": versions(),
     }
 
@@ -321,7 +330,8 @@ def failure(log_text: str, returncode: int) -> tuple[str, str]:
     """(status, reason) of a run that did not finish: oom when the log shows an out-of-memory error."""
     status = "oom" if any(p in log_text for p in OOM_PATTERNS) else "failed"
     errors = [line.strip() for line in log_text.splitlines()
-              if re.match(r"\s*(\w+\.)*\w*(Error|Exception)\b.*:", line) or "out of memory" in line]
+              if (re.match(r"\s*(\[rank\d+\]:\s*)?(\w+\.)*\w*(Error|Exception)\b.*:", line) or "out of memory" in line)
+              and not line.lstrip().startswith(LAUNCHER_NOISE)]
     if errors:
         return status, errors[-1][:500]
     if returncode < 0 or returncode in (137, 143):
@@ -330,13 +340,22 @@ def failure(log_text: str, returncode: int) -> tuple[str, str]:
     return status, f"exit {returncode}: " + " | ".join(tail)[:500]
 
 
-def run_point(study: Study, point: Point, out_dir: Path, *, launcher: str) -> dict:
-    """Run one point (launcher 'torchrun' on this machine, 'srun' inside a SLURM allocation); its result row."""
+def run_point(study: Study, point: Point, out_dir: Path, *, launcher: str) -> dict | None:
+    """Run one point (launcher 'torchrun' on this machine, 'srun' inside a SLURM allocation); its result row,
+    or None when another sweep is running this point right now."""
     run_dir = out_dir / "points" / point.id
-    if run_dir.exists():  # a failed or interrupted earlier attempt: start clean
-        for name in ("metrics.jsonl", "step_times.jsonl", "result.json"):
-            (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        for name in ("metrics.jsonl", "step_times.jsonl", "result.json"):  # an earlier, failed attempt's
+            (run_dir / name).unlink(missing_ok=True)
+        return _run_locked(study, point, run_dir, launcher=launcher)
+
+
+def _run_locked(study: Study, point: Point, run_dir: Path, *, launcher: str) -> dict:
     train = [sys.executable, "-m", "pretrain.train", *point.train_args(study, run_dir)]
     if launcher == "torchrun" and point.gpus == 1:
         cmd = train  # one process needs no rendezvous: skip torchrun's start-up
@@ -352,11 +371,17 @@ def run_point(study: Study, point: Point, out_dir: Path, *, launcher: str) -> di
     with log_path.open("w") as log:
         log.write("+ " + shlex.join(cmd) + "\n")
         log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  timeout=study.point_timeout_minutes * 60)
-            returncode = proc.returncode
+            returncode = proc.wait(timeout=study.point_timeout_minutes * 60)
         except subprocess.TimeoutExpired:
+            # SIGTERM first: torchrun and srun pass it on to the workers, which run in sessions of their own
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             returncode = None
     row = base_row(study, point, "ok")
     row["run_s"] = round(time.monotonic() - start, 1)
@@ -379,10 +404,11 @@ def plan(study: Study, out_dir: Path, *, local: bool) -> tuple[list[Point], list
     """(points to run, points not to run: done, invalid, or too big for this machine). Invalid points are
     recorded here; failed ones run again."""
     done = read_results(out_dir)
+    queued = queued_points(out_dir)
     todo, skipped = [], []
     for point in expand(study):
         previous = done.get(point.id)
-        if previous and previous["status"] in DONE:
+        if (previous and previous["status"] in DONE) or point.id in queued:
             skipped.append(point)
             continue
         reason = why_invalid(study, point)
@@ -399,21 +425,23 @@ def plan(study: Study, out_dir: Path, *, local: bool) -> tuple[list[Point], list
 
 
 def sweep_local(study: Study, out_dir: Path) -> int:
-    """Run the study's points here one after another; the number that did not end ok (invalid ones excluded)."""
+    """Run the study's points here one after another; the number that failed (invalid and oom are results)."""
     todo, skipped = plan(study, out_dir, local=True)
     print(f"study {study.name}: {len(todo)} point(s) to run, {len(skipped)} done, invalid or not for here; results in "
           f"{out_dir / 'results.jsonl'}", flush=True)
     bad, start = 0, time.monotonic()
     for i, point in enumerate(todo, 1):
         row = run_point(study, point, out_dir, launcher="torchrun")
+        eta = (time.monotonic() - start) / i * (len(todo) - i)
+        if row is None:
+            print(f"[{i}/{len(todo)}] skipped {point.label}: another sweep is running it", flush=True)
+            continue
         write_result(out_dir, row)
-        elapsed = time.monotonic() - start
-        eta = elapsed / i * (len(todo) - i)
         if row["status"] == "ok":
             what = (f"{row['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, step {row['step_time_s'] * 1e3:.0f} ms"
                     + (f", MFU {row['mfu']:.1%}" if row["mfu"] else ""))
         else:
-            bad += 1
+            bad += row["status"] == "failed"
             what = row["reason"]
         print(f"[{i}/{len(todo)}] {row['status']:7s} {point.label}: {what} (eta {eta:.0f}s)", flush=True)
     return bad
@@ -421,49 +449,88 @@ def sweep_local(study: Study, out_dir: Path) -> int:
 
 # ----------------------------------------------------------------------------------------------- SLURM
 
+def queued_points(out_dir: Path) -> set[str]:
+    """Ids of the points in this study's job arrays that SLURM still has pending or running."""
+    path = out_dir / "slurm" / "jobs.jsonl"
+    if not path.exists():
+        return set()
+    queued = set()
+    for line in path.read_text().splitlines():
+        job = json.loads(line)
+        tasks = subprocess.run(["squeue", "--noheader", "--array", "--format=%K", "--jobs", job["job_id"]],
+                               capture_output=True, text=True)
+        points = json.loads(Path(job["array"]).read_text())["points"]
+        queued.update(points[int(i)] for i in tasks.stdout.split() if tasks.returncode == 0 and i.isdigit())
+    return queued
+
+
 def submit_arrays(study: Study, out_dir: Path, *, gpus_per_node: int, time_limit: str | None,
-                  partition: str | None, account: str | None, max_concurrent: int, extra: list[str]) -> list[str]:
-    """Submit one job array per node shape (nodes, tasks per node) over the points still to run; job ids."""
+                  partition: str | None, account: str | None, max_concurrent: int, exclusive: bool,
+                  extra: list[str]) -> dict[str, list[str]]:
+    """Submit one job array per node shape (nodes, tasks per node) over the points still to run; {job id:
+    point ids}. Each task gets whole nodes unless `exclusive` is off: points sharing a node disturb each other."""
     todo, skipped = plan(study, out_dir, local=False)
-    print(f"study {study.name}: {len(todo)} point(s) to submit, {len(skipped)} done or invalid", flush=True)
     shapes: dict[tuple[int, int], list[Point]] = {}
     for point in todo:
-        shapes.setdefault((point.nodes, point.gpus // point.nodes), []).append(point)
+        tasks = point.gpus // point.nodes
+        device = point_config(study, point).train.device
+        if device == "cuda" and not gpus_per_node:
+            raise StudyError(f"{point.label} trains on train.device=cuda: give --gpus-per-node")
+        if gpus_per_node and tasks > gpus_per_node:
+            reason = f"{tasks} processes per node but --gpus-per-node={gpus_per_node}"
+            write_result(out_dir, base_row(study, point, "invalid", reason))
+            print(f"  invalid  {point.label}: {reason}", flush=True)
+            continue
+        shapes.setdefault((point.nodes, tasks), []).append(point)
+    print(f"study {study.name}: {sum(map(len, shapes.values()))} point(s) to submit, {len(skipped)} done, "
+          f"invalid or already queued", flush=True)
+    # one point's time limit: its timeout plus start-up, so a point that runs too long is recorded as failed
+    minutes = time_limit or f"{math.ceil(study.point_timeout_minutes) + 5}"
     (out_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    job_ids = []
+    submitted = {}
     for (nodes, tasks), points in shapes.items():
         array_file = out_dir / "slurm" / f"array-n{nodes}-t{tasks}-{int(time.time())}.json"
         array_file.write_text(json.dumps({"study": str(study.path), "points": [p.id for p in points]}, indent=1))
         directives = {
             "job-name": f"sweep-{study.name}", "nodes": str(nodes), "ntasks-per-node": str(tasks),
-            "gpus-per-node": str(gpus_per_node) if gpus_per_node else None, "time": time_limit,
+            "gpus-per-node": str(gpus_per_node) if gpus_per_node else None, "time": minutes,
             "partition": partition, "account": account,
             "array": f"0-{len(points) - 1}" + (f"%{max_concurrent}" if max_concurrent else ""),
             "output": str(out_dir / "slurm" / "sweep-%A_%a.out"), "chdir": os.getcwd(),
         }
         script = slurm.render(SWEEP_TEMPLATE.read_text(), directives=directives,
                               variables={"PYTHON": sys.executable, "REPO": str(slurm.REPO)},
-                              train_args=[str(out_dir.resolve()), str(array_file.resolve())], extra=extra)
+                              train_args=[str(out_dir.resolve()), str(array_file.resolve())],
+                              extra=(["--exclusive"] if exclusive else []) + extra)
         path = array_file.with_suffix(".sbatch")
         path.write_text(script)
         job_id = slurm.sbatch(path)
-        job_ids.append(job_id)
+        submitted[job_id] = [p.id for p in points]
         with (out_dir / "slurm" / "jobs.jsonl").open("a") as f:
             f.write(json.dumps({"job_id": job_id, "array": str(array_file), "points": len(points)}) + "\n")
         print(f"submitted job array {job_id}: {len(points)} point(s) of {nodes} node(s) x {tasks} task(s); logs "
               f"{out_dir / 'slurm'}/sweep-{job_id}_<index>.out", flush=True)
-    return job_ids
+    return submitted
 
 
 def run_array_task(out_dir: Path, array_file: Path, index: int) -> int:
-    """Inside a SLURM array task: run point `index` of `array_file` with srun and record its result."""
+    """Inside a SLURM array task: run point `index` of `array_file` with srun and record its result, also when
+    something goes wrong here (the study file changed or is gone, an unexpected error)."""
     spec = json.loads(array_file.read_text())
-    study = load_study(spec["study"])
-    points = {p.id: p for p in expand(study)}
-    point_id = spec["points"][index]
-    if point_id not in points:
-        sys.exit(f"point {point_id} is no longer in {spec['study']} (was the study edited?); submit the sweep again")
-    row = run_point(study, points[point_id], out_dir, launcher="srun")
+    point_id, label = spec["points"][index], f"point {spec['points'][index]}"
+    try:
+        study = load_study(spec["study"])
+        points = {p.id: p for p in expand(study)}
+        if point_id not in points:
+            raise StudyError(f"point {point_id} is no longer in {spec['study']} (was the study edited?)")
+        label = points[point_id].label
+        row = run_point(study, points[point_id], out_dir, launcher="srun")
+        if row is None:
+            print(f"{label}: another sweep is running this point; nothing to do", flush=True)
+            return 0
+    except Exception as e:  # noqa: BLE001 — whatever it was, the study must show the point as failed
+        row = {"point": point_id, "label": label, "status": "failed", "reason": f"{type(e).__name__}: {e}",
+               "world_size": None, "nodes": None, "config": None}
     row["slurm_job"] = f"{os.environ.get('SLURM_ARRAY_JOB_ID')}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
     write_result(out_dir, row)
     print(f"{row['status']} {row['label']}: {row.get('reason') or row.get('tokens_per_s_per_gpu')}", flush=True)

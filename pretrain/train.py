@@ -96,8 +96,8 @@ def seed_everything(seed: int) -> None:
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this rank so far: tensors allocated on the GPU, or the process's resident set on CPU
-    (which also counts the interpreter and libraries, a few hundred MB)."""
+    """Peak memory of this rank in GiB: tensors allocated on the GPU since the model was laid out, or the
+    process's resident set on CPU (since it started: the interpreter, libraries and the full model built first)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -149,6 +149,9 @@ def train(cfg: Config) -> list[float]:
     # init needs whole tensors), at the cost of one full model per process while starting.
     model = parallelize(model, cfg, mesh, device=device, param_dtype=torch.bfloat16 if use_bf16 else None)
     optimizers = [build_optimizer(part, cfg.optim, device) for part in model.parts]
+    if device.type == "cuda":  # the peak memory logged is the training loop's, not the full model built first
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cfg.train.seed + 1 + env.rank)  # dropout differs across ranks, as different data does
 
     ckpt = Checkpointer(cfg.checkpoint, run_dir, run_config=cfg.to_dict())

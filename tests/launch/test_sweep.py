@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launch import sweep
-from launch.report import efficiency, load_rows
+from launch.report import efficiency, layout, load_rows
 from tests.launch.conftest import REPO, clean_env
 
 STUDY = """\
@@ -65,13 +65,14 @@ def test_local_sweep_records_points_writes_report_and_skips_done_points_on_rerun
         assert [m["step"] for m in logged] == [1, 2, 3, 4]
         step_times = [r["tokens_per_step"] / m["tokens_per_s"] for m in logged[1:]]
         assert r["step_time_s"] == pytest.approx(sum(step_times) / 3)
+        assert 0 < sum(step_times) < r["run_s"]  # and the timed steps fit in the point's wall-clock time
         assert r["tokens_per_step"] == 4 * 32
         assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / r["world_size"])
         assert r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"] * r["flops_per_token"] / 1e12)
         assert r["mfu"] is None and r["memory_kind"] == "cpu_rss_rank0" and r["peak_memory_gb"] > 0
         assert len(r["rank_cpu_s"]) == r["world_size"] and r["versions"]["torch"]
         assert not (out / "points" / r["point"] / "checkpoints").exists(), "a sweep point saves no checkpoint"
-    assert rows[(2, 2)]["config"]["parallel"]["tp"] == 2 and rows[(1, 2)]["config"]["parallel"]["dp"] in (0, 2)
+    assert layout(rows[(2, 2)]) == "dp1·tp2·pp1+sp" and layout(rows[(1, 2)]) == "dp2·tp1·pp1"
 
     for name in ("report.md", "report.html", "scaling.png", "mfu.png", "breakdown.png"):
         assert (out / name).stat().st_size > 0, name
@@ -111,6 +112,10 @@ def test_failure_classifies_out_of_memory_and_keeps_the_last_error_line():
     assert sweep.failure(log, 1) == ("oom", "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB")
     log = "Traceback:\nValueError: bad thing\nRuntimeError: worse thing happened\n"
     assert sweep.failure(log, 1) == ("failed", "RuntimeError: worse thing happened")
+    # torchrun's own summary comes last and names no cause: the worker's error is the reason
+    log = ("[rank1]: FileNotFoundError: no shards in /data\nTraceback (most recent call last):\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n====\npretrain.train FAILED\n")
+    assert sweep.failure(log, 1) == ("failed", "[rank1]: FileNotFoundError: no shards in /data")
     assert sweep.failure("", -9)[1].startswith("killed by a signal")
 
 
