@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test` (plus `make bench`).
+# The two commands of the README: `make demo` and `make test` (plus `make bench` and `make study`).
 PYTHON ?= python3
 VENV ?= .venv
 # Pin torch so a CPU machine never pulls a multi-GB CUDA build; override on GPU clusters, e.g.
@@ -11,7 +11,7 @@ NPROC ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)")
 DEMO_STEPS ?= 300
 DEMO_RUN := runs/demo-$(ARCH)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench study clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: install
 	$(PY) bench/train_throughput.py --arch transformer fox gla rwkv7 --vocab-size 257
 	$(PY) bench/comm.py
 	$(PY) bench/data.py
+
+# A throughput study (configs/studies/tiny.toml: about a minute on 2 CPU cores); report in runs/studies/tiny/.
+study: install
+	$(PY) -m launch sweep configs/studies/tiny.toml --cluster configs/clusters/cpu-gloo.toml
 
 clean:
 	rm -rf runs .data $(VENV)
