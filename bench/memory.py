@@ -7,7 +7,8 @@ Saved-activation bytes are the distinct storages autograd keeps for backward dur
 as its local shard, so the bytes are one rank's; per layer = (L layers) − (L − 1 layers).
 Prints one JSON object, then a table of measured vs formula bytes per layer for the rows of the paper's table 2:
 recompute none / selective / full on one process, and TP, TP+SP, TP+selective, TP+SP+selective on `--tp` gloo
-processes with the training run's own tensor-parallel plan (`parallel.parallelize`); writes the same to
+processes with the training run's own tensor-parallel plan (`parallel.parallelize`; SP rows with
+`parallel.sp_regather`, the default, and again without it: "…, gathered kept"); writes the same to
 <out>/memory-gpt-cpu.json. Each row lists the terms by which this build differs from the paper, with the reason
 (`cpu_extra_bytes`); what is left (`unexplained`) must stay within 3% of the formula.
 With --archs it also measures, for transformer / FoX / GLA / RWKV-7 at tiny width, saved bytes per token per
@@ -51,20 +52,23 @@ def _stored(t: torch.Tensor) -> list[torch.Tensor]:
 
 def saved_bytes(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> int:
     """Bytes of the distinct non-parameter storages this process saves for backward in one forward of
-    model(tokens, labels)."""
+    model(tokens, labels) and still holds at its end: one saved during the forward and freed before its end (a
+    branch whose graph was dropped) does not count, nor does a later storage at its address count twice."""
     params = {x.untyped_storage().data_ptr() for p in model.parameters() for x in _stored(p)}
-    storages: dict[int, int] = {}
+    saved: list[weakref.ref] = []
 
     def pack(t: torch.Tensor):
         for x in _stored(t):
             s = x.untyped_storage()
             if s.data_ptr() not in params and x.device.type != "meta":
-                storages[s.data_ptr()] = s.nbytes()
+                saved.append(weakref.ref(s))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, labels=labels)
-    return sum(storages.values())
+        out = model(tokens, labels=labels)  # holds the graph, and so what it saved, while the storages are summed
+    alive = {s.data_ptr(): s.nbytes() for s in (ref() for ref in saved) if s is not None}
+    del out
+    return sum(alive.values())
 
 
 def gpt_config(*, seq: int, d_model: int, heads: int, layers: int, vocab: int = 128, parallel: dict | None = None):
@@ -73,7 +77,8 @@ def gpt_config(*, seq: int, d_model: int, heads: int, layers: int, vocab: int = 
 
 
 def per_layer_bytes(mode: str, *, seq: int, batch: int, d_model: int, heads: int, layers: int = 2,
-                    dtype: torch.dtype = torch.bfloat16, sequence_parallel: bool = False) -> int:
+                    dtype: torch.dtype = torch.bfloat16, sequence_parallel: bool = False,
+                    sp_regather: bool = True) -> int:
     """Saved bytes of `layers` minus `layers - 1` blocks of the gpt preset under recompute `mode`.
 
     On one process, or inside an initialised process group: then the model is tensor-parallel over all its
@@ -82,7 +87,8 @@ def per_layer_bytes(mode: str, *, seq: int, batch: int, d_model: int, heads: int
     sizes = []
     for n in (layers - 1, layers):
         cfg = gpt_config(seq=seq, d_model=d_model, heads=heads, layers=n,
-                         parallel={"tp": tp, "sequence_parallel": sequence_parallel, "recompute": mode})
+                         parallel={"tp": tp, "sequence_parallel": sequence_parallel, "sp_regather": sp_regather,
+                                   "recompute": mode})
         mesh = ParallelDims.from_config(cfg, tp).build_mesh("cpu") if tp > 1 else None
         torch.manual_seed(0)  # the same weights on every rank, as tensor parallelism expects
         model = build_model(cfg.model).to(dtype)
@@ -94,10 +100,14 @@ def per_layer_bytes(mode: str, *, seq: int, batch: int, d_model: int, heads: int
 
 
 # The rows of Korthikanti et al.'s table 2 measured here: name → (tensor parallel, sequence parallel, recompute
-# mode); tensor-parallel rows run on t gloo processes (t = --tp, 2 by default).
-GPT_ROWS = {"none": (False, False, "none"), "selective": (False, False, "selective"), "full": (False, False, "full"),
-            "tp": (True, False, "none"), "tp+sp": (True, True, "none"), "tp+selective": (True, False, "selective"),
-            "tp+sp+selective": (True, True, "selective")}
+# mode, sp_regather); tensor-parallel rows run on t gloo processes (t = --tp, 2 by default). The SP rows run with
+# `parallel.sp_regather` (Megatron's layout, the paper's numbers) and, "gathered kept", without it.
+GPT_ROWS = {"none": (False, False, "none", False), "selective": (False, False, "selective", False),
+            "full": (False, False, "full", False), "tp": (True, False, "none", False),
+            "tp+sp": (True, True, "none", True), "tp+selective": (True, False, "selective", False),
+            "tp+sp+selective": (True, True, "selective", True),
+            "tp+sp, gathered kept": (True, True, "none", False),
+            "tp+sp+selective, gathered kept": (True, True, "selective", False)}
 
 
 def formula(mode: str, *, t: int = 1, sp: bool = False) -> str:
@@ -124,19 +134,21 @@ def formula_bytes(mode: str, *, s: int, b: int, h: int, a: int, t: int = 1, sp: 
     return s * b * h * per_sbh
 
 
-def cpu_extra_bytes(mode: str, *, s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False) -> dict[str, float]:
+def cpu_extra_bytes(mode: str, *, s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                    regather: bool = True) -> dict[str, float]:
     """The terms by which this build differs from the paper, each explained (bf16, unfused attention, t TP ranks):
     the paper stores dropout masks as 1 byte each, eager CPU dropout keeps them in the input's dtype (2 bytes);
     the unfused path materialises its causal mask (s² bools, per layer, not per sample, whole on every rank);
-    LayerNorm keeps its mean and rstd (2 norms × 2 × sb, in bf16) which the paper neglects. Under SP, DTensor's
-    all-gather before the attention and the MLP hands their first linear the gathered input, which autograd then
-    keeps whole (2sbh each), where Megatron keeps the 2sbh/t shard and gathers it again in backward (two more
-    all-gathers per block in exchange for the memory). Full recomputation keeps only block inputs."""
+    LayerNorm keeps its mean and rstd (2 norms × 2 × sb, in bf16) which the paper neglects. Under SP without
+    `regather` (`parallel.sp_regather` off), DTensor's all-gather before the attention and the MLP hands their first
+    linears the gathered input, which autograd then keeps whole (2sbh each), where Megatron (and sp_regather) keeps
+    the 2sbh/t shard and gathers it again in backward (two more all-gathers per block in exchange for the memory).
+    Full recomputation keeps only block inputs."""
     if mode == "full":
         return {}
     shard = t if sp else 1  # what runs on the residual stream is split over the ranks only under SP
     extra = {"residual dropout masks at 2 bytes": 2 * s * b * h / shard, "layernorm mean and rstd": 8 * s * b / shard}
-    if sp:
+    if sp and not regather:
         extra["all-gathered attention and MLP inputs kept whole"] = 2 * (2 * s * b * h - 2 * s * b * h / t)
     if mode == "none":
         extra |= {"attention dropout mask at 2 bytes": a * s * s * b / t, "causal mask (s² bools)": s * s}
@@ -145,12 +157,12 @@ def cpu_extra_bytes(mode: str, *, s: int, b: int, h: int, a: int, t: int = 1, sp
 
 def gpt_row(name: str, measured: list[int], *, s: int, b: int, h: int, a: int) -> dict:
     """One row of the formula check: `measured` holds each of the t ranks' bytes per layer (t = 1: one process)."""
-    _, sp, mode = GPT_ROWS[name]
+    _, sp, mode, regather = GPT_ROWS[name]
     t = len(measured)
     expected = formula_bytes(mode, s=s, b=b, h=h, a=a, t=t, sp=sp)
-    extra = cpu_extra_bytes(mode, s=s, b=b, h=h, a=a, t=t, sp=sp)
+    extra = cpu_extra_bytes(mode, s=s, b=b, h=h, a=a, t=t, sp=sp, regather=regather)
     unexplained = max(measured) - expected - sum(extra.values())
-    return {"t": t, "sequence_parallel": sp, "recompute": mode, "formula": formula(mode, t=t, sp=sp),
+    return {"t": t, "sequence_parallel": sp, "sp_regather": regather, "recompute": mode, "formula": formula(mode, t=t, sp=sp),
             "measured_bytes": max(measured), "measured_bytes_per_rank": measured, "formula_bytes": expected,
             "measured_over_sbh": max(measured) / (s * b * h), "formula_over_sbh": expected / (s * b * h),
             "explained_extra_bytes": extra, "unexplained_bytes": unexplained,
@@ -163,7 +175,8 @@ def tp_rows_on_rank(names: list[str], s: int, b: int, h: int, a: int) -> dict[st
     # change the bytes counted here
     warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
     return {name: per_layer_bytes(GPT_ROWS[name][2], seq=s, batch=b, d_model=h, heads=a,
-                                  sequence_parallel=GPT_ROWS[name][1]) for name in names}
+                                  sequence_parallel=GPT_ROWS[name][1], sp_regather=GPT_ROWS[name][3])
+            for name in names}
 
 
 def gpt_rows(*, s: int, b: int, h: int, a: int, tp: int = 2) -> dict[str, dict]:
@@ -171,8 +184,8 @@ def gpt_rows(*, s: int, b: int, h: int, a: int, tp: int = 2) -> dict[str, dict]:
     from tests.dist import run_distributed  # the repository's gloo harness, as bench/comm.py uses it
 
     measured = {name: [per_layer_bytes(mode, seq=s, batch=b, d_model=h, heads=a)]
-                for name, (tensor_parallel, _, mode) in GPT_ROWS.items() if not tensor_parallel}
-    parallel = [name for name, (tensor_parallel, _, _) in GPT_ROWS.items() if tensor_parallel]
+                for name, (tensor_parallel, _, mode, _) in GPT_ROWS.items() if not tensor_parallel}
+    parallel = [name for name, (tensor_parallel, *_) in GPT_ROWS.items() if tensor_parallel]
     if tp > 1 and parallel:
         ranks = run_distributed(tp_rows_on_rank, tp, parallel, s, b, h, a)
         measured |= {name: [r[name] for r in ranks] for name in parallel}
@@ -345,19 +358,20 @@ def main(argv=None) -> None:
               "note": "bytes per layer on one rank (max over ranks; per rank in measured_bytes_per_rank); "
                       "explained_extra_bytes: where this build differs from the paper and why (bench/memory.py, "
                       "cpu_extra_bytes): 2-byte dropout masks (the paper: 1 byte), the unfused path's s^2 causal "
-                      "mask, LayerNorm mean and rstd, and under SP the all-gathered attention and MLP inputs, which "
-                      "autograd keeps whole where Megatron keeps the shard and gathers again in backward; "
+                      "mask, LayerNorm mean and rstd, and in the SP rows without parallel.sp_regather ('gathered "
+                      "kept') the all-gathered attention and MLP inputs, which autograd then keeps whole where "
+                      "Megatron (and sp_regather, the default) keeps the shard and gathers again in backward; "
                       "unexplained = measured - formula - explained",
               "per_layer": rows}
     print(json.dumps(result))
-    print(f"{'row':<16} {'t':>2} {'formula':<26} {'measured':>10} {'formula':>11} {'meas/sbh':>9} {'form/sbh':>9} "
+    print(f"{'row':<31} {'t':>2} {'formula':<26} {'measured':>10} {'formula':>11} {'meas/sbh':>9} {'form/sbh':>9} "
           f"{'unexplained':>12}")
     for name, r in rows.items():
-        print(f"{name:<16} {r['t']:>2} {r['formula']:<26} {r['measured_bytes']:>10} {r['formula_bytes']:>11.0f} "
+        print(f"{name:<31} {r['t']:>2} {r['formula']:<26} {r['measured_bytes']:>10} {r['formula_bytes']:>11.0f} "
               f"{r['measured_over_sbh']:>9.3f} {r['formula_over_sbh']:>9.3f} "
               f"{r['unexplained_bytes']:>8.0f} ({r['unexplained_fraction']:+.1%})")
         for term, nbytes in r["explained_extra_bytes"].items():
-            print(f"{'':<16} + {term}: {nbytes:.0f} ({nbytes / (s * b * h):.3f} sbh)")
+            print(f"{'':<31} + {term}: {nbytes:.0f} ({nbytes / (s * b * h):.3f} sbh)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "memory-gpt-cpu.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -16,7 +16,7 @@ from parallel.data_parallel import apply_data_parallel
 from parallel.pipeline import build_schedule, make_stage, split_layers, stage_indices, virtual_stages
 from parallel.minisequence import apply_minisequence
 from parallel.plans import CARRY_ARCHS, tp_plan
-from parallel.recompute import apply_recompute, recompute_modules
+from parallel.recompute import apply_recompute, apply_sp_regather, recompute_modules
 from parallel.tensor import apply_tp, reduce_partial_grads
 from pretrain.config import Config, ParallelConfig
 
@@ -133,9 +133,15 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
         # 3. Activation recomputation and mini-sequence chunking wrap the blocks once their layout is final,
         #    inside FSDP's hooks (added in 5.), which then gather parameters again for the recomputed forward.
         _save_activation_memory(part, p)
+        #    Under SP, mixers and MLPs then keep their input's sequence shard, not the gathered whole: after TP, whose
+        #    all-gather hook they follow, and after recomputation, whose checkpoints they leave alone. Not compiled
+        #    (untested there: the compiled graph saves its own tensors).
+        compiled = p.compile and device.type == "cuda"
+        if tp > 1 and p.sequence_parallel and p.sp_regather and not compiled:
+            apply_sp_regather(part)
         # 4. Compile each block (CUDA): after TP, so the graph holds the DTensor program; before data
         #    parallelism, so FSDP's hooks stay outside it.
-        if p.compile and device.type == "cuda":
+        if compiled:
             for block in part.layers.values():
                 block.compile()
         # 5. Data parallelism last: it shards or replicates the final parameters, DTensors included.

@@ -15,6 +15,10 @@ checkpoints its `forward`: the hooks on the block itself (FSDP2's, the pipeline 
 outside and run once. A selected submodule checkpoints its whole call (`_call_impl`), its hooks included: tensor
 parallelism's hooks swap in local views of parameters and gather sequence shards, and the recomputed forward
 needs them again. The RNG state is saved and restored, so dropout draws the same masks when the forward runs again.
+
+`apply_sp_regather(model)` (sequence parallelism, `parallel.sp_regather`): each mixer and MLP keeps its input's
+sequence shard instead of the all-gathered whole and gathers it again in backward, as Megatron does
+(`tensor.keep_input_shard`); blocks and submodules that are checkpointed already keep only their input and are left.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import functools
 
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+
+from parallel.tensor import keep_input_shard
 
 MODES = ("none", "selective", "full")
 NORMS = ("emb_norm", "attn_norm", "mlp_norm")
@@ -59,6 +65,22 @@ def apply_recompute(model: nn.Module, mode: str, *, modules: tuple[str, ...] = (
                     raise ValueError(f"recompute module {name!r}: block {key} has no submodule {n!r}; "
                                      f"use 'mlp', 'norm' or a submodule name of the block")
                 checkpoint_method(sub, "_call_impl")
+
+
+def is_checkpointed(obj: nn.Module, name: str) -> bool:
+    """Whether `checkpoint_method(obj, name)` wrapped it."""
+    return getattr(obj.__dict__.get(name), "func", None) is checkpoint
+
+
+def apply_sp_regather(model: nn.Module) -> None:
+    """Under sequence parallelism (after `apply_tp` and `apply_recompute`): every mixer and MLP of `model.layers`
+    keeps its input's sequence shard for backward, not the gathered whole, unless a checkpoint covers it."""
+    for block in model.layers.values():
+        if is_checkpointed(block, "forward"):
+            continue  # full recomputation keeps only the block's input
+        for module in (block.mixer, block.mlp):
+            if not is_checkpointed(module, "_call_impl"):
+                keep_input_shard(module)
 
 
 def recompute_modules(names: str) -> tuple[str, ...]:

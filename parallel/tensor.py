@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -221,3 +222,142 @@ def reduce_partial_grads(params) -> None:
         grad = p.grad
         if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
             p.grad = grad.redistribute(grad.device_mesh, p.placements)
+
+
+
+# Autograd nodes of ops whose output shares its input's storage: a tensor saved through a chain of them from a
+# dtype cast of the gathered input is a view of that cast copy.
+_VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0",
+                         "TBackward0", "TransposeBackward0", "PermuteBackward0", "ExpandBackward0",
+                         "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "AsStridedBackward0"})
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor holding `t`'s data on this process (a DTensor's shard, a finished collective's result)."""
+    t = t._local_tensor if isinstance(t, DTensor) else t
+    return t.elem if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
+class _SavedFromGathered:
+    """A saved view of the gathered input (or of a dtype cast of it), packed as how to make it again."""
+
+    __slots__ = ("call", "dtype", "size", "stride", "offset", "spec")
+
+    def __init__(self, call: "_RegatherCall", t: torch.Tensor, dtype: torch.dtype):
+        local = _local(t)
+        self.call, self.dtype = call, dtype
+        self.size, self.stride, self.offset = local.shape, local.stride(), local.storage_offset()
+        self.spec = (t.device_mesh, t.placements, t.shape, t.stride()) if isinstance(t, DTensor) else None
+
+    def rebuild(self, whole: torch.Tensor, *, base_offset: int) -> torch.Tensor:
+        """This view of `whole` (the re-gathered local input, laid out as the forward's one at `base_offset`)."""
+        if self.dtype == whole.dtype:
+            offset = whole.storage_offset() + self.offset - base_offset
+        else:  # a cast copy is a fresh tensor: offsets of its views count from its start
+            whole, offset = whole.to(self.dtype), self.offset
+        local = torch.empty(0, dtype=self.dtype, device=whole.device).set_(whole.untyped_storage(), offset,
+                                                                           self.size, self.stride)
+        if self.spec is None:
+            return local
+        mesh, placements, shape, stride = self.spec
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
+class _RegatherCall:
+    """One call of a module under `keep_input_shard`: its saved-tensor hooks. Tensors saved from the gathered input
+    are packed as its shard, which the first unpack of a backward pass gathers again and the pass's last drops;
+    everything else goes to the hooks outside (a benchmark's, a checkpoint's), if any."""
+
+    def __init__(self, shard: DTensor):
+        self.shard = shard.detach()
+        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(True)  # (pack, unpack) or None
+        self.gathered = None  # (mesh, placements, storage pointer, dtype, stride, offset, nbytes)
+        self.gathered_node = None  # its autograd node, to recognise casts of it during the forward
+        self.packed_shard = None  # the shard as the outer hooks packed it, once anything was saved from it
+        self.saves = self.unpacks_left = 0
+        self.whole = None  # the re-gathered local input, during one backward pass
+
+    def capture(self, gathered: DTensor) -> None:
+        local = _local(gathered)
+        self.gathered = (gathered.device_mesh, gathered.placements, local.untyped_storage().data_ptr(), local.dtype,
+                         local.stride(), local.storage_offset(), local.untyped_storage().nbytes())
+        self.gathered_node = gathered.grad_fn
+
+    def end_forward(self) -> None:
+        """Keep nothing for backward unless something was saved from the gathered input."""
+        self.shard = self.gathered_node = None
+
+    def _dtype_if_from_gathered(self, t: torch.Tensor) -> torch.dtype | None:
+        """`t`'s dtype if it is a view of the gathered input or of a whole dtype cast of it (autocast's copy for a
+        linear), else None."""
+        if self.gathered is None:  # saved before the all-gather
+            return None
+        _, _, pointer, dtype, _, _, nbytes = self.gathered
+        node = self.gathered_node
+        local = _local(t)
+        if local.untyped_storage().data_ptr() == pointer:
+            return local.dtype
+        cast = t.grad_fn
+        while cast is not None and cast.name() in _VIEW_NODES:
+            cast = cast.next_functions[0][0]
+        if node is None or cast is None or cast.name() != "ToCopyBackward0" or cast.next_functions[0][0] is not node:
+            return None
+        whole_copy = local.untyped_storage().nbytes() * dtype.itemsize == nbytes * local.dtype.itemsize
+        return local.dtype if whole_copy else None
+
+    def pack(self, t: torch.Tensor):
+        dtype = self._dtype_if_from_gathered(t)
+        if dtype is None:
+            return self.outer[0](t) if self.outer else t
+        if self.packed_shard is None:
+            self.packed_shard = self.outer[0](self.shard) if self.outer else self.shard
+        self.saves += 1
+        self.unpacks_left += 1
+        return _SavedFromGathered(self, t, dtype)
+
+    def unpack(self, packed) -> torch.Tensor:
+        if not isinstance(packed, _SavedFromGathered):
+            return self.outer[1](packed) if self.outer else packed
+        mesh, placements, _, _, stride, offset, _ = self.gathered
+        if self.whole is None:
+            shard = self.outer[1](self.packed_shard) if self.outer else self.packed_shard
+            with torch.no_grad():
+                self.whole = _local(shard.redistribute(mesh, placements))  # the forward's all-gather, again
+            if self.whole.stride() != stride:
+                raise RuntimeError("sp_regather: the input gathered again is laid out unlike the forward's")
+        whole = self.whole
+        self.unpacks_left -= 1
+        if self.unpacks_left == 0:  # the pass's last use; another pass (zero-bubble's weight pass) gathers again
+            self.whole, self.unpacks_left = None, self.saves
+        return packed.rebuild(whole, base_offset=offset)
+
+
+def keep_input_shard(module: nn.Module) -> None:
+    """Make `module` (a mixer or an MLP whose first input the plan all-gathers over the sequence in a forward
+    pre-hook) keep that input's sequence shard for backward instead of the gathered whole, and gather it again there.
+
+    Megatron's trade: 2sbh/t bytes kept instead of 2sbh, for one more all-gather per module in backward. Applied
+    after tensor parallelism (its pre-hook runs after the plan's) and never to a checkpointed module: a checkpoint
+    keeps only its input, the shard, already, and these hooks would hide its own. Every forward and backward op
+    stays as it was, so losses and gradients are bitwise the same.
+    """
+    call = module._call_impl
+    calls: list[_RegatherCall] = []  # the call in progress
+
+    def regathering_call(*args, **kwargs):
+        x = args[0] if args else None
+        if not (torch.is_grad_enabled() and isinstance(x, DTensor) and any(p.is_shard() for p in x.placements)):
+            return call(*args, **kwargs)
+        calls.append(_RegatherCall(x))
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(calls[-1].pack, calls[-1].unpack):
+                return call(*args, **kwargs)
+        finally:
+            calls.pop().end_forward()
+
+    def capture_gathered(mod, args) -> None:  # after the plan's pre-hook: args[0] is the gathered input
+        if calls and calls[-1].gathered is None and isinstance(args[0], DTensor):
+            calls[-1].capture(args[0])
+
+    module.register_forward_pre_hook(capture_gathered)
+    module._call_impl = regathering_call

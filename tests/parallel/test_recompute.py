@@ -100,9 +100,10 @@ def test_saved_bytes_match_korthikanti(mode):
 
 def test_tensor_parallel_saved_bytes_match_korthikanti():
     """TP, TP+SP, TP+selective, TP+SP+selective (t = 2, the training run's plan): each rank's saved bytes per gpt
-    layer = sbh(10 + 24/t + 5as/(ht)), sbh(34/t + 5as/(ht)), sbh(10 + 24/t), 34sbh/t plus the explained terms."""
+    layer = sbh(10 + 24/t + 5as/(ht)), sbh(34/t + 5as/(ht)), sbh(10 + 24/t), 34sbh/t plus the explained terms; the SP
+    rows with sp_regather (the default) and without it (plus the gathered inputs kept whole)."""
     s, b, h, a = 32, 2, 48, 4
-    names = [name for name, (tensor_parallel, _, _) in GPT_ROWS.items() if tensor_parallel]
+    names = [name for name, (tensor_parallel, *_) in GPT_ROWS.items() if tensor_parallel]
     ranks = run_distributed(tp_rows_on_rank, 2, names, s, b, h, a)
     for name in names:
         row = gpt_row(name, [r[name] for r in ranks], s=s, b=b, h=h, a=a)
