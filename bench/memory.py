@@ -8,7 +8,7 @@ as its local shard, so the bytes are one rank's; per layer = (L layers) − (L �
 Prints one JSON object, then a table of measured vs formula bytes per layer for the rows of the paper's table 2:
 recompute none / selective / full on one process, and TP, TP+SP, TP+selective, TP+SP+selective on `--tp` gloo
 processes with the training run's own tensor-parallel plan (`parallel.parallelize`; SP rows with
-`parallel.sp_regather`, the default, and again without it: "…, gathered kept"); writes the same to
+`parallel.sp_regather` on, and again without it: "…, gathered kept"); writes the same to
 <out>/memory-gpt-cpu.json. Each row lists the terms by which this build differs from the paper, with the reason
 (`cpu_extra_bytes`); what is left (`unexplained`) must stay within 3% of the formula.
 With --archs it also measures, for transformer / FoX / GLA / RWKV-7 at tiny width, saved bytes per token per
@@ -360,7 +360,7 @@ def main(argv=None) -> None:
                       "cpu_extra_bytes): 2-byte dropout masks (the paper: 1 byte), the unfused path's s^2 causal "
                       "mask, LayerNorm mean and rstd, and in the SP rows without parallel.sp_regather ('gathered "
                       "kept') the all-gathered attention and MLP inputs, which autograd then keeps whole where "
-                      "Megatron (and sp_regather, the default) keeps the shard and gathers again in backward; "
+                      "Megatron (and parallel.sp_regather) keeps the shard and gathers again in backward; "
                       "unexplained = measured - formula - explained",
               "per_layer": rows}
     print(json.dumps(result))

@@ -67,6 +67,9 @@ def make_stage(model: nn.Module, layers: range, *, first: bool, last: bool, carr
 
     def give_outputs(module, args, output):
         hidden = output.to_local() if isinstance(output, DTensor) else output  # (B, T[/tp], d)
+        # to_local gives a view, and zero-bubble's split backward detaches stage outputs in place, which a view
+        # cannot be: hand on a copy (one activation per micro-batch, small next to the stage's compute)
+        hidden = hidden.clone() if hidden._base is not None else hidden
         return (hidden, box.pop("out")) if carries else hidden
 
     if carries and not first:

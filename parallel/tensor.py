@@ -241,11 +241,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class _SavedFromGathered:
     """A saved view of the gathered input (or of a dtype cast of it), packed as how to make it again."""
 
-    __slots__ = ("call", "dtype", "size", "stride", "offset", "spec")
+    __slots__ = ("dtype", "size", "stride", "offset", "spec")
 
-    def __init__(self, call: "_RegatherCall", t: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, t: torch.Tensor, dtype: torch.dtype):
         local = _local(t)
-        self.call, self.dtype = call, dtype
+        self.dtype = dtype
         self.size, self.stride, self.offset = local.shape, local.stride(), local.storage_offset()
         self.spec = (t.device_mesh, t.placements, t.shape, t.stride()) if isinstance(t, DTensor) else None
 
@@ -313,7 +313,7 @@ class _RegatherCall:
             self.packed_shard = self.outer[0](self.shard) if self.outer else self.shard
         self.saves += 1
         self.unpacks_left += 1
-        return _SavedFromGathered(self, t, dtype)
+        return _SavedFromGathered(t, dtype)
 
     def unpack(self, packed) -> torch.Tensor:
         if not isinstance(packed, _SavedFromGathered):

@@ -89,8 +89,8 @@ class ParallelConfig:
     """Pipeline-parallel degree: the blocks split into stages over this many processes."""
     sequence_parallel: bool = True
     """With tp > 1: norms, dropout and residuals run on sequence shards (Megatron-style sequence parallelism)."""
-    sp_regather: bool = True
-    """With tp > 1 and sequence_parallel: mixers and MLPs keep their input's shard, all-gathered again in backward."""
+    sp_regather: bool = False
+    """With tp > 1 and SP: mixers and MLPs keep their input's shard, all-gathered again in backward (CPU-verified)."""
     data_parallel: str = "fsdp"
     """The dp axis: fsdp (FSDP2, parameters and optimizer state sharded) | ddp (replicated, gradients all-reduced)."""
     reshard_after_forward: bool = True
