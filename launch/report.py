@@ -160,6 +160,8 @@ def plot_memory(rows: list[dict], path: Path) -> bool:
         seqs = sorted(points)
         ax.plot(seqs, [points[s] for s in seqs], "o-", label=key)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({s for points in lines.values() for s in points}))
+    ax.get_xaxis().set_major_formatter("{x:.0f}")
     ylabel = ("peak GPU memory allocated (GiB)" if kinds == {"gpu_allocated"}
               else "peak memory (GiB; CPU: resident set of rank 0)")
     return _save(fig, ax, path, xlabel="sequence length", ylabel=ylabel, title="Peak memory per layout and recompute mode")
