@@ -147,7 +147,7 @@ class MetricsLogger:
     TB_TAGS = {
         "loss": "loss/train", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
         "tokens_per_s": "throughput/tokens_per_s", "tflops_per_gpu": "throughput/tflops_per_gpu",
-        "mfu": "throughput/mfu", "memory_gb": "memory/max_allocated_gb",
+        "mfu": "throughput/mfu", "memory_gb": "memory/peak_gb",
         "val_loss": "loss/val", "val_ppl": "loss/val_ppl",
     }
 
