@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -452,7 +453,7 @@ def sweep_local(study: Study, out_dir: Path) -> int:
 def queued_points(out_dir: Path) -> set[str]:
     """Ids of the points in this study's job arrays that SLURM still has pending or running."""
     path = out_dir / "slurm" / "jobs.jsonl"
-    if not path.exists():
+    if not path.exists() or shutil.which("squeue") is None:  # no SLURM here: nothing of ours can be queued
         return set()
     queued = set()
     for line in path.read_text().splitlines():
