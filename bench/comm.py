@@ -16,7 +16,8 @@ a = s·b·h·4 bytes, P = parameter bytes on the rank):
             the bytes of the parameters replicated over tp (norms, μ, LoRA down-projections: partial gradients).
   TP        all-reduce = m·(4L + 2)·a: after the mixer and the MLP in forward, before them in backward, plus the
             embedding and LM head; + the loss's (+ RWKV-7's μ and LoRA down-projections: partial gradients).
-  FSDP      all-gather = m·P·(1 + reshard_after_forward), reduce-scatter = P (last micro-step only).
+  FSDP      all-gather = 2m·P, or P with reshard_after_forward off (kept gathered for the whole step);
+            reduce-scatter = P (last micro-step only).
   DDP       all-reduce = P (last micro-step only).
   PP        send = recv = m·(a/t under SP)·(1 + carry) per stage boundary crossing, forward and backward.
 """
@@ -38,6 +39,7 @@ LAYOUTS = {  # name → (processes, parallel section)
     "tp2-sp": (2, {"tp": 2}),
     "tp2": (2, {"tp": 2, "sequence_parallel": False}),
     "dp2-fsdp": (2, {"dp": 2}),
+    "dp2-fsdp-keep": (2, {"dp": 2, "reshard_after_forward": False}),
     "dp2-ddp": (2, {"dp": 2, "data_parallel": "ddp"}),
     "pp2-1f1b": (2, {"pp": 2}),
     "pp2-interleaved": (2, {"pp": 2, "pp_schedule": "interleaved_1f1b"}),

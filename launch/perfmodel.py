@@ -279,11 +279,12 @@ def tp_volume(*, s: int, b: int, h: int, layers: int, ends: int, micro_batches: 
 def dp_volume(param_count: float, *, units: int, micro_batches: int, fsdp: bool, reshard_after_forward: bool,
               gather_bytes: int, reduce_bytes: int) -> dict[str, tuple[int, float]]:
     """Data parallelism over this rank's `param_count` (its tp/pp share, unsharded). FSDP: every unit gathers its
-    weights in each micro-step's forward, and again in backward if it resharded; gradients are reduce-scattered on
-    the last micro-step. DDP: gradients all-reduced on the last micro-step, one call per bucket."""
+    weights in each micro-step's forward and again in backward; without reshard_after_forward it gathers once per
+    step and keeps them (parallel.data_parallel.set_gradient_sync); gradients are reduce-scattered on the last
+    micro-step. DDP: gradients all-reduced on the last micro-step, one call per bucket."""
     m = micro_batches
     if fsdp:
-        gathers = m * (1 + reshard_after_forward)
+        gathers = 2 * m if reshard_after_forward else 1
         return {"all_gather": (gathers * units, gathers * param_count * gather_bytes),
                 "reduce_scatter": (units, param_count * reduce_bytes)}
     nbytes = param_count * reduce_bytes

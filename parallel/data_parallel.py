@@ -35,10 +35,19 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, *, mode: str, reshar
     for block in model.layers.values():
         wrap(block)
     wrap(model)  # the rest: embeddings, final norm, LM head
+    # read by set_gradient_sync: whoever keeps parameters gathered from forward to backward keeps them to the next
+    # micro-step too
+    model.keep_gathered = mode == "fsdp" and not reshard_after_forward
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Whether the next backward reduces gradients over dp: only the last micro-step of an accumulation needs to
-    (the others accumulate locally). A no-op for a model without data parallelism."""
+    (the others accumulate locally). A no-op for a model without data parallelism.
+
+    With FSDP's reshard_after_forward off, parameters also stay gathered from one micro-step's backward to the
+    next one's forward and are freed after the last: one all-gather per optimizer step instead of one per
+    micro-step (pipeline stages do the same for their micro-batches on their own)."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
+        if getattr(model, "keep_gathered", False):
+            model.set_reshard_after_backward(enabled)

@@ -94,7 +94,7 @@ class ParallelConfig:
     data_parallel: str = "fsdp"
     """The dp axis: fsdp (FSDP2, parameters and optimizer state sharded) | ddp (replicated, gradients all-reduced)."""
     reshard_after_forward: bool = True
-    """FSDP: free gathered parameters after forward and gather again in backward (false: more memory, less traffic)."""
+    """FSDP: free gathered parameters after forward, gather again in backward (false: once per step, more memory)."""
     pp_schedule: str = "1f1b"
     """Pipeline schedule: 1f1b | interleaved_1f1b | zero_bubble (interleaved zero-bubble); micro-batches are train.micro_batch."""
     virtual_stages: int = 0

@@ -9,7 +9,8 @@ MODEL = {"d_model": 32, "n_layers": 4, "n_heads": 4, "seq_len": 16, "vocab_size"
 TRAIN = {"global_batch": 8, "micro_batch": 2}
 
 
-@pytest.mark.parametrize("arch, layout", [("transformer", "tp2-sp"), ("rwkv7", "pp2-interleaved")])
+@pytest.mark.parametrize("arch, layout", [("transformer", "tp2-sp"), ("rwkv7", "pp2-interleaved"),
+                                          ("gla", "dp2-fsdp-keep")])
 def test_measured_bytes_match_the_analytic_volumes(arch, layout):
     world, parallel = LAYOUTS[layout]
     rank0 = run_distributed(measure, world, arch, parallel, MODEL, TRAIN)[0]
