@@ -554,8 +554,8 @@ def calibrate(results_rows: list[dict]) -> dict[tuple[str, str, int], dict]:
     return out
 
 
-def validate(results_rows: list[dict], cluster: Cluster) -> list[dict]:
-    """PREDICTED vs measured tokens/s for every measured (status ok) row whose model has a calibration point."""
+def predict_measured(results_rows: list[dict], cluster: Cluster) -> list[tuple[dict, Prediction]]:
+    """(row, PREDICTION for its layout) for every measured (status ok) row whose model has a calibration point."""
     calibration = calibrate(results_rows)
     out = []
     for row in results_rows:
@@ -563,17 +563,20 @@ def validate(results_rows: list[dict], cluster: Cluster) -> list[dict]:
             continue
         cfg = row_config(row)
         key = calibration_key(cfg.model, cfg.model.seq_len)
-        if key not in calibration:
-            continue
-        pred = predict(cfg.model, Layout.from_config(cfg, row["world_size"]), cfg.model.seq_len, cluster,
-                       single_device_tokens_per_s=calibration[key]["tokens_per_s"],
-                       single_device_recompute=calibration[key]["recompute"])
-        out.append({"point": row.get("point"), "world_size": row["world_size"], "layout": pred.layout.label(),
-                    "measured_tokens_per_s": row["tokens_per_s"], "predicted_tokens_per_s": pred.tokens_per_s,
-                    "ratio": pred.tokens_per_s / row["tokens_per_s"],
-                    "measured_peak_memory_gb": row.get("peak_memory_gb"),
-                    "predicted_memory_gb": pred.memory_bytes / 1e9})
+        if key in calibration:
+            out.append((row, predict(cfg.model, Layout.from_config(cfg, row["world_size"]), cfg.model.seq_len,
+                                     cluster, single_device_tokens_per_s=calibration[key]["tokens_per_s"],
+                                     single_device_recompute=calibration[key]["recompute"])))
     return out
+
+
+def validate(results_rows: list[dict], cluster: Cluster) -> list[dict]:
+    """PREDICTED vs measured tokens/s (and memory) for every row `predict_measured` can place."""
+    return [{"point": row.get("point"), "world_size": row["world_size"], "layout": pred.layout.label(),
+             "measured_tokens_per_s": row["tokens_per_s"], "predicted_tokens_per_s": pred.tokens_per_s,
+             "ratio": pred.tokens_per_s / row["tokens_per_s"], "measured_peak_memory_gb": row.get("peak_memory_gb"),
+             "predicted_memory_gb": pred.memory_bytes / 1e9}
+            for row, pred in predict_measured(results_rows, cluster)]
 
 
 # ------------------------------------------------------------------------------------------------------ suggest

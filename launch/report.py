@@ -167,26 +167,6 @@ def plot_memory(rows: list[dict], path: Path) -> bool:
     return _save(fig, ax, path, xlabel="sequence length", ylabel=ylabel, title="Peak memory per layout and recompute mode")
 
 
-def modelled(rows: list[dict], cluster) -> list[tuple[dict, object]]:
-    """(row, the performance model's prediction for it) per ok row whose model has a single-process point to
-    calibrate on (launch/perfmodel.py)."""
-    from launch import perfmodel
-
-    calibration = perfmodel.calibrate(rows)
-    out = []
-    for row in rows:
-        if row["status"] != "ok":
-            continue
-        cfg = perfmodel.row_config(row)
-        key = perfmodel.calibration_key(cfg.model, cfg.model.seq_len)
-        if key in calibration:
-            out.append((row, perfmodel.predict(
-                cfg.model, perfmodel.Layout.from_config(cfg, row["world_size"]), cfg.model.seq_len, cluster,
-                single_device_tokens_per_s=calibration[key]["tokens_per_s"],
-                single_device_recompute=calibration[key]["recompute"])))
-    return out
-
-
 def model_check(pairs: list[tuple[dict, object]], cluster_name: str) -> list[str]:
     """Markdown: the performance model's predictions next to the measurements they can be checked against."""
     if not pairs:
@@ -319,10 +299,10 @@ def write_report(results: Path, out_dir: Path | None = None, *, cluster_path: Pa
                ("mfu.png", "MFU", plot_mfu(rows, out_dir / "mfu.png")),
                ("memory.png", "Peak memory", plot_memory(rows, out_dir / "memory.png"))]
     if cluster_path is not None:
-        from launch.perfmodel import Cluster
+        from launch.perfmodel import Cluster, predict_measured
 
         cluster = Cluster.load(cluster_path)
-        pairs = modelled(rows, cluster)
+        pairs = predict_measured(rows, cluster)
         lines += model_check(pairs, cluster.name)
         figures.append(("breakdown.png", "Step-time breakdown (modelled)",
                         plot_breakdown(pairs, out_dir / "breakdown.png")))

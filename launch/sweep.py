@@ -50,12 +50,11 @@ import statistics
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch import slurm
-from pretrain.config import SECTIONS, ConfigError, build_config
+from pretrain.config import SECTIONS, ConfigError, build_config, read_toml
 
 DONE = ("ok", "invalid", "oom")  # statuses a re-run keeps; "failed" points run again
 SPECIAL = ("gpus", "nodes")  # grid keys that are not config fields
@@ -77,6 +76,8 @@ class Study:
     """The study file."""
     config: Path | None = None
     """Run config every point starts from (None: the defaults)."""
+    config_values: dict = field(default_factory=dict)
+    """That file's tables, read once."""
     base: dict = field(default_factory=dict)
     """{section: {key: value}} overrides for every point."""
     grid: list[tuple[str, list]] = field(default_factory=list)
@@ -116,12 +117,10 @@ def _cli_value(value) -> str:
 
 def load_study(path: str | Path) -> Study:
     path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file {path} not found (configs/studies/ has an example)")
     try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise StudyError(f"{path} is not valid TOML: {e}") from None
+        doc = read_toml(path)
+    except ConfigError as e:
+        raise StudyError(f"study file {e}") from None
     unknown = set(doc) - {"study", "base", "grid"}
     if unknown:
         raise StudyError(f"{path}: unknown table(s) {sorted(unknown)}; a study has [study], [base] and [grid]")
@@ -129,15 +128,18 @@ def load_study(path: str | Path) -> Study:
     fields = {"name", "config", "warmup_steps", "timed_steps", "point_timeout_minutes"}
     if set(head) - fields:
         raise StudyError(f"{path}: unknown key(s) {sorted(set(head) - fields)} in [study]; known: {sorted(fields)}")
-    config = head.pop("config", None)
+    config, config_values = head.pop("config", None), {}
     if config is not None:
         config = (path.parent / config).resolve()
-        if not config.is_file():
-            raise StudyError(f"{path}: [study] config = {config} not found")
+        try:
+            config_values = read_toml(config)
+        except ConfigError as e:
+            raise StudyError(f"{path}: [study] config: {e}") from None
     for key in ("warmup_steps", "timed_steps", "point_timeout_minutes"):
         if key in head and (not isinstance(head[key], (int, float)) or isinstance(head[key], bool)):
             raise StudyError(f"{path}: [study] {key} = {head[key]!r} should be a number")
-    study = Study(name=str(head.pop("name", path.stem)), path=path.resolve(), config=config, **head)
+    study = Study(name=str(head.pop("name", path.stem)), path=path.resolve(), config=config,
+                  config_values=config_values, **head)
     if study.warmup_steps < 0 or study.timed_steps < 1 or study.point_timeout_minutes <= 0:
         raise StudyError(f"{path}: warmup_steps must be >= 0, timed_steps >= 1 and point_timeout_minutes > 0")
     study.base = doc.get("base", {})
@@ -157,7 +159,6 @@ def load_study(path: str | Path) -> Study:
 
 def expand(study: Study) -> list[Point]:
     """Every point of the study's grid, in file order (the last axis varies fastest)."""
-    config_text = study.config.read_text() if study.config else ""
     points = []
     for combo in itertools.product(*(values for _, values in study.grid)):
         overrides = json.loads(json.dumps(study.base))  # a deep copy
@@ -179,7 +180,7 @@ def expand(study: Study) -> list[Point]:
         overrides.setdefault("optim", {}).update(warmup_steps=0)
         overrides.setdefault("checkpoint", {}).update(interval=0, save_at_end=False, resume="none")
         overrides.setdefault("log", {}).update(interval=1, progress=False, tensorboard=False)
-        ident = json.dumps({"config": config_text, "overrides": overrides, "gpus": gpus, "nodes": nodes,
+        ident = json.dumps({"config": study.config_values, "overrides": overrides, "gpus": gpus, "nodes": nodes,
                             "warmup_steps": study.warmup_steps}, sort_keys=True)
         points.append(Point(id=hashlib.sha1(ident.encode()).hexdigest()[:12], label=" ".join(label),
                             overrides=overrides, gpus=gpus, nodes=nodes))
@@ -194,8 +195,7 @@ def _label(value) -> str:
 
 def point_config(study: Study, point: Point):
     """The point's validated Config; ConfigError if it is not a valid run."""
-    file_values = tomllib.loads(study.config.read_text()) if study.config else {}
-    return build_config(file_values, point.overrides, file_name=str(study.config or "the study"))
+    return build_config(study.config_values, point.overrides, file_name=str(study.config or "the study"))
 
 
 def why_invalid(study: Study, point: Point) -> str | None:

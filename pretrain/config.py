@@ -468,13 +468,16 @@ def load_config(argv: list[str] | None = None) -> Config:
     if known.help:
         print(help_text())
         raise SystemExit(0)
-    file_values = {}
-    if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; the configs/ directory has examples.")
-        try:
-            file_values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    file_values = read_toml(known.config) if known.config else {}
     return build_config(file_values, _parse_overrides(rest), file_name=str(known.config))
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file's tables; ConfigError if it is missing or not TOML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; the configs/ directory has examples.")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
