@@ -70,7 +70,7 @@ from pretrain.config import Config, ModelConfig, build_config, load_config
 
 FSDP_PREFETCH_UNITS = 2  # FSDP2 keeps the unit in use and the one prefetched gathered
 DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default gradient bucket: one all-reduce per bucket
-CHUNK = 64  # chunk length of fla's chunkwise linear-attention kernels (matches pretrain.metrics.LINEAR_CHUNK)
+CHUNK = 64  # chunk length of fla's chunk_gla kernel: its per-chunk states are what a GPU run keeps
 SOFTMAX_ARCHS = ("transformer", "fox")
 
 

@@ -36,6 +36,7 @@ points already recorded as ok, invalid or oom, and runs failed ones again.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -252,6 +253,7 @@ def write_result(out_dir: Path, row: dict) -> None:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@functools.cache
 def versions() -> dict:
     import torch
 
@@ -268,6 +270,7 @@ def versions() -> dict:
     return out
 
 
+@functools.cache
 def device_name() -> str:
     import torch
 

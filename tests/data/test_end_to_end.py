@@ -2,16 +2,12 @@
 
 import pytest
 
-import pretrain.train
 from data.prepare import prepare
 from pretrain.config import build_config
 from pretrain.train import train
 from tests.dist import run_distributed
 
 STEPS, STOP = 8, 4
-# Runs once pretrain.train reads data through data.stream (the integration of issue 4).
-pytestmark = pytest.mark.skipif(pretrain.train.Loader.__module__ != "data.stream",
-                                reason="pretrain.train does not use data.stream yet")
 
 
 @pytest.fixture(scope="module")

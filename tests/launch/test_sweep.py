@@ -60,15 +60,13 @@ def test_local_sweep_records_points_writes_report_and_skips_done_points_on_rerun
     for key in [(1, 1), (1, 2), (2, 2)]:
         r = rows[key]
         assert r["status"] == "ok", r
-        # the timing is the mean over the timed steps of the run's own metrics (log.interval = 1)
         logged = [json.loads(line) for line in (out / "points" / r["point"] / "metrics.jsonl").read_text().splitlines()]
-        assert [m["step"] for m in logged] == [1, 2, 3, 4]
-        step_times = [r["tokens_per_step"] / m["tokens_per_s"] for m in logged[1:]]
-        assert r["step_time_s"] == pytest.approx(sum(step_times) / 3)
-        assert 0 < sum(step_times) < r["run_s"]  # and the timed steps fit in the point's wall-clock time
-        assert r["tokens_per_step"] == 4 * 32
-        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / r["world_size"])
-        assert r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"] * r["flops_per_token"] / 1e12)
+        assert [m["step"] for m in logged] == [1, 2, 3, 4]  # 1 warm-up + 3 timed steps, each logged
+        # the step time agrees with the one clocked independently on every rank (launch/monitor.py), and the
+        # timed steps fit in the point's wall-clock time
+        assert all(w == pytest.approx(r["step_time_s"], rel=0.3) for w in r["rank_wall_s"]), r
+        assert 0 < 3 * r["step_time_s"] < r["run_s"]
+        assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_time_s"])
         assert r["mfu"] is None and r["memory_kind"] == "cpu_rss_rank0" and r["peak_memory_gb"] > 0
         assert len(r["rank_cpu_s"]) == r["world_size"] and r["versions"]["torch"]
         assert not (out / "points" / r["point"] / "checkpoints").exists(), "a sweep point saves no checkpoint"
@@ -83,7 +81,8 @@ def test_local_sweep_records_points_writes_report_and_skips_done_points_on_rerun
     checks = {(cells[1].strip(), int(cells[2])): float(cells[5]) for cells in
               (line.split("|") for line in section.splitlines() if line.startswith("| tp="))}
     assert set(checks) == {("tp=1", 1), ("tp=1", 2), ("tp=2", 2)} and checks[("tp=1", 1)] == 1.0
-    assert efficiency(load_rows(out / "results.jsonl"))["tp=1"][1] == 1.0
+    assert efficiency(load_rows(out / "results.jsonl"))["tp=1"][2] == pytest.approx(
+        rows[(1, 2)]["tokens_per_s_per_gpu"] / rows[(1, 1)]["tokens_per_s_per_gpu"])
 
     # a second run skips every recorded point; a failed one runs again
     lines = (out / "results.jsonl").read_text().splitlines()

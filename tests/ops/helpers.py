@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import bench.ops
+
 
 def assert_near(actual, expected, tol, what=""):
     err = (actual - expected).abs().max().item()
@@ -62,15 +64,7 @@ def assert_grads_rel(outputs, inputs, references, ref_inputs, names, cotangents,
 
 def saved_bytes(fn):
     """Bytes of the distinct buffers autograd keeps for backward during fn()."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+    return bench.ops.saved_bytes(fn, [])
 
 
 def assert_saved_memory_linear(call_at):
