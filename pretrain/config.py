@@ -131,6 +131,8 @@ class DataConfig:
     """DataLoader worker processes per rank building batches (0 = in the training process); same order for any N."""
     shuffle_window: int = 1024
     """Windows shuffled together per block of the stream (a seekable buffer shuffle); part of the resume state."""
+    document_mask: bool = False
+    """Keep packed documents apart: attention stays inside each document, recurrent states and token shifts restart."""
 
 
 @dataclass
