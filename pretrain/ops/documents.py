@@ -19,11 +19,12 @@ class DocumentMask:
     its row, an op's initial state or past included; the first step of a row without a True continues whatever
     state the op was given (none, in training)."""
 
-    def __init__(self, starts: torch.Tensor):
+    def __init__(self, starts: torch.Tensor, position_ids: torch.Tensor | None = None):
         if starts.dtype != torch.bool or starts.ndim != 2:
             raise ValueError(f"DocumentMask wants a (B, T) bool tensor of document starts; got {starts.dtype} "
                              f"{list(starts.shape)}")
         self.starts = starts  # (B, T)
+        self.position_ids = position_ids  # (B, T) in-document positions where known (rotary/learned positions)
 
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor) -> DocumentMask:
@@ -31,7 +32,7 @@ class DocumentMask:
         if position_ids.ndim != 2 or position_ids.dtype.is_floating_point:
             raise ValueError(f"position_ids must be (B, T) integers; got {position_ids.dtype} "
                              f"{list(position_ids.shape)}")
-        return cls(position_ids == 0)
+        return cls(position_ids == 0, position_ids)
 
     @property
     def shape(self) -> torch.Size:
@@ -68,11 +69,13 @@ class DocumentMask:
 
     def slice(self, start: int, stop: int) -> DocumentMask:
         """The mask of steps start … stop − 1 (a piece of the sequence, e.g. a mini-sequence chunk)."""
-        return DocumentMask(self.starts[:, start:stop])
+        positions = None if self.position_ids is None else self.position_ids[:, start:stop]
+        return DocumentMask(self.starts[:, start:stop], positions)
 
     def rows(self, start: int, stop: int) -> DocumentMask:
         """The mask of rows start … stop − 1 (a micro-batch)."""
-        return DocumentMask(self.starts[start:stop])
+        positions = None if self.position_ids is None else self.position_ids[start:stop]
+        return DocumentMask(self.starts[start:stop], positions)
 
 
 __all__ = ["DocumentMask"]
