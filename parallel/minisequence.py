@@ -156,13 +156,15 @@ def chunked_vocab_parallel_loss(lm_head: nn.Module, h: DTensor, labels: torch.Te
                                            start, mesh.get_group())
 
 
-def _chunked_forward(forward, chunks: int, x: torch.Tensor) -> torch.Tensor:
-    """forward(x) over `chunks` pieces of x (B, T, d) along T, each checkpointed; x may be a `Replicate()` DTensor."""
+def _chunked_forward(forward, chunks: int, x: torch.Tensor, docs=None) -> torch.Tensor:
+    """forward(x, docs) over `chunks` pieces of x (B, T, d) along T, each checkpointed; x may be a `Replicate()`
+    DTensor. `docs` (document masking's `DocumentMask`) is cut into the same pieces."""
     outs = []
     for s in _chunk_slices(x.shape[1], chunks):
         # one token of left context: RWKV-7's channel mix shifts its input by one token
         lo = max(s.start - 1, 0)
-        y = checkpoint(forward, x[:, lo:s.stop], use_reentrant=False)  # (B, s.stop - lo, d)
+        piece_docs = None if docs is None else docs.slice(lo, s.stop)
+        y = checkpoint(forward, x[:, lo:s.stop], docs=piece_docs, use_reentrant=False)  # (B, s.stop - lo, d)
         outs.append(y[:, s.start - lo:])
     return torch.cat(outs, dim=1)  # (B, T, d)
 

@@ -37,21 +37,22 @@ class ParallelModel:
     def parameters(self):
         return (p for part in self.parts for p in part.parameters())
 
-    def pipeline_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Forward (and backward, unless gradients are disabled) of every micro-batch through the pipeline;
-        returns their mean loss on every stage."""
-        tokens = torch.cat([t for t, _ in micro_batches])  # (n · micro, T): the schedule splits it again
-        labels = torch.cat([y for _, y in micro_batches])
+    def pipeline_step(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """Forward (and backward, unless gradients are disabled) of every micro-batch (tokens, labels[,
+        position_ids]) through the pipeline; returns their mean loss on every stage."""
+        # (n · micro, T) each: the schedule splits them into micro-batches again
+        tokens, labels, *position_ids = (torch.cat(parts) for parts in zip(*micro_batches))
         losses = []
         run = self.schedule.step if torch.is_grad_enabled() else self.schedule.eval
-        # labels= reaches every stage; only the last, which has the head, uses it
-        run(tokens, target=labels, losses=losses, return_outputs=False, labels=labels)
+        # keyword arguments reach every stage: labels= is used by the last (it has the head), position_ids= by all
+        run(tokens, target=labels, losses=losses, return_outputs=False, labels=labels,
+            position_ids=position_ids[0] if position_ids else None)
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=tokens.device)
         dist.all_reduce(loss, group=self.mesh.get_group("pp"))  # zero on the other stages
         return loss.detach()
 
     @torch.no_grad()
-    def pipeline_eval(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def pipeline_eval(self, batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """Mean loss over `batches`, taken as many micro-batches at a time as the schedule runs."""
         n = self.microbatches
         return torch.stack([self.pipeline_step(batches[i:i + n]) for i in range(0, len(batches), n)]).mean()

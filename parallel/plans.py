@@ -11,7 +11,8 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel)
 
-from parallel.tensor import AllReduceInputGradient, HeadSharded, ReplicatedParams, VocabParallelEmbedding
+from parallel.tensor import (AllReduceInputGradient, HeadSharded, PlainTensorsReplicated, ReplicatedParams,
+                             VocabParallelEmbedding)
 from pretrain.config import ModelConfig
 
 Plan = dict[str, tuple[ParallelStyle, ...]]
@@ -41,7 +42,8 @@ def _gla(cfg: ModelConfig) -> Plan:
 
 def _rwkv7(cfg: ModelConfig) -> Plan:
     # The mixer's own vectors: μ mixes the (replicated) token-shifted input; k_k, k_a, r_k act on its heads.
-    plan = {"": (ReplicatedParams(*(f"mu_{n}" for n in "rwkvag")), HeadSharded("k_k", "k_a", "r_k"))}
+    plan = {"": (ReplicatedParams(*(f"mu_{n}" for n in "rwkvag")), HeadSharded("k_k", "k_a", "r_k"),
+                 PlainTensorsReplicated())}
     plan.update({name: (ColwiseParallel(),) for name in ("r_proj", "k_proj", "v_proj")})
     for lora in ("w_lora", "a_lora", "v_lora", "g_lora"):  # up-projection biases are w₀, a₀, v₀: per head
         plan[f"{lora}.down"] = (ReplicatedParams(),)
@@ -89,7 +91,8 @@ def tp_plan(cfg: ModelConfig, *, sequence_parallel: bool) -> Plan:
                     *(() if sequence_parallel else (whole_sequence(1),))),
     }
     if cfg.arch == "rwkv7":
-        plan["layers.*.mlp"] += (ReplicatedParams("mu_k"),)  # the channel mix's own token-shift mixing
+        # the channel mix's own token-shift mixing
+        plan["layers.*.mlp"] += (ReplicatedParams("mu_k"), PlainTensorsReplicated())
     for name, styles in MIXERS[cfg.arch](cfg).items():
         key = f"layers.*.mixer.{name}".rstrip(".")
         plan[key] = plan.get(key, ()) + styles

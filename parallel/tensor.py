@@ -26,6 +26,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 
@@ -103,6 +104,24 @@ class VocabParallelEmbedding(ParallelStyle):
 
         module.register_forward_pre_hook(local_lookup)
         module.register_forward_hook(reduce)
+        return module
+
+
+class PlainTensorsReplicated(ParallelStyle):
+    """Under document masking, the module's forward runs in DTensor's implicit replication: the plain per-token masks
+    it applies to its replicated DTensor input (RWKV-7's token shifts zero the previous token at document starts)
+    count as `Replicate()`, which they are (every tensor-parallel rank holds the same batch)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        forward = module.forward
+
+        def forward_with_plain_masks(*args, **kwargs):
+            if kwargs.get("docs") is None:
+                return forward(*args, **kwargs)
+            with implicit_replication():
+                return forward(*args, **kwargs)
+
+        module.forward = forward_with_plain_masks
         return module
 
 

@@ -48,7 +48,7 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None, causal: bool = False,
-                    chunk_size: int = CHUNK_SIZE) -> float:
+                    chunk_size: int = CHUNK_SIZE, attention_span: float | None = None) -> float:
     """Model FLOPs of one training step (forward + backward) per token: matmul work only.
 
         6 · N  +  L · mixer
@@ -62,7 +62,9 @@ def flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None, causal: boo
       the full s×s square, as Megatron-LM and torchtitan count it; `causal=True` halves it (the causal half,
       as FlashAttention's benchmarks count it). The unfused path computes the full square; FoX's blockwise
       torch path skips tiles above the diagonal (block granularity) and its backward recomputes QKᵀ
-      (hardware FLOPs, not model FLOPs: not counted).
+      (hardware FLOPs, not model FLOPs: not counted). Under document masking a query only sees its own document:
+      `attention_span` (see `attention_span`) replaces s, so the count is Σ over documents of their squared
+      lengths, the work a document-masked kernel does.
     - gla, rwkv7: the matmuls of the chunkwise algorithm in `pretrain.ops` with chunk C = min(chunk_size, s),
       never an s² term; per head with key/value widths K, V:
         gla:   intra-chunk scores QKᵀ and their product with V 2·C·(K + V), state read-out and each chunk's
@@ -82,12 +84,24 @@ def flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None, causal: boo
     s = seq_len or cfg.seq_len
     d, H = cfg.d_model, cfg.n_heads
     if cfg.arch in ("transformer", "fox"):
-        mixer = 12 * s * d * (0.5 if causal else 1.0)
+        span = s if attention_span is None else attention_span
+        mixer = 12 * span * d * (0.5 if causal else 1.0)
     elif cfg.arch == "gla":
         mixer = 3 * H * _gla_forward_flops(min(chunk_size, s), d // 2 // H, d // H)
     else:
         mixer = 3 * H * _rwkv7_forward_flops(min(chunk_size, s), d // H, d // H)
     return 6 * matmul_params(cfg) + cfg.n_layers * mixer
+
+
+def attention_span(position_ids: torch.Tensor) -> float:
+    """Σ over document pieces of their squared lengths ÷ tokens, for in-document position ids (B, T): the number of
+    keys a query sees per token under document masking, counted over each document's full square (as s is without
+    masking). Pieces are cut at row starts and document starts (id 0)."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    edges = torch.nonzero(torch.cat([starts.reshape(-1), torch.ones(1, dtype=torch.bool)])).squeeze(1)  # (N + 1,)
+    lengths = (edges[1:] - edges[:-1]).double()  # (N,)
+    return float((lengths ** 2).sum() / position_ids.numel())
 
 
 def _gla_forward_flops(C: int, K: int, V: int) -> float:

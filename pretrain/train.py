@@ -27,7 +27,7 @@ from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelModel, parallelize
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import Config, ConfigError, load_config
-from pretrain.metrics import MetricsLogger, flops_per_token, peak_flops
+from pretrain.metrics import MetricsLogger, attention_span, flops_per_token, peak_flops
 from pretrain.models import build_model
 from pretrain.optim import build_optimizer, lr_at
 
@@ -42,9 +42,16 @@ def mean_across_ranks(value: torch.Tensor) -> float:
     return value.item()
 
 
+def model_inputs(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict]:
+    """A loader batch (tokens, labels[, position_ids]) as the model's (tokens, keyword arguments)."""
+    tokens, labels, *position_ids = batch
+    return tokens, {"labels": labels, "position_ids": position_ids[0] if position_ids else None}
+
+
 def train_step(model: ParallelModel, optimizers, micro_batches, *, lr: float, grad_clip: float,
                autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over the accumulated micro-batches; returns (mean loss on this rank, grad norm)."""
+    """One optimizer step over the accumulated micro-batches (tokens, labels[, position_ids]); returns (mean loss
+    on this rank, grad norm)."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -54,10 +61,11 @@ def train_step(model: ParallelModel, optimizers, micro_batches, *, lr: float, gr
     else:
         module = model.parts[0]
         total = torch.zeros((), device=micro_batches[0][0].device)
-        for i, (tokens, labels) in enumerate(micro_batches):
+        for i, batch in enumerate(micro_batches):
             set_gradient_sync(module, i == len(micro_batches) - 1)  # reduce over dp once, after the last
+            tokens, inputs = model_inputs(batch)
             with autocast:
-                loss = module(tokens, labels=labels) / len(micro_batches)
+                loss = module(tokens, **inputs) / len(micro_batches)
             loss.backward()
             total += loss.detach()
     grad_norm = model.clip_grad_norm_(grad_clip)  # over every shard and pipeline stage; 0 = only measure
@@ -75,7 +83,8 @@ def evaluate(model: ParallelModel, batches, autocast) -> float:
         if model.schedule is not None:
             loss = model.pipeline_eval(batches)
         else:
-            loss = torch.stack([model.parts[0](tokens, labels=labels).float() for tokens, labels in batches]).mean()
+            loss = torch.stack([model.parts[0](tokens, **inputs).float()
+                                for tokens, inputs in map(model_inputs, batches)]).mean()
     for part in model.parts:
         part.train()
     return mean_across_ranks(loss)
@@ -107,15 +116,19 @@ def build_loaders(cfg: Config, *, dp_rank: int, dp_size: int):
     """This rank's training loader and validation loader (None without evaluation), checked against the model."""
     d, seq_len, micro = cfg.data, cfg.model.seq_len, cfg.train.micro_batch
     if d.path == SYNTHETIC:
+        if d.document_mask:
+            raise ConfigError("data.document_mask needs documents, and data.path='synthetic' has none; "
+                              "prepare a dataset with `python -m data.prepare` or set data.document_mask=false.")
         return SyntheticLoader(cfg.model.vocab_size, seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank,
                                dp_size=dp_size, seed=cfg.train.seed), None
     check_vocab(d.path, cfg.model.vocab_size, blend=d.blend)
     check_tokenizer(d.path, d.tokenizer, blend=d.blend)
     loader = Loader(d.path, "train", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank, dp_size=dp_size,
                     seed=cfg.train.seed, blend=d.blend, num_workers=d.num_workers, on_error=d.on_error,
-                    shuffle_window=d.shuffle_window)
+                    shuffle_window=d.shuffle_window, return_doc_boundaries=d.document_mask)
     val_loader = (ValLoader(d.val_path or d.path, "val", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank,
-                            dp_size=dp_size, blend="" if d.val_path else d.blend, on_error=d.on_error)
+                            dp_size=dp_size, blend="" if d.val_path else d.blend, on_error=d.on_error,
+                            return_doc_boundaries=d.document_mask)
                   if cfg.train.eval_interval else None)
     return loader, val_loader
 
@@ -165,17 +178,23 @@ def train(cfg: Config) -> list[float]:
     job = JobControl(cfg, env, device=device, started=t_start, step=step)
 
     flops = flops_per_token(cfg.model)
+    # Under document masking, also the FLOPs a document-masked kernel does: attention over each document's square.
+    # The count is linear in the span, so two counts (full span, none) give it for any batch.
+    flops_no_attention = flops_per_token(cfg.model, attention_span=0.0)
     peak = peak_flops(device)
     logger = MetricsLogger(run_dir, enabled=is_main, start_step=step, total_steps=cfg.train.steps,
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
     tokens_per_step = cfg.train.global_batch * seq_len
     losses, steps_this_run = [], 0
-    window_start, window_steps = time.monotonic(), 0
+    window_start, window_steps, window_span = time.monotonic(), 0, 0.0
     for part in model.parts:
         part.train()
     while step < cfg.train.steps:
         step += 1
-        micro_batches = [tuple(t.to(device, non_blocking=True) for t in next(loader)) for _ in range(grad_accum)]
+        micro_batches = [next(loader) for _ in range(grad_accum)]
+        if cfg.data.document_mask:  # from the position ids still on the host: no device sync
+            window_span += sum(attention_span(batch[2]) for batch in micro_batches) / grad_accum
+        micro_batches = [tuple(t.to(device, non_blocking=True) for t in batch) for batch in micro_batches]
         loss, grad_norm = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, cfg.train.steps),
                                      grad_clip=cfg.optim.grad_clip, autocast=autocast)
         if not torch.isfinite(grad_norm):
@@ -197,12 +216,18 @@ def train(cfg: Config) -> list[float]:
                        "tflops_per_gpu": achieved / 1e12, "mfu": achieved / peak if peak else None,
                        "tokens_seen": tokens_seen, "epoch": loader.epoch, "skipped_shards": len(loader.skipped_shards),
                        "memory_gb": peak_memory_gb(device)}
+            if cfg.data.document_mask:
+                span = window_span / window_steps
+                in_documents = flops_no_attention + (flops - flops_no_attention) * span / seq_len
+                achieved = tokens_per_s * in_documents / env.world_size
+                metrics.update(attention_span=span, tflops_per_gpu_documents=achieved / 1e12,
+                               mfu_documents=achieved / peak if peak else None)
             if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
                 batches = [tuple(t.to(device) for t in b) for b in val_loader.batches(cfg.train.eval_batches)]
                 val_loss = evaluate(model, batches, autocast)
                 metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             logger.log(step, metrics)
-            window_start, window_steps = time.monotonic(), 0
+            window_start, window_steps, window_span = time.monotonic(), 0, 0.0
 
         exiting = 0 < cfg.train.exit_after_steps <= steps_this_run
         exiting |= job.should_stop(step)  # collective: every rank saves and stops at the same step

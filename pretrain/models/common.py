@@ -1,9 +1,10 @@
 """Pieces every architecture shares: norms, MLPs, RoPE, `Block(mixer, mlp)` and the `LanguageModel` shell.
 
-A sequence mixer is any module with `forward(x, carry=None) -> (y, carry)`. `carry` is a tensor a mixer may
-hand to the blocks after it (RWKV-7's first-layer value); mixers that need nothing pass it through. Mixers
-derive their local head count from tensor shapes, never from the config, so column-sharded projections
-under tensor parallelism just work.
+A sequence mixer is any module with `forward(x, carry=None, *, docs=None) -> (y, carry)`. `carry` is a tensor a
+mixer may hand to the blocks after it (RWKV-7's first-layer value); mixers that need nothing pass it through.
+`docs` is the batch's `DocumentMask` under document masking (None otherwise): nothing may cross a document start.
+Feed-forwards take it too (RWKV-7's channel mix shifts tokens). Mixers derive their local head count from tensor
+shapes, never from the config, so column-sharded projections under tensor parallelism just work.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
+from pretrain.ops.documents import DocumentMask
 
 
 class RMSNorm(nn.Module):
@@ -53,7 +55,8 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d_model, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs: DocumentMask | None = None) -> torch.Tensor:
+        # docs: unused, every token is transformed on its own
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -65,7 +68,8 @@ class GeluMLP(nn.Module):
         self.up_proj = nn.Linear(d_model, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs: DocumentMask | None = None) -> torch.Tensor:
+        # docs: unused, every token is transformed on its own
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 
@@ -74,18 +78,31 @@ def build_mlp(cfg: ModelConfig) -> nn.Module:
     return cls(cfg.d_model, mlp_hidden_size(cfg), bias=cfg.bias)
 
 
-def rope_angles(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each (T, head_dim / 2), computed in fp32."""
+def rope_angles(positions: int | torch.Tensor, head_dim: int, theta: float,
+                device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, computed in fp32: each (T, head_dim / 2) for positions 0 … T − 1 given as
+    the int T, or (B, T, head_dim / 2) for a (B, T) tensor of positions (document masking's in-document ones)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, D/2)
+    if isinstance(positions, int):
+        positions = torch.arange(positions, device=device)
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # ([B,] T, D/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, T, H, D) by the per-position angles."""
+    """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, T, H, D) by the per-position angles ([B,] T, D/2)."""
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2): broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # ([B,] T, 1, D/2): broadcast over heads
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+def shift_tokens(x: torch.Tensor, docs: DocumentMask | None = None) -> torch.Tensor:
+    """x_{t−1} for each step t of x (B, T, ...), zero at t = 0 and, under document masking, at each document start."""
+    prev = F.pad(x, (0, 0) * (x.ndim - 2) + (1, -1))  # (B, T, ...): x one step later in time
+    if docs is None:
+        return prev
+    keep = docs.continues.view(*docs.shape, *(1,) * (x.ndim - 2))  # (B, T, 1, ...)
+    return prev * keep.to(prev.dtype)
 
 
 class Block(nn.Module):
@@ -99,10 +116,10 @@ class Block(nn.Module):
         self.mlp = mlp
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None):
-        y, carry = self.mixer(self.attn_norm(x), carry)
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs: DocumentMask | None = None):
+        y, carry = self.mixer(self.attn_norm(x), carry, docs=docs)
         x = x + self.dropout(y)  # (B, T, d)
-        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = x + self.dropout(self.mlp(self.mlp_norm(x), docs=docs))
         return x, carry
 
 
@@ -116,8 +133,10 @@ class LanguageModel(nn.Module):
 
     `model(tokens)` returns logits (B, T, V); `model(tokens, labels=labels)` returns the mean
     cross-entropy over labels != -100 through `self.loss`, which mini-sequence chunking can replace
-    without ever materialising the full logits. Submodules may be None (pipeline stages drop the
-    embedding or the head), in which case `tokens` is already a hidden state or the hidden state is returned.
+    without ever materialising the full logits. `position_ids` (B, T), counting from 0 at each document's first
+    token, turn on document masking: no information crosses a position with id 0, and positional encodings use
+    the ids. Submodules may be None (pipeline stages drop the embedding or the head), in which case `tokens` is
+    already a hidden state or the hidden state is returned.
     """
 
     def __init__(self, cfg: ModelConfig, make_mixer: Callable[[int], nn.Module] | None = None, *,
@@ -139,26 +158,37 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # built once per forward: the layers share its derived forms (masks, varlen boundaries)
+        docs = None if position_ids is None else DocumentMask.from_position_ids(position_ids)
         if self.tok_emb is None:  # a later pipeline stage: the input is already the hidden state
             h = tokens
         else:
             h = self.tok_emb(tokens)  # (B, T, d)
             if self.pos_emb is not None:
-                if h.shape[1] > self.cfg.seq_len:
-                    raise ValueError(f"sequence of {h.shape[1]} tokens exceeds the learned position table "
-                                     f"(model.seq_len={self.cfg.seq_len})")
-                h = h + self.pos_emb(torch.arange(h.shape[1], device=h.device))
+                h = h + self.pos_emb(self.learned_positions(h.shape[1], position_ids, h.device))
             h = self.emb_dropout(h)
         carry = None
         for block in self.layers.values():
-            h, carry = block(h, carry)
+            h, carry = block(h, carry, docs=docs)
         if self.lm_head is None:
             return h
         h = self.norm(h)
         if labels is None:
             return self.lm_head(h)  # (B, T, V)
         return self.loss(h, labels)
+
+    def learned_positions(self, T: int, position_ids: torch.Tensor | None, device) -> torch.Tensor:
+        """Rows of the learned position table for T steps: 0 … T − 1, or the in-document ids. A document longer than
+        the table (model.seq_len) has ids past its end, since a window's first token continues its document's count;
+        those steps share the table's last row."""
+        if position_ids is None:
+            if T > self.cfg.seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the learned position table "
+                                 f"(model.seq_len={self.cfg.seq_len})")
+            return torch.arange(T, device=device)  # (T,)
+        return position_ids.clamp(max=self.cfg.seq_len - 1)  # (B, T)
 
     def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the LM head's logits over labels != -100, computed in fp32."""

@@ -36,11 +36,11 @@ class ForgettingAttention(Attention):
         self.impl = IMPLS[cfg.attn_impl]
         self.fgate_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=True)
 
-    def attend(self, q, k, v, x):
+    def attend(self, q, k, v, x, docs=None):
         logit = self.fgate_proj(x)  # (B, T, H)
         # fp32 (or wider): the op sums log f over the whole sequence
         log_f = F.logsigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))  # (B, T, H)
-        return forgetting_attention(q, k, v, log_f, impl=self.impl)  # (B, T, H, D)
+        return forgetting_attention(q, k, v, log_f, impl=self.impl, docs=docs)  # (B, T, H, D)
 
 
 def build_fox(cfg: ModelConfig) -> LanguageModel:

@@ -76,7 +76,7 @@ class GatedLinearAttention(nn.Module):
         self.o_norm = HeadRMSNorm(d, cfg.norm_eps)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk), H = local heads
         k = self.k_proj(x).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk)
@@ -84,14 +84,14 @@ class GatedLinearAttention(nn.Module):
         # the log decay is formed in fp32 (or wider): under bf16 autocast logsigmoid(·)/16 loses small values
         gk = at_least_fp32(self.gk_proj(x)).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk)
         g = F.logsigmoid(gk) / GATE_NORMALIZER  # (B, T, H, Dk): log decay
-        o = self.attend(q, k, v, g)  # (B, T, H, Dv)
+        o = self.attend(q, k, v, g, docs)  # (B, T, H, Dv)
         o = self.o_norm(o) * F.silu(self.g_proj(x)).view_as(o)  # (B, T, H, Dv)
         return self.o_proj(o.flatten(2)), carry
 
-    def attend(self, q, k, v, g):
+    def attend(self, q, k, v, g, docs=None):
         """The chunked recurrence alone, as its own method (named like the softmax mixers' `attend`) so that it
-        can be recomputed in backward without the projections around it."""
-        return gla(q, k, v, g, impl=self.impl)  # (B, T, H, Dv)
+        can be recomputed in backward without the projections around it. Document starts reset its state."""
+        return gla(q, k, v, g, impl=self.impl, docs=docs)  # (B, T, H, Dv)
 
 
 def build_gla(cfg: ModelConfig) -> LanguageModel:

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.models.common import Block, LanguageModel, make_norm, mlp_hidden_size
+from pretrain.models.common import Block, LanguageModel, make_norm, mlp_hidden_size, shift_tokens
 from pretrain.models.gla import LowRank, at_least_fp32, linear_mixer_impl, reject_rope
 from pretrain.ops.rwkv7 import rwkv7
 
@@ -46,9 +46,10 @@ def lora_rank(d_model: int, factor: float) -> int:
     return max(32, round(factor * math.sqrt(d_model) / 32) * 32)
 
 
-def token_shift(x: torch.Tensor) -> torch.Tensor:
-    """δ_t = x_{t−1} − x_t with x_{−1} = 0, for x (B, T, d) holding the whole sequence."""
-    return F.pad(x, (0, 0, 1, -1)) - x  # (B, T, d)
+def token_shift(x: torch.Tensor, docs=None) -> torch.Tensor:
+    """δ_t = x_{t−1} − x_t with x_{−1} = 0 (and 0 before each document start), for x (B, T, d) holding the whole
+    sequence."""
+    return shift_tokens(x, docs) - x  # (B, T, d)
 
 
 def _init_lora(lora: LowRank, bias: torch.Tensor | None, generator: torch.Generator | None) -> None:
@@ -100,10 +101,10 @@ class RWKV7TimeMix(nn.Module):
         self.o_norm = HeadGroupNorm(d, GROUP_NORM_EPS)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None = None, *, docs=None):
         B, T, _ = x.shape
         D = self.head_dim
-        delta = token_shift(x)  # (B, T, d)
+        delta = token_shift(x, docs)  # (B, T, d)
         xr, xw, xk, xv, xa, xg = (torch.addcmul(x, delta, getattr(self, f"mu_{n}")) for n in MIXED_INPUTS)
         r = self.r_proj(xr).view(B, T, -1, D)  # (B, T, H, D), H = local heads
         # fp32 log decay: its cumulative sums inside the op span whole chunks
@@ -121,15 +122,15 @@ class RWKV7TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, -1, D), dim=-1)  # (B, T, H, D): κ̂, unit length per head
         k = k * (1 + (a - 1) * self.k_a)  # (B, T, H·D)
         k, v, a = (t.view(B, T, -1, D) for t in (k, v, a))  # (B, T, H, D) each
-        o = self.attend(r, w, k, v, -kk, kk * a)  # (B, T, H, D)
+        o = self.attend(r, w, k, v, -kk, kk * a, docs)  # (B, T, H, D)
         bonus = (r * k * self.r_k.view(-1, D)).sum(-1, keepdim=True) * v  # (B, T, H, D): the current token's own term
         o = self.o_norm(o) + bonus  # (B, T, H, D)
         return self.o_proj(o.flatten(2) * g), v_first
 
-    def attend(self, r, w, k, v, a, b):
+    def attend(self, r, w, k, v, a, b, docs=None):
         """The chunked recurrence alone, as its own method (named like the softmax mixers' `attend`) so that it
-        can be recomputed in backward without the projections around it."""
-        return rwkv7(r, w, k, v, a, b, impl=self.impl)  # (B, T, H, D)
+        can be recomputed in backward without the projections around it. Document starts reset its state."""
+        return rwkv7(r, w, k, v, a, b, impl=self.impl, docs=docs)  # (B, T, H, D)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -176,8 +177,8 @@ class RWKV7ChannelMix(nn.Module):
         self.up_proj = nn.Linear(d, mlp_hidden_size(cfg), bias=False)
         self.down_proj = nn.Linear(mlp_hidden_size(cfg), d, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.addcmul(x, token_shift(x), self.mu_k)  # (B, T, d)
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
+        h = torch.addcmul(x, token_shift(x, docs), self.mu_k)  # (B, T, d)
         return self.down_proj(F.relu(self.up_proj(h)).square())
 
     @torch.no_grad()
@@ -196,10 +197,10 @@ class RWKV7Block(Block):
         super().__init__(mixer, mlp, cfg)
         self.emb_norm = make_norm(cfg) if first else None
 
-    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs=None):
         if self.emb_norm is not None:
             x = self.emb_norm(x)  # (B, T, d)
-        return super().forward(x, carry)
+        return super().forward(x, carry, docs=docs)
 
 
 class RWKV7(LanguageModel):

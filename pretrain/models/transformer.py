@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
-from pretrain.models.common import LanguageModel, apply_rope, rope_angles
+from pretrain.models.common import LanguageModel, apply_rope, rope_angles, shift_tokens
 from pretrain.ops import causal_attention
+from pretrain.ops.documents import DocumentMask
 
 
 class HeadRMSNorm(nn.Module):
@@ -36,9 +37,10 @@ class HeadRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def kv_shift(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """x̃_t = α_t x_{t−1} + (1 − α_t) x_t with x_{−1} = 0; x (B, T, H, D), alpha (B, T, H)."""
-    prev = F.pad(x, (0, 0, 0, 0, 1, -1))  # (B, T, H, D): x shifted one step later in time
+def kv_shift(x: torch.Tensor, alpha: torch.Tensor, docs: DocumentMask | None = None) -> torch.Tensor:
+    """x̃_t = α_t x_{t−1} + (1 − α_t) x_t with x_{−1} = 0 (and 0 before each document start); x (B, T, H, D),
+    alpha (B, T, H)."""
+    prev = shift_tokens(x, docs)  # (B, T, H, D)
     alpha = alpha.unsqueeze(-1)  # (B, T, H, 1)
     return alpha * prev + (1 - alpha) * x
 
@@ -66,26 +68,27 @@ class Attention(nn.Module):
             self.o_norm = HeadRMSNorm(d, cfg.norm_eps)
             self.g_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs: DocumentMask | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, H, D), H = local heads
         k = self.k_proj(x).view(B, T, -1, self.head_dim)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         if self.pro:
-            k = kv_shift(k, torch.sigmoid(self.k_shift_proj(x)))
-            v = kv_shift(v, torch.sigmoid(self.v_shift_proj(x)))
+            k = kv_shift(k, torch.sigmoid(self.k_shift_proj(x)), docs)
+            v = kv_shift(v, torch.sigmoid(self.v_shift_proj(x)), docs)
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
-            cos, sin = rope_angles(T, self.head_dim, self.rope_theta, x.device)
+            positions = T if docs is None or docs.position_ids is None else docs.position_ids
+            cos, sin = rope_angles(positions, self.head_dim, self.rope_theta, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = self.attend(q, k, v, x)  # (B, T, H, D)
+        o = self.attend(q, k, v, x, docs)  # (B, T, H, D)
         if self.pro:
             o = self.o_norm(o) * torch.sigmoid(self.g_proj(x)).view_as(o)
         return self.o_proj(o.flatten(2)), carry
 
-    def attend(self, q, k, v, x):
+    def attend(self, q, k, v, x, docs=None):
         dropout_p = self.dropout_p if self.training else 0.0
-        return causal_attention(q, k, v, dropout_p=dropout_p, impl=self.impl)
+        return causal_attention(q, k, v, dropout_p=dropout_p, impl=self.impl, docs=docs)
 
 
 def build_transformer(cfg: ModelConfig) -> LanguageModel:

@@ -6,6 +6,8 @@ process group) and returns, per architecture, the logged losses and the full par
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -39,8 +41,10 @@ def tiny_config(arch: str, parallel: dict | None = None, **train):
     })
 
 
-def global_batch(step: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's (tokens, labels), each (global_batch, T): a learnable pattern plus noise, some labels ignored."""
+def global_batch(step: int, cfg, documents: bool = False) -> tuple[torch.Tensor, ...]:
+    """The step's (tokens, labels), each (global_batch, T): a learnable pattern plus noise, some labels ignored.
+    With `documents`, also position ids (global_batch, T) of packed documents: a document starts at each step with
+    probability 1/4 (and the rows' first tokens continue a document at a random offset)."""
     g = torch.Generator().manual_seed(step)
     B, T, V = cfg.train.global_batch, cfg.model.seq_len, cfg.model.vocab_size
     start = torch.randint(0, V, (B, 1), generator=g)
@@ -49,7 +53,14 @@ def global_batch(step: int, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     seq = torch.where(noise, torch.randint(0, V, (B, T + 1), generator=g), seq)
     labels = seq[:, 1:].clone()
     labels[:, :2] = -100
-    return seq[:, :-1], labels
+    if not documents:
+        return seq[:, :-1], labels
+    starts = torch.rand(B, T, generator=g) < 0.25  # (B, T)
+    position_ids = torch.empty(B, T, dtype=torch.long)
+    position_ids[:, 0] = torch.where(starts[:, 0], 0, torch.randint(1, 9, (B,), generator=g))
+    for t in range(1, T):
+        position_ids[:, t] = torch.where(starts[:, t], 0, position_ids[:, t - 1] + 1)
+    return seq[:, :-1], labels, position_ids
 
 
 def build(cfg, mesh):
@@ -69,11 +80,16 @@ def full_params(model) -> dict[str, np.ndarray]:
 
 
 def train_layouts(archs, parallel: dict, train: dict | None = None, steps: int = STEPS, *,
-                  run_dir: str | None = None, stop_after: int | None = None) -> dict[str, tuple]:
-    """With `run_dir`: resume from its newest checkpoint (if any), stop after step `stop_after` and save there."""
+                  run_dir: str | None = None, stop_after: int | None = None, documents: bool = False,
+                  model: dict | None = None) -> dict[str, tuple]:
+    """With `run_dir`: resume from its newest checkpoint (if any), stop after step `stop_after` and save there.
+    With `documents`, the batches are packed documents and the model masks them (position ids); `model` overrides
+    model fields."""
     out = {}
     for arch in archs:
         cfg = tiny_config(arch, parallel, **(train or {}))
+        if model:
+            cfg.model = dataclasses.replace(cfg.model, **model)
         world = dist.get_world_size() if dist.is_initialized() else 1
         dims = ParallelDims.from_config(cfg, world)
         mesh = dims.build_mesh("cpu") if world > 1 else None
@@ -86,12 +102,11 @@ def train_layouts(archs, parallel: dict, train: dict | None = None, steps: int =
             first = resumed["step"] + 1 if resumed else 1
         losses = []
         for step in range(first, (stop_after or steps) + 1):
-            tokens, labels = global_batch(step, cfg)
-            rows = slice(dp_rank * len(tokens) // dims.dp, (dp_rank + 1) * len(tokens) // dims.dp)
+            batch = global_batch(step, cfg, documents)
+            B = len(batch[0])
+            local = [t[dp_rank * B // dims.dp:(dp_rank + 1) * B // dims.dp] for t in batch]
             micro = cfg.train.micro_batch
-            local_tokens, local_labels = tokens[rows], labels[rows]
-            micro_batches = [(local_tokens[i:i + micro], local_labels[i:i + micro])
-                             for i in range(0, len(local_tokens), micro)]
+            micro_batches = [tuple(t[i:i + micro] for t in local) for i in range(0, len(local[0]), micro)]
             loss, _ = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, steps),
                                  grad_clip=cfg.optim.grad_clip, autocast=torch.autocast("cpu", enabled=False))
             losses.append(mean_across_ranks(loss))
