@@ -1,7 +1,8 @@
 """A deterministic mixture of datasets whose proportions hold at every prefix, and seekable in O(1).
 
 Weights become integer quotas n_i over a period D (the weights themselves when they are integers, else their
-exact fractions when the common denominator is at most 2^16, else a largest-remainder rounding to 2^16). Within a
+exact fractions when the common denominator is at most 2^16, else a largest-remainder rounding to 2^16; only the
+ratios matter, and a weight too small for any sample in the period is an error, never a silent 0). Within a
 period, sample t (1-based) goes to the dataset with the largest deficit t·n_i − D·c_i (c_i its samples so far;
 ties to the lower index). Over any prefix of g samples every dataset has within one sample of its share:
 |c_i(g) − g·n_i/D| < 1 (checked in tests/data/test_blend.py). After D samples every c_i = n_i, so the order repeats
@@ -37,22 +38,31 @@ def parse_blend(text: str) -> list[tuple[float, str]]:
 
 
 def quotas(weights: list[float]) -> list[int]:
-    """Integer shares n_i of one period D = sum(n_i), proportional to `weights`."""
+    """Integer shares n_i of one period D = sum(n_i), proportional to `weights`; every n_i >= 1."""
     if all(float(w).is_integer() for w in weights) and sum(weights) <= MAX_PERIOD:
         return [int(w) for w in weights]
-    fracs = [Fraction(w).limit_denominator(10**6) for w in weights]
+    # Fractions with denominators up to 10^6 cannot hold a weight below 1e-6 (it would become 0): such weights are
+    # taken relative to the largest. Only then, so that every blend that was already exact keeps its schedule.
+    scale = 1 / max(weights) if min(weights) < 1e-6 else 1.0
+    fracs = [Fraction(w * scale).limit_denominator(10**6) for w in weights]
     total = sum(fracs)
     shares = [f / total for f in fracs]
     period = math.lcm(*(s.denominator for s in shares))
     if period <= MAX_PERIOD:
-        return [int(s * period) for s in shares]
-    exact = [s * MAX_PERIOD for s in shares]
-    n = [math.floor(x) for x in exact]
-    by_remainder = sorted(range(len(n)), key=lambda i: (-(exact[i] - n[i]), i))
-    for i in by_remainder[:MAX_PERIOD - sum(n)]:
-        n[i] += 1
+        n = [int(s * period) for s in shares]
+    else:
+        exact = [s * MAX_PERIOD for s in shares]
+        n = [math.floor(x) for x in exact]
+        by_remainder = sorted(range(len(n)), key=lambda i: (-(exact[i] - n[i]), i))
+        for i in by_remainder[:MAX_PERIOD - sum(n)]:
+            n[i] += 1
     if min(n) == 0:
-        raise ValueError(f"blend weights {weights} are too uneven: a dataset would get no samples")
+        smallest = min(range(len(weights)), key=lambda i: weights[i])
+        raise ValueError(
+            f"blend weights {weights} are too uneven: weight {weights[smallest]} is "
+            f"{weights[smallest] / math.fsum(weights):.2g} of the total, and the blend gives each dataset a whole "
+            f"number of samples in every {MAX_PERIOD}, so each weight must be at least about 1/{MAX_PERIOD} "
+            f"({1 / MAX_PERIOD:.2g}) of the total; raise that weight or leave the dataset out of data.blend")
     return n
 
 

@@ -94,3 +94,14 @@ def test_blended_validation(two_sets):
     assert val.num_batches == 6
     rows = torch.cat([b[0] for b in val.batches(10)])
     assert source_of(rows).sum() == 6
+
+
+def test_tiny_weights_are_ratios_or_a_clear_error():
+    # Only ratios matter, however small the numbers.
+    assert quotas([4e-7, 2e-7]) == quotas([2, 1]) == [2, 1]
+    assert quotas([1e-6, 6e-7]) == [5, 3]
+    assert quotas([0.7, 0.3]) == [7, 3] and quotas([0.01, 0.99]) == [1, 99]  # schedules of earlier runs stay
+    # A share the 2^16 period cannot hold is an error, whichever way the weights are written.
+    for weights in ([1, 4e-7], [1, 1e-6], [1e6, 1], [0.999999, 0.000001]):
+        with pytest.raises(ValueError, match=r"too uneven.*1/65536"):
+            quotas(weights)
