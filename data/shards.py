@@ -27,13 +27,16 @@ BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 
 
+REWRITE_ADVICE = ("Re-run `python -m data.prepare` with the same arguments to rewrite bad shards (complete ones are "
+                  "kept), or set data.on_error=skip to train without it")
+
+
 class ShardError(ValueError):
     """A shard that cannot be read as its manifest describes; names the shard and the byte offset."""
 
-    def __init__(self, shard: str, offset: int | None, problem: str):
+    def __init__(self, shard: str, offset: int | None, problem: str, *, advice: str = REWRITE_ADVICE):
         where = f"{shard}" + (f" at byte {offset}" if offset is not None else "")
-        super().__init__(f"{where}: {problem}. Re-run `python -m data.prepare` with the same arguments to rewrite "
-                         "bad shards (complete ones are kept), or set data.on_error=skip to train without it")
+        super().__init__(f"{where}: {problem}. {advice}")
         self.shard, self.offset = shard, offset
 
 
@@ -216,8 +219,11 @@ def check_size(manifest: Manifest, entry: dict) -> None:
 class Shard:
     """One opened shard: its bytes (memory-mapped when local) and the offset and length of every document."""
 
-    def __init__(self, manifest: Manifest, entry: dict, *, verify: bool = True, index=None):
-        """`index`: (offsets, lengths) from an earlier opening of this shard, to skip parsing and verifying."""
+    def __init__(self, manifest: Manifest, entry: dict, *, verify: bool = True, index=None,
+                 vocab_size: int | None = None):
+        """`index`: (offsets, lengths) from an earlier opening of this shard, to skip parsing and checking.
+        `vocab_size`: embedding rows of the model that reads it (model.vocab_size); every token id must be below it
+        and below the manifest's vocabulary."""
         self.name = manifest.url(entry["name"])
         if manifest.local_dir is not None:
             check_size(manifest, entry)
@@ -244,6 +250,37 @@ class Shard:
         if verify and hashlib.sha256(self.buf).hexdigest() != entry["sha256"]:
             raise ShardError(self.name, None, "sha256 differs from the manifest (the file is corrupt or was "
                                               "rewritten after the manifest)")
+        self._check_ids(manifest.tokenizer["vocab_size"], vocab_size)
+
+    def _check_ids(self, data_vocab: int, model_vocab: int | None) -> None:
+        """Raise if a token id is not below both vocabularies: an embedding lookup would fail or read another row.
+
+        One vectorised pass: the maximum of every whole 512-byte block with the header blocks left out (tar pads
+        data with zeros). Only if that finds an id too large are documents searched one by one, to name it."""
+        limit = data_vocab if model_vocab is None else min(data_vocab, model_vocab)
+        blocks = len(self.data) // BLOCK
+        block_max = self.data[:blocks * BLOCK].view(self.dtype).reshape(blocks, BLOCK // self.dtype.itemsize).max(
+            1, initial=0)
+        block_max[(self.offsets - BLOCK) // BLOCK] = 0
+        if int(block_max.max(initial=0)) < limit:
+            return
+        for doc, length in enumerate(self.lengths):
+            ids = self.tokens(doc, 0, int(length))
+            if len(ids) and int(ids.max()) >= limit:
+                header = int(self.offsets[doc]) - BLOCK
+                member = bytes(self.data[header:header + 100]).rstrip(b"\0").decode(errors="replace")
+                if model_vocab is not None and model_vocab < data_vocab:
+                    beyond = f"beyond model.vocab_size={model_vocab} (its manifest's tokenizer has {data_vocab} ids)"
+                    advice = (f"Set model.vocab_size to at least {data_vocab}, the data's vocabulary, or "
+                              "data.on_error=skip to train without this shard")
+                else:
+                    beyond = f"beyond the {data_vocab}-token vocabulary of its manifest" + (
+                        f" (model.vocab_size={model_vocab})" if model_vocab is not None else "")
+                    advice = ("The shard does not hold what its manifest says (written with another tokenizer, or "
+                              "corrupt): prepare it again with the tokenizer the manifest names, or set "
+                              "data.on_error=skip to train without it")
+                raise ShardError(self.name, header, f"document {doc} (member {member}) holds token id "
+                                 f"{int(ids.max())}, {beyond}", advice=advice)
 
     def tokens(self, doc: int, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of document `doc` (tar order), a view into the shard."""

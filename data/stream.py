@@ -23,9 +23,11 @@ Documents: with return_doc_boundaries, batches are (inputs, labels, position_ids
 counting from 0 at each document's first token (the first token of a window continues its document's count);
 `cu_seqlens(position_ids)` gives flash-attention's varlen boundaries.
 
-Bad shards: a shard that is missing, truncated or corrupt raises a ShardError naming it and the byte offset.
-With on_error="skip" it is dropped instead (logged with a running count on logger "data"): the stream is then
-laid out over the remaining shards, so the order changes from that point on, never silently.
+Bad shards: a shard that is missing, truncated or corrupt, or holds a token id beyond the vocabulary (of its
+manifest, or `vocab_size`, the model's), raises a ShardError naming it and the byte offset. With on_error="skip"
+it is dropped instead (logged with a running count on logger "data"; shards skipped in DataLoader workers are
+counted too): the stream is then laid out over the remaining shards, so the order changes from that point on,
+never silently. A `*.tar` in a shard directory that its manifest does not list is named in a warning.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import collections
 import hashlib
 import json
 import logging
+import os
 
 import numpy as np
 import torch
@@ -53,8 +56,8 @@ class PackedStream:
 
     def __init__(self, manifest: Manifest, split: str, *, seq_len: int, seed: int, component: int = 0,
                  shuffle: bool = True, shuffle_window: int = 1024, on_error: str = "raise", verify: bool = True,
-                 open_shards: int = 16):
-        self.manifest, self.split, self.seq_len = manifest, split, seq_len
+                 open_shards: int = 16, vocab_size: int | None = None):
+        self.manifest, self.split, self.seq_len, self.vocab_size = manifest, split, seq_len, vocab_size
         self.key = [seed, component]
         self.shuffle, self.shuffle_window = shuffle, shuffle_window if shuffle else 1
         # A local shard is a memory map; a remote one is held in memory whole, so keep fewer of those open.
@@ -110,7 +113,8 @@ class PackedStream:
         shard is parsed and checksummed about once per process, not at every reopening."""
         shard = self._shards.get(i)
         if shard is None:
-            shard = Shard(self.manifest, self.entries[i], verify=self.verify, index=self._index.get(i))
+            shard = Shard(self.manifest, self.entries[i], verify=self.verify, index=self._index.get(i),
+                          vocab_size=self.vocab_size)
             self._shards[i] = shard
             if len(self._shards) > self.open_shards:
                 self._shards.popitem(last=False)
@@ -203,19 +207,40 @@ def open_manifests(path: str, blend: str = "") -> list[tuple[float, Manifest]]:
 
 
 def build_stream(path: str, split: str, *, seq_len: int, seed: int, blend: str = "", shuffle: bool = True,
-                 shuffle_window: int = 1024, on_error: str = "raise", verify: bool = True):
-    """One PackedStream, or a BlendedStream over the `blend` entries (component i shuffled with key (seed, i))."""
+                 shuffle_window: int = 1024, on_error: str = "raise", verify: bool = True,
+                 vocab_size: int | None = None):
+    """One PackedStream, or a BlendedStream over the `blend` entries (component i shuffled with key (seed, i)).
+    `vocab_size`: the model's embedding rows; token ids are checked against it as each shard is opened."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
     if shuffle_window < 1:
         raise ValueError(f"data.shuffle_window must be >= 1, got {shuffle_window}")
     manifests = open_manifests(path, blend)
     streams = [PackedStream(m, split, seq_len=seq_len, seed=seed, component=i, shuffle=shuffle,
-                            shuffle_window=shuffle_window, on_error=on_error, verify=verify)
+                            shuffle_window=shuffle_window, on_error=on_error, verify=verify, vocab_size=vocab_size)
                for i, (_, m) in enumerate(manifests)]
     if not blend:
         return streams[0]
     return BlendedStream(streams, [w for w, _ in manifests])
+
+
+def warn_unlisted_shards(path: str, blend: str = "") -> None:
+    """Name the `*.tar` files in a local shard directory that its manifest does not list: they are never read.
+
+    A warning, not an error: the manifest defines the dataset (with every shard's checksum), so what trains is
+    exactly what it lists, and a file beside it can be deliberate (a shard set aside, a subset manifest); but a
+    user who added shards by hand expecting them to be read must hear that they are not."""
+    for _, m in open_manifests(path, blend):
+        if m.local_dir is None:
+            continue
+        listed = {e["name"] for split in m.data["splits"].values() for e in split["shards"]}
+        unlisted = sorted(n for n in os.listdir(m.local_dir) if n.endswith(".tar") and n not in listed)
+        if unlisted:
+            shown = ", ".join(unlisted[:5]) + (f" and {len(unlisted) - 5} more" if len(unlisted) > 5 else "")
+            log.warning("%d shard file(s) in %s are not in its manifest and will not be read: %s. To train on them, "
+                        "prepare them into a dataset of their own (add it with data.blend) or re-run data.prepare "
+                        "over all the text; otherwise move them out of the directory", len(unlisted), m.local_dir,
+                        shown)
 
 
 def fingerprint(path: str, blend: str = "") -> str:
@@ -236,9 +261,21 @@ def check_vocab(path: str, vocab_size: int, *, blend: str = "") -> int:
 
 
 def check_tokenizer(path: str, tokenizer, *, blend: str = "") -> None:
-    """Raise if `tokenizer` (a spec or object) is not the one the data was prepared with."""
+    """Raise if `tokenizer` (a spec or object) is not the one the data was prepared with.
+
+    A spec is loaded with the end-of-document token the manifest records (prepare's --eos-token), so data made
+    with a chosen EOS needs no setting beyond data.tokenizer; the file itself is still compared by sha256."""
     _, m = open_manifests(path, blend)[0]
-    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    if isinstance(tokenizer, str):
+        eos_token = m.tokenizer.get("eos_token") if tokenizer != "byte" else None
+        try:
+            tok = load_tokenizer(tokenizer, eos_token)
+        except ValueError as e:  # the data's EOS is not in this file: not the data's tokenizer
+            raise ValueError(f"{m.where} was prepared with tokenizer {m.tokenizer}, but data.tokenizer "
+                             f"{tokenizer!r} cannot be it ({e}); set data.tokenizer to the tokenizer used at "
+                             "prepare time (see manifest.json)") from None
+    else:
+        tok = tokenizer
     if tok.identity != m.tokenizer:
         raise ValueError(
             f"{m.where} was prepared with tokenizer {m.tokenizer} but data.tokenizer gives {tok.identity}; set "
@@ -282,7 +319,8 @@ def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 class _RankBatches(torch.utils.data.IterableDataset):
-    """One rank's micro-batches from `first` on; DataLoader worker w of N yields batches w, w+N, w+2N, …"""
+    """One rank's micro-batches from `first` on; DataLoader worker w of N yields batches w, w+N, w+2N, …, each as
+    (read_rows' tensor, the shards this worker skipped since its previous batch), so the trainer can count them."""
 
     def __init__(self, spec: dict, *, first: int, dp_rank: int, dp_size: int, micro_batch: int, boundaries: bool):
         super().__init__()
@@ -294,10 +332,14 @@ class _RankBatches(torch.utils.data.IterableDataset):
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = build_stream(**self.spec)
         step = self.dp_size * self.micro_batch
+        reported = set()
         j = w
         while True:
             start = self.first + j * step + self.dp_rank * self.micro_batch
-            yield read_rows(stream, start, self.micro_batch, self.spec["seq_len"], self.boundaries)
+            rows = read_rows(stream, start, self.micro_batch, self.spec["seq_len"], self.boundaries)
+            skipped = {name: why for name, why in stream.skipped.items() if name not in reported}
+            reported.update(skipped)
+            yield rows, skipped
             j += n
 
 
@@ -312,24 +354,28 @@ class Loader:
     """Infinite, shuffled, per-rank training batches whose whole state is the number of consumed global samples.
 
     `path`: a shard directory, its manifest.json, or a manifest URL webdataset opens (file:, pipe:, http(s));
-    `blend`: 'W:PATH,W:PATH' to mix several such datasets instead (data/blend.py).
+    `blend`: 'W:PATH,W:PATH' to mix several such datasets instead (data/blend.py); `vocab_size`: the model's
+    embedding rows (model.vocab_size), which every token id must be below.
     """
 
     def __init__(self, path: str, split: str = "train", *, seq_len: int, micro_batch: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, blend: str = "", num_workers: int = 0, on_error: str = "raise",
-                 return_doc_boundaries: bool = False, shuffle_window: int = 1024, verify: bool = True):
+                 return_doc_boundaries: bool = False, shuffle_window: int = 1024, verify: bool = True,
+                 vocab_size: int | None = None):
         _check_layout(seq_len, micro_batch, dp_rank, dp_size)
         if seed < 0 or num_workers < 0:
             raise ValueError(f"seed and num_workers must be >= 0, got {seed}, {num_workers}")
         self._spec = dict(path=str(path), split=split, seq_len=seq_len, seed=seed, blend=blend,
-                          shuffle_window=shuffle_window, on_error=on_error, verify=verify)
+                          shuffle_window=shuffle_window, on_error=on_error, verify=verify, vocab_size=vocab_size)
         self.stream = build_stream(**self._spec)
+        warn_unlisted_shards(path, blend)
         self._fingerprint = fingerprint(path, blend)
         self.split, self.seq_len, self.micro_batch, self.seed = split, seq_len, micro_batch, seed
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.boundaries = return_doc_boundaries
         self.consumed = 0
         self._batches = None
+        self._skipped_in_workers: dict[str, str] = {}
 
     @property
     def epoch(self) -> int:
@@ -337,8 +383,8 @@ class Loader:
 
     @property
     def skipped_shards(self) -> dict:
-        """Shards dropped under on_error='skip' so far in this process (name → reason)."""
-        return self.stream.skipped
+        """Shards dropped under on_error='skip' so far by this loader and its DataLoader workers (name → reason)."""
+        return {**self.stream.skipped, **self._skipped_in_workers}
 
     def __iter__(self):
         return self
@@ -353,7 +399,9 @@ class Loader:
                                        micro_batch=self.micro_batch, boundaries=self.boundaries)
                 self._batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None,
                                                                  num_workers=self.num_workers, prefetch_factor=4))
-            batch = split_rows(next(self._batches))
+            rows, skipped = next(self._batches)
+            self._skipped_in_workers.update(skipped)
+            batch = split_rows(rows)
         self.consumed += self.dp_size * self.micro_batch
         return batch
 
@@ -383,10 +431,11 @@ class ValLoader:
     of which rank r takes its micro_batch slice. Stateless, so every call yields the same batches."""
 
     def __init__(self, path: str, split: str = "val", *, seq_len: int, micro_batch: int, dp_rank: int = 0,
-                 dp_size: int = 1, blend: str = "", on_error: str = "raise", return_doc_boundaries: bool = False):
+                 dp_size: int = 1, blend: str = "", on_error: str = "raise", return_doc_boundaries: bool = False,
+                 vocab_size: int | None = None):
         _check_layout(seq_len, micro_batch, dp_rank, dp_size)
         self.stream = build_stream(str(path), split, seq_len=seq_len, seed=0, blend=blend, shuffle=False,
-                                   on_error=on_error)
+                                   on_error=on_error, vocab_size=vocab_size)
         self.seq_len, self.micro_batch, self.dp_rank, self.dp_size = seq_len, micro_batch, dp_rank, dp_size
         self.boundaries = return_doc_boundaries
         windows = self.stream.windows()

@@ -125,10 +125,11 @@ def build_loaders(cfg: Config, *, dp_rank: int, dp_size: int):
     check_tokenizer(d.path, d.tokenizer, blend=d.blend)
     loader = Loader(d.path, "train", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank, dp_size=dp_size,
                     seed=cfg.train.seed, blend=d.blend, num_workers=d.num_workers, on_error=d.on_error,
-                    shuffle_window=d.shuffle_window, return_doc_boundaries=d.document_mask)
+                    shuffle_window=d.shuffle_window, return_doc_boundaries=d.document_mask,
+                    vocab_size=cfg.model.vocab_size)
     val_loader = (ValLoader(d.val_path or d.path, "val", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank,
                             dp_size=dp_size, blend="" if d.val_path else d.blend, on_error=d.on_error,
-                            return_doc_boundaries=d.document_mask)
+                            return_doc_boundaries=d.document_mask, vocab_size=cfg.model.vocab_size)
                   if cfg.train.eval_interval else None)
     return loader, val_loader
 

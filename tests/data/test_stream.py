@@ -282,3 +282,65 @@ def test_synthetic_batches_are_the_global_stream_and_resume_exactly():
     assert torch.equal(next(resumed)[0], second[0])
     with pytest.raises(ValueError, match="seed 4"):
         SyntheticLoader(100, seq_len=16, micro_batch=4, seed=4).load_state_dict(whole.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------- issue 16
+
+
+def test_token_ids_beyond_the_vocabulary_name_shard_id_and_vocab_size(tmp_path):
+    docs = [np.array([5, 6, EOS]), np.array([7, 999, EOS]), np.array([8, 1000, EOS]), np.array([9, EOS])]
+    write_shards(str(tmp_path), {"train": docs}, {"kind": "test", "vocab_size": 2000, "eos_id": EOS}, shard_size=1)  # one document per shard
+    with pytest.raises(ShardError, match=r"train-000002\.tar at byte 0: document 0 \(member 0000000002\.tokens\.u16\) "
+                                         r"holds token id 1000, beyond model\.vocab_size=1000"):
+        [next(Loader(str(tmp_path), seq_len=2, micro_batch=2, vocab_size=1000, shuffle_window=1)) for _ in range(4)]
+    ld = Loader(str(tmp_path), seq_len=2, micro_batch=2, vocab_size=1001, shuffle_window=1)  # 1000 is the last id
+    assert int(torch.cat([next(ld)[0] for _ in range(4)]).max()) == 1000
+    skipping = Loader(str(tmp_path), seq_len=2, micro_batch=1, vocab_size=1000, on_error="skip")
+    rows = torch.cat([next(skipping)[0] for _ in range(8)])
+    assert int(rows.max()) < 1000 and [os.path.basename(n) for n in skipping.skipped_shards] == ["train-000002.tar"]
+    # Ids beyond the manifest's own vocabulary: the shard does not match its tokenizer, whatever the model.
+    write_shards(str(tmp_path / "m"), {"train": docs}, {"kind": "test", "vocab_size": 1000, "eos_id": EOS})
+    for model_vocab, named in ((None, ""), (1000, r" \(model.vocab_size=1000\)"), (5000, r" \(model.vocab_size=5000\)")):
+        with pytest.raises(ShardError, match=rf"token id 1000, beyond the 1000-token vocabulary of its manifest{named}\. "
+                                             "The shard does not hold what its manifest says"):
+            [next(Loader(str(tmp_path / "m"), seq_len=2, micro_batch=2, vocab_size=model_vocab)) for _ in range(4)]
+
+
+
+def test_the_trainer_gives_its_loaders_the_model_vocab_size(tmp_path):
+    from pretrain.config import build_config
+    from pretrain.train import build_loaders
+
+    byte = {"kind": "byte", "vocab_size": 257, "eos_id": 256}
+    write_shards(str(tmp_path), {"train": [np.array([104, 105, 256])] * 8, "val": [np.array([300, 256])] * 8}, byte)
+    cfg = build_config({}, {"model": {"vocab_size": 320, "seq_len": 2},
+                            "data": {"path": str(tmp_path), "tokenizer": "byte"},
+                            "train": {"micro_batch": 2, "global_batch": 2, "eval_interval": 10}})
+    train, val = build_loaders(cfg, dp_rank=0, dp_size=1)
+    assert int(next(train)[0].max()) == 256
+    with pytest.raises(ShardError, match=r"val-000000\.tar.*token id 300, beyond the 257-token vocabulary of its "
+                                         r"manifest \(model\.vocab_size=320\)"):
+        next(val.batches(1))
+
+
+def test_a_shard_missing_from_the_manifest_is_named(data, tmp_path, caplog):
+    dst = _copy(data, tmp_path)
+    shutil.copy(dst / "train-000001.tar", dst / "train-000099.tar")  # e.g. added by hand after prepare
+    with caplog.at_level(logging.WARNING, logger="data"):
+        next(loader(str(dst)))
+    assert "train-000099.tar" in caplog.text and "not in its manifest" in caplog.text
+    assert "train-000001.tar" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data"):
+        next(loader(data[0]))
+    assert caplog.text == ""
+
+
+def test_shards_skipped_in_worker_processes_are_counted(data, tmp_path):
+    dst = _copy(data, tmp_path)
+    with open(dst / "train-000002.tar", "r+b") as f:  # the size still matches: only reading finds it
+        f.seek(512 + 2)
+        f.write(b"\xff\xff")
+    ld = loader(str(dst), on_error="skip", num_workers=2)
+    _read_epoch(ld)
+    assert [os.path.basename(n) for n in ld.skipped_shards] == ["train-000002.tar"]
