@@ -14,6 +14,11 @@ Resume: after each shard is published, a line appended to DIR/.prepare-journal.j
 sha256) and the input position after its last document. A re-run with the same inputs and options keeps the
 shards whose checksums still match and continues from there; documents before that position are read again but
 not tokenized. A complete output (manifest.json, every shard intact) is left as it is.
+
+Other people's files: prepare writes only into a directory that is empty, missing, or its own (it holds prepare's
+journal or manifest); a directory holding anything else, or a dataset prepared with other options or inputs, is
+refused unless --overwrite (which replaces or deletes only files named like shards). A manifest is removed only
+when its shards are about to be rewritten: when they are damaged (then they are repaired) or under --overwrite.
 """
 
 from __future__ import annotations
@@ -173,7 +178,7 @@ def _write_journal(path: str, config: dict, done: dict) -> None:
 
 
 def _command(inputs, output, tokenizer, *, eos_token, shard_size, val_fraction, text_key, max_bytes) -> str:
-    # --workers and --quiet are left out: they do not change a byte of the output.
+    # --workers, --quiet and --overwrite are left out: they do not change a byte of the output.
     cmd = ["python", "-m", "data.prepare", "--input", *map(str, inputs), "--output", str(output),
            "--tokenizer", tokenizer, "--shard-size", str(shard_size), "--val-fraction", str(val_fraction),
            "--text-key", text_key]
@@ -182,24 +187,80 @@ def _command(inputs, output, tokenizer, *, eos_token, shard_size, val_fraction, 
     return shlex.join(cmd)
 
 
+def _own_manifest(path: str) -> dict | None:
+    """The manifest at `path` if data.prepare wrote it (it records the prepare options), else None."""
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "prepare" in manifest else None
+
+
+def _differences(old: dict, new: dict) -> str:
+    """'shard_size 2000 → 5000, the input files' for two prepare configs."""
+    out = []
+    for key in new:
+        if old.get(key) != new[key]:
+            out.append("the input files (names or sizes)" if key == "inputs_sha256" else
+                       f"{key} {old.get(key)} → {new[key]}")
+    return ", ".join(out)
+
+
+def _check_output(output: str, config: dict, *, overwrite: bool) -> dict | None:
+    """Refuse to write where prepare would overwrite files it did not write; returns the manifest already there
+    when it is this very dataset, complete and intact (nothing to do)."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise FileExistsError(f"--output {output} is a file, not a directory; give a directory for the shards")
+    entries = sorted(os.listdir(output)) if os.path.isdir(output) else []
+    manifest_path = os.path.join(output, MANIFEST)
+    old = _own_manifest(manifest_path)
+    if entries and old is None and JOURNAL not in entries and not overwrite:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"--output {output} already holds files that data.prepare did not write ({shown}); choose a new or "
+            "empty directory, or pass --overwrite to write the dataset there anyway (files named like its shards, "
+            "train-NNNNNN.tar and val-NNNNNN.tar, are then replaced or deleted, and manifest.json replaced; other "
+            "files are left alone)")
+    if old is None:
+        return None
+    if old["prepare"] == config:
+        if all(_intact(output, s) for sp in old["splits"].values() for s in sp["shards"]):
+            return old
+    elif not overwrite:
+        changed = _differences(old["prepare"], config)
+        raise FileExistsError(
+            f"--output {output} holds a dataset prepared with other options or inputs ({changed}; it was made by: "
+            f"{old.get('command', '?')}); pass --overwrite to replace it, or choose another --output")
+    os.remove(manifest_path)  # its shards are about to be rewritten: never leave a manifest describing other files
+    return None
+
+
 def _start_position() -> dict:
     return {"input": 0, "item": 0, "doc": 0, "bytes": 0, "skipped": {"unreadable": 0, "binary": 0, "empty": 0}}
 
 
 def prepare(inputs: list[str], output: str, tokenizer: str = "byte", *, workers: int = 1,
             shard_size: int = DEFAULT_SHARD_SIZE, val_fraction: float = 0.005, text_key: str = "text",
-            eos_token: str | None = None, max_bytes: int | None = None, quiet: bool = False) -> dict:
-    """Tokenize `inputs` into shards under `output`; returns the manifest (also written to output/manifest.json)."""
+            eos_token: str | None = None, max_bytes: int | None = None, quiet: bool = False,
+            overwrite: bool = False) -> dict:
+    """Tokenize `inputs` into shards under `output`; returns the manifest (also written to output/manifest.json).
+
+    `overwrite`: write into a directory holding files prepare did not write, or a dataset made with other options.
+    """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_size <= 0 or (max_bytes is not None and max_bytes <= 0) or workers < 1:
         raise ValueError(f"--shard-size, --max-bytes and --workers must be positive, got {shard_size}, "
                          f"{max_bytes}, {workers}")
     output = str(output)
-    items = expand_inputs(inputs)
+    items, not_regular = expand_inputs(inputs, exclude=output)
+    if not_regular:
+        shown = ", ".join(not_regular[:5]) + (f" and {len(not_regular) - 5} more" if len(not_regular) > 5 else "")
+        print(f"data.prepare: warning: skipped {len(not_regular)} input path(s) that are not regular files (FIFOs, "
+              f"sockets, devices or broken links): {shown}", file=sys.stderr)
     encoder = Encoder(tokenizer, eos_token)
     tok, dtype = encoder.tok, token_dtype(encoder.tok.vocab_size)
-    os.makedirs(output, exist_ok=True)
     listing = [[i.path, i.kind, i.size] for i in items]
     config = {"tokenizer": tok.identity, "dtype": dtype, "shard_size": shard_size, "val_fraction": val_fraction,
               "text_key": text_key, "max_bytes": max_bytes,
@@ -209,14 +270,11 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", *, workers:
     progress = _Progress(None if quiet else sys.stderr)
 
     manifest_path, journal_path = os.path.join(output, MANIFEST), os.path.join(output, JOURNAL)
-    if os.path.isfile(manifest_path):
-        with open(manifest_path) as f:
-            old = json.load(f)
-        if old.get("prepare") == config and all(_intact(output, s) for sp in old["splits"].values()
-                                                 for s in sp["shards"]):
-            progress.update(old["documents"], old["input_bytes"], 1.0, final=True)
-            return old
-        os.remove(manifest_path)  # about to change shards: never leave a manifest describing other files
+    complete = _check_output(output, config, overwrite=overwrite)
+    if complete is not None:
+        progress.update(complete["documents"], complete["input_bytes"], 1.0, final=True)
+        return complete
+    os.makedirs(output, exist_ok=True)
 
     # Keep the journal's shards whose checksums still hold; each split resumes after its last intact shard.
     done = {s: [] for s in SPLITS}
@@ -312,13 +370,14 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", *, workers:
             pool.terminate()
     progress.update(docs, text_bytes, 1.0, final=True)
     if not done["train"]:
-        raise ValueError(f"no training documents in {inputs} ({docs} documents, skipped: {skipped}); "
-                         "give more text or lower --val-fraction")
+        raise ValueError(f"no training documents in {inputs} ({docs} documents, skipped: {skipped}, not regular "
+                         f"files: {len(not_regular)}); give more text or lower --val-fraction")
 
     manifest = new_manifest(tok.identity, dtype)
     manifest["splits"] = {s: split_entry([{k: v for k, v in e.items() if k != "next"} for e in done[s]])
                           for s in SPLITS}
-    manifest.update(documents=docs, input_bytes=text_bytes, skipped=skipped, val_fraction=val_fraction,
+    manifest.update(documents=docs, input_bytes=text_bytes, skipped={**skipped, "not_regular": len(not_regular)},
+                    val_fraction=val_fraction,
                     inputs=[str(i) for i in inputs], command=command, prepare=config)
     keep = {e["name"] for s in SPLITS for e in done[s]}
     for name in os.listdir(output):
@@ -364,9 +423,13 @@ def main(argv: list[str] | None = None) -> None:
                         "or 'stdlib' (this interpreter's standard-library *.py files). *.jsonl, *.jsonl.gz, "
                         "*.jsonl.zst: one document per line (field --text-key); *.parquet: one per row (column "
                         "--text-key); PREFIX.bin/.idx or PREFIX: a Megatron-LM indexed dataset (one per document, "
-                        "already tokenized); any other file: one document, UTF-8 text (binary files skipped, counted)")
+                        "already tokenized); any other file: one document, UTF-8 text (binary files skipped, counted). "
+                        "Regular files only: FIFOs, sockets and devices in directories are skipped and counted")
     p.add_argument("--output", required=True, metavar="DIR", help="directory for the shards and manifest.json "
-                   "(created if missing)")
+                   "(created if missing; never read as input). It must be empty or prepare's own")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --output even though it holds files prepare did not write, or a dataset made "
+                        "with other options or inputs: files named like shards are replaced or deleted, others kept")
     p.add_argument("--tokenizer", default="byte", metavar="byte|FILE",
                    help="'byte' (UTF-8 bytes, vocab 257, EOS 256; the default), a local Hugging Face tokenizer.json "
                         "(or a directory holding one) or a local .tiktoken BPE file. For a Megatron input, the "
@@ -392,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         m = prepare(args.input, args.output, args.tokenizer, workers=args.workers, shard_size=args.shard_size,
                     val_fraction=args.val_fraction, text_key=args.text_key, eos_token=args.eos_token,
-                    max_bytes=args.max_bytes, quiet=args.quiet)
+                    max_bytes=args.max_bytes, quiet=args.quiet, overwrite=args.overwrite)
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"data.prepare: error: {e}")
     s = m["splits"]

@@ -79,7 +79,7 @@ def test_byte_identical_for_any_worker_count(corpus, tmp_path, monkeypatch):
     assert val == list(range(0, len(texts), 10))
     assert read_split(str(tmp_path / "one"), "val") == [byte_ids(texts[i]) for i in val]
     assert read_split(str(tmp_path / "one"), "train") == [byte_ids(t) for i, t in enumerate(texts) if i not in val]
-    assert one["skipped"] == {"unreadable": 0, "binary": 1, "empty": 1}
+    assert one["skipped"] == {"unreadable": 0, "binary": 1, "empty": 1, "not_regular": 0}
     assert one["documents"] == len(texts) and one["dtype"] == "uint16" and one["tokenizer"]["kind"] == "byte"
     entry = one["splits"]["train"]["shards"][0]
     assert set(entry) == {"name", "samples", "tokens", "bytes", "sha256"}
@@ -132,7 +132,7 @@ def test_killed_prepare_resumes_and_keeps_complete_shards(corpus, tmp_path, monk
     tokenized.clear()
     assert prepare([str(root)], out, shard_size=2000, val_fraction=0.1, quiet=True) == full
     assert tokenized == []  # complete and intact: nothing to do
-    changed = prepare([str(root)], out, shard_size=5000, val_fraction=0.1, quiet=True)
+    changed = prepare([str(root)], out, shard_size=5000, val_fraction=0.1, quiet=True, overwrite=True)
     assert changed["splits"]["train"]["tokens"] == full["splits"]["train"]["tokens"]
     assert len(changed["splits"]["train"]["shards"]) < len(full["splits"]["train"]["shards"])
     assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == sorted(
@@ -195,7 +195,7 @@ def test_cli(corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-m", "data.prepare", "--help"], capture_output=True, text=True, env=env)
     for option in ("--input", "--output", "--tokenizer", "--eos-token", "--workers", "--shard-size", "--val-fraction",
-                   "--text-key", "--max-bytes", "--quiet"):
+                   "--text-key", "--max-bytes", "--quiet", "--overwrite"):
         assert option in out.stdout, option
     root, _ = corpus
     done = subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(root / "a.jsonl"), "--output",
@@ -206,3 +206,114 @@ def test_cli(corpus, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "data.prepare", "--input", str(tmp_path / "nope"), "--output",
                           str(tmp_path)], capture_output=True, text=True, env=env)
     assert bad.returncode != 0 and "data.prepare: error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- issue 16
+
+
+def test_refuses_an_output_it_did_not_make(corpus, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("train-000000.tar", "train-000003.tar", "notes.txt"):
+        (out / name).write_bytes(b"the user's own " + name.encode())
+    with pytest.raises(FileExistsError, match=r"(?s)mine.*did not write.*notes\.txt.*--overwrite"):
+        prepare([str(root)], out, shard_size=2000, quiet=True)
+    assert sorted(os.listdir(out)) == ["notes.txt", "train-000000.tar", "train-000003.tar"]  # nothing touched
+    assert (out / "train-000003.tar").read_bytes() == b"the user's own train-000003.tar"
+    m = prepare([str(root)], out, shard_size=2000, quiet=True, overwrite=True)
+    assert read_split(str(out), "train")  # a readable dataset took the shard names
+    assert (out / "notes.txt").read_bytes() == b"the user's own notes.txt"  # not a shard name: left alone
+    # Prepare's own complete output made with other options is kept unless --overwrite says otherwise.
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(FileExistsError, match=r"(?s)other options.*shard_size 2000 → 5000.*--overwrite"):
+        prepare([str(root)], out, shard_size=5000, quiet=True)
+    assert (out / "manifest.json").read_bytes() == before and read_split(str(out), "train")
+    assert prepare([str(root)], out, shard_size=2000, quiet=True) == m  # the same options: nothing to do
+
+
+def test_output_inside_input_is_not_read_and_survives_a_second_run(corpus, tmp_path):
+    import shutil
+
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus[0], root)
+    first = prepare([str(root)], root / "out", shard_size=2000, quiet=True)
+    assert first["documents"] == len(corpus[1])
+    assert prepare([str(root)], root / "out", shard_size=2000, quiet=True) == first
+    assert Manifest(str(root / "out")).data == first
+    with pytest.raises(ValueError, match=r"train-000000\.tar.*inside --output"):
+        prepare([str(root / "out" / "train-000000.tar")], root / "out", quiet=True)
+    assert Manifest(str(root / "out")).data == first
+
+
+def _limited_cli(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`python -m data.prepare ARGS` with 2 GiB of address space: a runaway read fails instead of taking the machine."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "data.prepare", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, preexec_fn=limit)
+
+
+def test_fifos_and_devices_are_skipped_and_reported(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a regular document\n")
+    os.mkfifo(src / "b.fifo")  # reading it would wait forever for a writer
+    os.symlink("/dev/zero", src / "c.zero")  # reading it would never end
+    (src / "d.txt").symlink_to(src / "a.txt")  # a link to a regular file is read
+    done = _limited_cli(["--input", str(src), "--output", str(tmp_path / "out"), "--workers", "1",
+                         "--val-fraction", "0"], timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "skipped 2 input path(s) that are not regular files" in done.stderr and "b.fifo" in done.stderr and "c.zero" in done.stderr
+    m = Manifest(str(tmp_path / "out")).data
+    assert m["documents"] == 2 and m["skipped"]["not_regular"] == 2
+    named = _limited_cli(["--input", str(src / "b.fifo"), "--output", str(tmp_path / "o2")], timeout=60)
+    assert named.returncode != 0 and "b.fifo" in named.stderr and "not a regular file" in named.stderr
+
+
+def test_broken_input_files_are_named(tmp_path):
+    (tmp_path / "ok.txt").write_text("fine\n")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid UTF-8"):
+        prepare([str(tmp_path / "ok.txt"), str(tmp_path / "bad.jsonl")], tmp_path / "o1", quiet=True)
+    (tmp_path / "plain.jsonl.gz").write_text('{"text": "not compressed"}\n')
+    with pytest.raises(ValueError, match=r"plain\.jsonl\.gz: not a valid \.gz file"):
+        prepare([str(tmp_path / "plain.jsonl.gz")], tmp_path / "o2", quiet=True)
+    with gzip.open(tmp_path / "cut.jsonl.gz", "wb") as f:
+        f.write(b'{"text": "line"}\n' * 2000)
+    raw = (tmp_path / "cut.jsonl.gz").read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz: not a valid \.gz file.*after line \d+"):
+        prepare([str(tmp_path / "cut.jsonl.gz")], tmp_path / "o3", quiet=True)
+    (tmp_path / "fake.parquet").write_text("text\nnot a parquet file\n")
+    with pytest.raises(ValueError, match=r"fake\.parquet: not a readable Parquet file"):
+        prepare([str(tmp_path / "fake.parquet")], tmp_path / "o4", quiet=True)
+    for out in ("o1", "o2", "o3", "o4"):
+        assert not (tmp_path / out / "manifest.json").exists()
+
+
+def test_data_prepared_with_eos_token_trains(corpus, tmp_path):
+    from data.stream import check_tokenizer
+    from pretrain.config import build_config
+    from pretrain.train import build_loaders
+
+    root, _ = corpus
+    for specials, eos in ((("<|endoftext|>", "<sep>"), "<sep>"), (("<doc>",), "<doc>")):
+        spec = train_tiny_bpe(tmp_path / f"{eos[1:-1]}.json", special_tokens=specials)
+        out = tmp_path / eos[1:-1]
+        m = prepare([str(root / "a.jsonl")], out, spec, eos_token=eos, val_fraction=0, quiet=True)
+        assert m["tokenizer"]["eos_token"] == eos
+        check_tokenizer(str(out), spec)  # the manifest says which EOS: data.tokenizer alone identifies it
+        cfg = build_config({}, {"model": {"vocab_size": m["tokenizer"]["vocab_size"], "seq_len": 8},
+                                "data": {"path": str(out), "tokenizer": spec},
+                                "train": {"micro_batch": 2, "global_batch": 2, "eval_interval": 0}})
+        loader, _ = build_loaders(cfg, dp_rank=0, dp_size=1)
+        tokens, labels = next(loader)
+        assert tokens.shape == (2, 8) and int(tokens.max()) < m["tokenizer"]["vocab_size"]
+    other = train_tiny_bpe(tmp_path / "other.json", special_tokens=("<doc>", "<x>"))
+    with pytest.raises(ValueError, match="data.tokenizer"):
+        check_tokenizer(str(tmp_path / "doc"), other)  # still a different tokenizer file
