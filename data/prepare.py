@@ -17,8 +17,9 @@ not tokenized. A complete output (manifest.json, every shard intact) is left as 
 
 Other people's files: prepare writes only into a directory that is empty, missing, or its own (it holds prepare's
 journal or manifest); a directory holding anything else, or a dataset prepared with other options or inputs, is
-refused unless --overwrite (which replaces or deletes only files named like shards). A manifest is removed only
-when its shards are about to be rewritten: when they are damaged (then they are repaired) or under --overwrite.
+refused unless --overwrite (which replaces or deletes only files named like shards). An earlier manifest is
+removed only just before the first shard is replaced (its shards were damaged and are being repaired, or under
+--overwrite): a run that fails before that leaves the earlier dataset whole.
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ def _differences(old: dict, new: dict) -> str:
 
 def _check_output(output: str, config: dict, *, overwrite: bool) -> dict | None:
     """Refuse to write where prepare would overwrite files it did not write; returns the manifest already there
-    when it is this very dataset, complete and intact (nothing to do)."""
+    when it is this very dataset, complete and intact (nothing to do). Any other manifest stays until prepare first
+    changes a shard (`_retire_manifest`), so a run that fails before that leaves the old dataset whole."""
     if os.path.exists(output) and not os.path.isdir(output):
         raise FileExistsError(f"--output {output} is a file, not a directory; give a directory for the shards")
     entries = sorted(os.listdir(output)) if os.path.isdir(output) else []
@@ -232,8 +234,14 @@ def _check_output(output: str, config: dict, *, overwrite: bool) -> dict | None:
         raise FileExistsError(
             f"--output {output} holds a dataset prepared with other options or inputs ({changed}; it was made by: "
             f"{old.get('command', '?')}); pass --overwrite to replace it, or choose another --output")
-    os.remove(manifest_path)  # its shards are about to be rewritten: never leave a manifest describing other files
     return None
+
+
+def _retire_manifest(path: str) -> None:
+    """Remove an earlier manifest just before a shard it may describe is replaced or deleted: a manifest never
+    describes other files, and until then it stays (a run that fails early loses nothing)."""
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def _start_position() -> dict:
@@ -295,6 +303,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", *, workers:
     size_before[-1] = max(size_before[-1], 1)
 
     def publish(split, after):
+        _retire_manifest(manifest_path)
         done[split].append({**writers[split].close(), "next": after})
         writers[split] = None
         with open(journal_path, "a") as f:
@@ -380,6 +389,7 @@ def prepare(inputs: list[str], output: str, tokenizer: str = "byte", *, workers:
                     val_fraction=val_fraction,
                     inputs=[str(i) for i in inputs], command=command, prepare=config)
     keep = {e["name"] for s in SPLITS for e in done[s]}
+    _retire_manifest(manifest_path)
     for name in os.listdir(output):
         if _SHARD_FILE.match(name) and name not in keep:
             os.remove(os.path.join(output, name))  # shards of an earlier, larger prepare or a killed one

@@ -229,6 +229,10 @@ def test_refuses_an_output_it_did_not_make(corpus, tmp_path):
     with pytest.raises(FileExistsError, match=r"(?s)other options.*shard_size 2000 → 5000.*--overwrite"):
         prepare([str(root)], out, shard_size=5000, quiet=True)
     assert (out / "manifest.json").read_bytes() == before and read_split(str(out), "train")
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match="not valid JSON"):  # fails before a shard changes: the old dataset stays
+        prepare([str(tmp_path / "bad.jsonl"), str(root)], out, shard_size=5000, quiet=True, overwrite=True)
+    assert (out / "manifest.json").read_bytes() == before and read_split(str(out), "train")
     assert prepare([str(root)], out, shard_size=2000, quiet=True) == m  # the same options: nothing to do
 
 
