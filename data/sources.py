@@ -106,7 +106,7 @@ def expand_inputs(inputs: list[str], *, exclude: str | None = None) -> tuple[lis
             paths = list(_walk(spec, exclude=exclude))
         elif os.path.isfile(spec):
             paths = [spec]
-        elif os.path.lexists(spec) and not os.path.isfile(spec + ".bin"):
+        elif os.path.lexists(spec):  # exists, yet neither a directory nor a regular file
             raise ValueError(f"input {spec!r} is not a regular file (a FIFO, socket, device or broken link); "
                              "prepare reads regular files only: copy its contents into a file and give that")
         elif any(c in spec for c in "*?["):
