@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 
 
 class DocumentMask:
@@ -25,6 +26,7 @@ class DocumentMask:
                              f"{list(starts.shape)}")
         self.starts = starts  # (B, T)
         self.position_ids = position_ids  # (B, T) in-document positions where known (rotary/learned positions)
+        self._flex_block_masks = {}  # past length → FlexAttention BlockMask (see `flex_block_mask`)
 
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor) -> DocumentMask:
@@ -67,6 +69,58 @@ class DocumentMask:
         """Length of the longest piece of `cu_seqlens` (a host read)."""
         return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
 
+    @cached_property
+    def first_piece(self) -> torch.Tensor:
+        """(B,) int64: index among the N pieces of `cu_seqlens` of each row's first piece (no host read)."""
+        return self.last_piece - self.starts[:, 1:].sum(1)
+
+    @cached_property
+    def last_piece(self) -> torch.Tensor:
+        """(B,) int64: index among the N pieces of `cu_seqlens` of each row's last piece (no host read)."""
+        return (self.starts[:, 1:].sum(1) + 1).cumsum(0) - 1  # a row has 1 + (starts after t = 0) pieces
+
+    def to_pieces(self, state: torch.Tensor) -> torch.Tensor:
+        """Per-row initial states (B, ...) → per-piece ones (N, ...) for a varlen kernel: a row's first piece gets
+        its row's state unless the row starts with a document; every other piece starts from zero."""
+        B = self.starts.shape[0]
+        if state.shape[0] != B:
+            raise ValueError(f"to_pieces wants one state per row ({B}); got {list(state.shape)}")
+        keep = ~self.starts[:, 0].view(B, *(1,) * (state.ndim - 1))  # (B, 1, ...)
+        pieces = state.new_zeros(self.cu_seqlens.numel() - 1, *state.shape[1:])  # (N, ...)
+        return pieces.index_copy(0, self.first_piece, torch.where(keep, state, 0))
+
+    def to_rows(self, piece_states: torch.Tensor) -> torch.Tensor:
+        """Per-piece final states (N, ...) → per-row ones (B, ...): each row's last piece."""
+        return piece_states[self.last_piece]
+
+    @cached_property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, 1, T, T) bool, True where query t may attend to key s: s ≤ t in the same document (SDPA's
+        `attn_mask`, broadcast over heads). T² bytes per row, shared by every layer of a forward."""
+        T = self.starts.shape[1]
+        steps = torch.arange(T, device=self.starts.device)
+        causal = steps[None, :] <= steps[:, None]  # (T, T)  [query, key]
+        same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, T)
+        return (causal & same).unsqueeze(1)  # (B, 1, T, T)
+
+    def flex_block_mask(self, past_len: int = 0):
+        """FlexAttention `BlockMask` of document-causal attention: T queries at key steps past_len … past_len+T−1
+        over past_len + T keys, the past keys counted in each row's first piece. Built once per mask and past
+        length; compiled on CUDA, where the eager builder would evaluate the whole T × (past_len+T) grid."""
+        if past_len not in self._flex_block_masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            B, T = self.starts.shape
+            q_doc = self.doc_ids  # (B, T)
+            k_doc = F.pad(q_doc, (past_len, 0))  # (B, past_len + T)
+
+            def document_causal(b, h, q_idx, kv_idx):
+                return (kv_idx <= q_idx + past_len) & (q_doc[b, q_idx] == k_doc[b, kv_idx])
+
+            self._flex_block_masks[past_len] = create_block_mask(
+                document_causal, B, None, T, past_len + T, device=self.starts.device, _compile=self.starts.is_cuda)
+        return self._flex_block_masks[past_len]
+
     def slice(self, start: int, stop: int) -> DocumentMask:
         """The mask of steps start … stop − 1 (a piece of the sequence, e.g. a mini-sequence chunk)."""
         positions = None if self.position_ids is None else self.position_ids[:, start:stop]
@@ -78,4 +132,17 @@ class DocumentMask:
         return DocumentMask(self.starts[start:stop], positions)
 
 
-__all__ = ["DocumentMask"]
+def check_docs(docs: DocumentMask, x: torch.Tensor, op: str) -> None:
+    """Reject a mask that does not describe x's (B, T, ...) batch, with what to do about it."""
+    if not isinstance(docs, DocumentMask):
+        raise TypeError(f"{op}: docs must be a pretrain.ops.DocumentMask (e.g. DocumentMask.from_position_ids); "
+                        f"got {type(docs).__name__}")
+    if tuple(docs.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{op}: docs covers (B, T) = {list(docs.shape)} but the inputs have {list(x.shape[:2])}; "
+                         f"cut the mask with DocumentMask.slice / .rows as the batch was cut")
+    if docs.starts.device != x.device:
+        raise ValueError(f"{op}: docs is on {docs.starts.device} but the inputs are on {x.device}; build the mask "
+                         f"from position ids on the inputs' device")
+
+
+__all__ = ["DocumentMask", "check_docs"]

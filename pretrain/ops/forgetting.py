@@ -13,6 +13,11 @@ Cache ("past"): a sequence split into pieces gives the same output as the whole 
 previous pieces' keys, values and gates, `past = (k_prev, v_prev, log_f_prev)`; `output_past=True` returns
 the extended triple to pass to the next call. Gates are kept raw (not as c) so every call recomputes c from
 the same cumulative sum the whole-sequence call would use.
+
+Document masking (`docs`): a query sees only keys of its own document. The torch path masks key/query pairs
+of different documents in each tile and skips tiles that no row can see; "flex" adds a document predicate to
+the block mask; "fla" runs the rows flattened to one (1, B·T) sequence cut at `cu_seqlens`. The past's keys
+count as the piece before a row's first start (so a start at t = 0 cuts the past away).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
+from pretrain.ops.documents import DocumentMask, check_docs
 from pretrain.ops.gla import _compute_dtype, _resolve_impl
 
 Past = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -28,8 +35,8 @@ Past = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor,
                          scale: float | None = None, *, past: Past | None = None, output_past: bool = False,
-                         impl: str = "auto", block_q: int = 128,
-                         block_k: int = 512) -> torch.Tensor | tuple[torch.Tensor, Past]:
+                         impl: str = "auto", block_q: int = 128, block_k: int = 512,
+                         docs: DocumentMask | None = None) -> torch.Tensor | tuple[torch.Tensor, Past]:
     """softmax_j(q_i·k_j·scale + c_i − c_j) over j ≤ i, times v; equals fla's `naive_forgetting_attn`.
 
     q, k: [B, T, H, D]; v: [B, T, H, Dv]; log_f: [B, T, H]; scale defaults to D^-0.5.
@@ -38,6 +45,11 @@ def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_
     Returns o [B, T, H, Dv], or (o, (k_all, v_all, log_f_all)) when output_past.
     impl: "auto" (fla for CUDA tensors when fla imports, else "torch"), "torch", "fla", "flex".
     block_q, block_k: torch path tile sizes.
+    docs: document starts of the T new steps (B, T); query i attends only to keys of its own document, the
+    past's keys counting as the piece before the row's first start. The returned past spans every document
+    of the call: before passing it on, make sure the next call's rows start where that holds (e.g. with a
+    document start at t = 0, which cuts the whole past).
+    impl="fla" takes no past with docs.
     """
     if (q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]
             or tuple(log_f.shape) != tuple(q.shape[:3])):
@@ -47,16 +59,21 @@ def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_
     if block_q <= 0 or block_k <= 0:
         raise ValueError(f"block_q and block_k must be positive; got {block_q}, {block_k}")
     impl = _resolve_impl(impl, q, ("auto", "torch", "fla", "flex"), "forgetting_attention")
+    if docs is not None:
+        check_docs(docs, q, "forgetting_attention")
+        if impl == "fla" and past is not None:
+            raise ValueError("forgetting_attention: impl='fla' takes no past with docs (its varlen kernel is "
+                             "square-causal per piece); use impl='flex' or 'torch', or call without past")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if past is not None:
         k, v, log_f = _extend(past, k, v, log_f)  # (B, T0+T, H, ·)
 
     if impl == "fla":
-        o = _fla(q, k, v, log_f, scale)
+        o = _fla(q, k, v, log_f, scale) if docs is None else _fla_varlen(q, k, v, log_f, scale, docs)
     elif impl == "flex":
-        o = _flex(q, k, v, log_f, scale)
+        o = _flex(q, k, v, log_f, scale, docs)
     else:
-        o = _torch(q, k, v, log_f, scale, block_q, block_k)
+        o = _torch(q, k, v, log_f, scale, block_q, block_k, docs)
     return (o, (k, v, log_f)) if output_past else o
 
 
@@ -74,28 +91,49 @@ def _extend(past: Past, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor):
     return torch.cat((k0, k), 1), torch.cat((v0, v), 1), torch.cat((f0, log_f), 1)
 
 
-def _torch(q, k, v, log_f, scale, block_q, block_k):
+def _torch(q, k, v, log_f, scale, block_q, block_k, docs):
     dt, out_dtype = _compute_dtype(q.dtype), q.dtype
     q, k, v = (x.to(dt).transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, T·, ·)
     # c grows linearly with T: it stays float64, and each tile subtracts a nearby reference before rounding,
-    # so c_i − c_j of nearby steps keeps its digits at any T
+    # so c_i − c_j of nearby steps keeps its digits at any T.
+    # Documents are cut by masking pairs of different documents, not by log f = −∞ at a document's first token.
+    # Both give the same attention, but −∞ in log f makes c −∞ from the first start on, and c_i − c_j (and every
+    # tile's reference subtraction) −∞ − (−∞) = NaN inside later documents; the mask keeps c finite and exact
+    # in float64, keeps the gates' gradients finite, and lets whole tiles between documents be skipped.
     c = log_f.to(torch.float64).cumsum(1).transpose(1, 2).contiguous()  # (B, H, Tk)
-    o = _BlockwiseForgettingAttention.apply(q, k, v, c, scale, block_q, block_k)  # (B, H, Tq, Dv)
+    q_doc = k_doc = None
+    if docs is not None:
+        q_doc = docs.doc_ids  # (B, Tq)
+        k_doc = F.pad(q_doc, (k.shape[2] - q.shape[2], 0))  # (B, Tk)  past keys: the row's first piece
+    o = _BlockwiseForgettingAttention.apply(q, k, v, c, scale, block_q, block_k, q_doc, k_doc)  # (B, H, Tq, Dv)
     return o.transpose(1, 2).to(out_dtype)  # (B, Tq, H, Dv)
 
 
-def _tiles(Tq: int, Tk: int, block_q: int, block_k: int):
-    """Yield (i0, i1, [(j0, j1, needs_mask), ...]) over causal tiles; query i sits at key position Tk−Tq+i."""
+def _tiles(Tq: int, Tk: int, block_q: int, block_k: int, q_doc: torch.Tensor | None = None,
+           k_doc: torch.Tensor | None = None):
+    """Yield (i0, i1, [(j0, j1, needs_mask, mixes_docs), ...]) over causal tiles; query i sits at key position
+    Tk−Tq+i. With document ids q_doc (B, Tq), k_doc (B, Tk), both non-decreasing in time, tiles whose keys
+    precede the queries' documents in every row are left out, and mixes_docs says whether the tile holds a
+    pair of different documents in some row (else it needs no document mask)."""
     off = Tk - Tq
+    if q_doc is not None:
+        q_doc, k_doc = q_doc.cpu(), k_doc.cpu()  # one host read per call: the tile plan is made in Python
     for i0 in range(0, Tq, block_q):
         i1 = min(i0 + block_q, Tq)
         last = off + i1  # keys [0, last) are visible to some query of this block
-        yield i0, i1, [(j0, min(j0 + block_k, last), min(j0 + block_k, last) - 1 > off + i0)
-                       for j0 in range(0, last, block_k)]
+        tiles = []
+        for j0 in range(0, last, block_k):
+            j1 = min(j0 + block_k, last)
+            if q_doc is None:
+                tiles.append((j0, j1, j1 - 1 > off + i0, False))
+            elif bool((k_doc[:, j1 - 1] >= q_doc[:, i0]).any()):
+                tiles.append((j0, j1, j1 - 1 > off + i0, bool((k_doc[:, j0] != q_doc[:, i1 - 1]).any())))
+        yield i0, i1, tiles
 
 
-def _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask):
-    """Scaled q·k plus c_i − c_j for one tile, −inf above the causal diagonal. qs is q·scale."""
+def _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask, *, docs=None):
+    """Scaled q·k plus c_i − c_j for one tile, −inf above the causal diagonal and, where docs = (q_doc, k_doc)
+    is given, between documents. qs is q·scale."""
     off = c.shape[-1] - qs.shape[-2]
     ref = c[..., off + i0, None]  # (B, H, 1)  differences taken near the tile so float32 keeps them exact
     cq = (c[..., off + i0:off + i1] - ref).to(qs.dtype)  # (B, H, bq)
@@ -105,50 +143,60 @@ def _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask):
         qpos = torch.arange(off + i0, off + i1, device=s.device)
         kpos = torch.arange(j0, j1, device=s.device)
         s = s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+    if docs is not None:
+        q_doc, k_doc = docs
+        cross = q_doc[:, None, i0:i1, None] != k_doc[:, None, None, j0:j1]  # (B, 1, bq, bk)
+        s = s.masked_fill(cross, float("-inf"))
     return s
 
 
 class _BlockwiseForgettingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, c, scale, block_q, block_k):
-        # q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv), c (B, H, Tk) float64
+    def forward(ctx, q, k, v, c, scale, block_q, block_k, q_doc, k_doc):
+        # q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv), c (B, H, Tk) float64; q_doc (B, Tq), k_doc (B, Tk)
+        # document ids or None
         B, H, Tq, _ = q.shape
         Tk = k.shape[2]
         qs = q * scale
         o = q.new_empty(B, H, Tq, v.shape[-1])  # (B, H, Tq, Dv)
         lse = q.new_empty(B, H, Tq)  # (B, H, Tq)  log-sum-exp per query, all backward needs
-        for i0, i1, tiles in _tiles(Tq, Tk, block_q, block_k):
+        for i0, i1, tiles in _tiles(Tq, Tk, block_q, block_k, q_doc, k_doc):
             m = q.new_full((B, H, i1 - i0), float("-inf"))  # (B, H, bq)  running max
             den = q.new_zeros(B, H, i1 - i0)  # (B, H, bq)
             acc = q.new_zeros(B, H, i1 - i0, v.shape[-1])  # (B, H, bq, Dv)
-            for j0, j1, needs_mask in tiles:
-                s = _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask)  # (B, H, bq, bk)
-                # key 0 is in the first tile for every query, so m is finite from then on
+            for j0, j1, needs_mask, mixes_docs in tiles:
+                docs = (q_doc, k_doc) if mixes_docs else None
+                s = _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask, docs=docs)  # (B, H, bq, bk)
                 m_new = torch.maximum(m, s.amax(-1))
-                p = (s - m_new[..., None]).exp()
-                rescale = (m - m_new).exp()
+                # without documents key 0 is in the first tile for every query, so m is finite from then on;
+                # with them a row may see no key in a tile yet: subtract 0 there (exp(−inf) = 0, never NaN)
+                m_ref = m_new if q_doc is None else m_new.masked_fill(m_new.isneginf(), 0.0)
+                p = (s - m_ref[..., None]).exp()
+                rescale = (m - m_ref).exp()
                 den = den * rescale + p.sum(-1)
                 acc = acc * rescale[..., None] + p @ v[..., j0:j1, :]
                 m = m_new
+            # every query sees its own key, so den > 0
             o[..., i0:i1, :] = acc / den[..., None]
             lse[..., i0:i1] = m + den.log()
-        ctx.save_for_backward(q, k, v, c, o, lse)
+        ctx.save_for_backward(q, k, v, c, o, lse, q_doc, k_doc)
         ctx.config = (scale, block_q, block_k)
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        q, k, v, c, o, lse = ctx.saved_tensors
+        q, k, v, c, o, lse, q_doc, k_doc = ctx.saved_tensors
         scale, block_q, block_k = ctx.config
         qs = q * scale
         delta = (do * o).sum(-1)  # (B, H, Tq)  Σ_j p_ij dp_ij
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dc = torch.zeros(c.shape, dtype=q.dtype, device=q.device)  # (B, H, Tk)
-        for i0, i1, tiles in _tiles(q.shape[2], k.shape[2], block_q, block_k):
+        for i0, i1, tiles in _tiles(q.shape[2], k.shape[2], block_q, block_k, q_doc, k_doc):
             do_i = do[..., i0:i1, :]  # (B, H, bq, Dv)
-            for j0, j1, needs_mask in tiles:
-                s = _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask)  # (B, H, bq, bk)
+            for j0, j1, needs_mask, mixes_docs in tiles:
+                docs = (q_doc, k_doc) if mixes_docs else None
+                s = _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask, docs=docs)  # (B, H, bq, bk)
                 p = (s - lse[..., i0:i1, None]).exp()
                 dv[..., j0:j1, :] += p.transpose(-1, -2) @ do_i
                 ds = p * (do_i @ v[..., j0:j1, :].transpose(-1, -2) - delta[..., i0:i1, None])  # (B,H,bq,bk)
@@ -156,7 +204,7 @@ class _BlockwiseForgettingAttention(torch.autograd.Function):
                 dk[..., j0:j1, :] += ds.transpose(-1, -2) @ qs[..., i0:i1, :]
                 # logit_ij has +c_i and −c_j; the +c_i part sums ds over a softmax row, which is exactly 0
                 dc[..., j0:j1] -= ds.sum(-2)
-        return dq * scale, dk, dv, dc.to(c.dtype), None, None, None
+        return dq * scale, dk, dv, dc.to(c.dtype), None, None, None, None, None
 
 
 def _fla(q, k, v, log_f, scale):
@@ -167,6 +215,16 @@ def _fla(q, k, v, log_f, scale):
         # the kernel is square-causal: stand-in zero queries cover the past positions and are dropped
         q = torch.cat((q.new_zeros(q.shape[0], T0, *q.shape[2:]), q), 1)  # (B, T0+T, H, D)
     return parallel_forgetting_attn(q, k, v, log_f, scale=scale)[:, T0:]  # (B, T, H, Dv)
+
+
+def _fla_varlen(q, k, v, log_f, scale, docs: DocumentMask):
+    """fla's kernel on the rows flattened to one (1, B·T) sequence, cut into the pieces of `docs.cu_seqlens`."""
+    from fla.ops.forgetting_attn import parallel_forgetting_attn
+
+    B, T = docs.shape
+    q, k, v, log_f = (x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, log_f))  # (1, B·T, H, ·)
+    o = parallel_forgetting_attn(q, k, v, log_f, scale=scale, cu_seqlens=docs.cu_seqlens)  # (1, B·T, H, Dv)
+    return o.view(B, T, *o.shape[2:])  # (B, T, H, Dv)
 
 
 @functools.cache
@@ -190,7 +248,7 @@ def _causal_block_mask(Tq: int, Tk: int, device: torch.device):
     return create_block_mask(causal, None, None, Tq, Tk, device=device, _compile=device.type == "cuda")
 
 
-def _flex(q, k, v, log_f, scale):
+def _flex(q, k, v, log_f, scale, docs):
     from torch.nn.attention.flex_attention import flex_attention
 
     Tq, Tk = q.shape[1], k.shape[1]
@@ -202,8 +260,9 @@ def _flex(q, k, v, log_f, scale):
 
     # unfused flex runs (forward only) off CUDA; on CUDA the compiled kernel is the point of this backend
     attend = _compiled_flex() if q.is_cuda else flex_attention
+    block_mask = _causal_block_mask(Tq, Tk, q.device) if docs is None else docs.flex_block_mask(off)
     o = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), score_mod=score_mod,
-               block_mask=_causal_block_mask(Tq, Tk, q.device), scale=scale)  # (B, H, Tq, Dv)
+               block_mask=block_mask, scale=scale)  # (B, H, Tq, Dv)
     return o.transpose(1, 2)  # (B, Tq, H, Dv)
 
 

@@ -16,6 +16,12 @@ so U = (I − A_ab)⁻¹ (W S_0 + A_ak V) with W_t = a_t ⊙ e^{B_{t-1}}: one un
 S_end = (Diag(e^{B_C}) + b̃ᵀ W') S_0 + (k̃ᵀ V + b̃ᵀ U') with k̃, b̃ decayed to the chunk end, so the only
 sequential work is one [K, K] × [K, V] matmul per chunk. All decays are exponentials of non-positive
 differences (sub-chunked as in `gla._lower_scores`), so strong decay cannot overflow; memory is linear in T.
+
+Document masking (`docs`): at a document start t, S_{t-1} counts as zero, so both the decay and the b (aᵀ S)
+term vanish (u_t = 0) and S_t = k_tᵀ v_t. As in `gla`, pairs of different segments of a chunk get factor 0 in
+the scores (for the a-side too: u_t reads S_{t-1}, which a start at t empties), W and the r-side read S_0 only
+before the chunk's first start, and the end-state map keeps the last segment (the diagonal decay only where
+the chunk has no start; b̃ᵀ W' vanishes by itself then, since W' of the last segment is 0).
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pretrain.ops.gla import CHUNK_SIZE, _check_state, _chunk_len, _compute_dtype, _from_chunks, _lower_scores, \
-    _resolve_impl, _to_chunks
+from pretrain.ops.documents import DocumentMask, check_docs
+from pretrain.ops.gla import CHUNK_SIZE, _check_state, _chunk_len, _chunk_segments, _compute_dtype, _fla_varlen, \
+    _from_chunks, _lower_scores, _resolve_impl, _segment_masks, _to_chunks
 
 
 def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
           initial_state: torch.Tensor | None = None, output_final_state: bool = False, impl: str = "auto",
-          chunk_size: int = CHUNK_SIZE) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+          chunk_size: int = CHUNK_SIZE,
+          docs: DocumentMask | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 recurrence (scale 1); equals fla's `dplr_recurrence(r·√K, k, v, a, b, w)` in head-first layout.
 
     r, w, k, a, b: [B, T, H, K] (w = log decay ≤ 0); v: [B, T, H, V]. In the RWKV-7 layer a = −κ̂, b = κ̂ ⊙ α.
@@ -37,6 +45,8 @@ def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a:
     float32 or wider) when output_final_state.
     impl: "auto" (fla's `chunk_rwkv7` for CUDA tensors when fla imports, else "torch"), "torch", "fla".
     chunk_size: torch path only, a multiple of 8 (`gla.SUB`).
+    docs: document starts (B, T); the state is zero before each start (initial_state included, where a row
+    starts with one), so each row's final state is its last document's.
     """
     shape = r.shape
     if r.ndim != 4 or any(x.shape != shape for x in (w, k, a, b)) or v.ndim != 4 or v.shape[:3] != shape[:3]:
@@ -45,42 +55,61 @@ def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a:
                          f"a {list(a.shape)}, b {list(b.shape)}")
     B, T, H, K = shape
     _check_state(initial_state, B, H, K, v.shape[-1], "rwkv7")
+    if docs is not None:
+        check_docs(docs, r, "rwkv7")
     if _resolve_impl(impl, r, ("auto", "torch", "fla"), "rwkv7") == "fla":
         from fla.ops.rwkv7 import chunk_rwkv7
 
         h0 = None if initial_state is None else initial_state.float()
-        o, state = chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=h0,
-                               output_final_state=output_final_state)
+        if docs is None:
+            o, state = chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=h0,
+                                   output_final_state=output_final_state)
+        else:
+            o, state = _fla_varlen(chunk_rwkv7, (r, w, k, v, a, b), docs, h0, output_final_state, scale=1.0)
     else:
-        o, state = _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size)
+        o, state = _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size, docs)
     return (o, state) if output_final_state else o
 
 
-def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size):
+def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size, docs):
     B, T, H, K = r.shape
     V, out_dtype = v.shape[-1], r.dtype
     dt = _compute_dtype(r.dtype)
     C = _chunk_len(T, chunk_size)
     # zero padding: w = 0 (no decay) and k = b = 0 (nothing written), so the final state is untouched
     r, w, k, v, a, b = (_to_chunks(x, C, dt) for x in (r, w, k, v, a, b))  # (B, H, N, C, ·)
+    seg = None if docs is None else _chunk_segments(docs, C)  # (B, 1, N, C)
+
+    # a start cuts by zeroing factors, never by a −∞ log decay: lw stays finite and so do its gradients.
+    # (Without docs the autograd graph is built in the same order as before masking existed: the order of
+    # gradient accumulation, and so every gradient bit, stays the same.)
+    fresh, last, whole = (None,) * 3 if seg is None else _segment_masks(seg)
 
     lw = w.cumsum(-2)  # (B, H, N, C, K)  B_t: log decay from the chunk start through step t
     lw_prev = F.pad(lw[..., :-1, :], (0, 0, 1, 0))  # (B, H, N, C, K)  B_{t-1}: what a_t reads S_{t-1} under
 
     # one call each for the a-side (strict: u_t reads S_{t-1}) and r-side (inclusive) scores against k and b
     kb = torch.stack((k, b))  # (2, B, H, N, C, K)
-    A_a = _lower_scores(a, lw_prev, kb, lw, strict=True)  # (2, B, H, N, C, C)  [A_ak, A_ab]
-    A_r = _lower_scores(r, lw, kb, lw, strict=False)  # (2, B, H, N, C, C)  [A_rk, A_rb]
+    A_a = _lower_scores(a, lw_prev, kb, lw, strict=True, seg=seg)  # (2, B, H, N, C, C)  [A_ak, A_ab]
+    A_r = _lower_scores(r, lw, kb, lw, strict=False, seg=seg)  # (2, B, H, N, C, C)  [A_rk, A_rb]
 
     # WY / UT transform: (I − A_ab) [W' | U'] = [W | A_ak V]
     eye = torch.eye(C, dtype=dt, device=r.device)
-    rhs = torch.cat((a * lw_prev.exp(), A_a[0] @ v), dim=-1)  # (B, H, N, C, K + V)
+    a_dec = a * lw_prev.exp()  # (B, H, N, C, K)  W: how u_t reads the state entering the chunk
+    if seg is not None:
+        a_dec = a_dec * fresh
+    rhs = torch.cat((a_dec, A_a[0] @ v), dim=-1)  # (B, H, N, C, K + V)
     wu = torch.linalg.solve_triangular(eye - A_a[1], rhs, upper=False, unitriangular=True)
     W, U = wu.split((K, V), dim=-1)  # (B, H, N, C, K), (B, H, N, C, V)
 
     to_end = (lw[..., -1:, :] - lw).exp()  # (B, H, N, C, K)
+    if seg is not None:
+        to_end = to_end * last
     k_end, b_end = (k * to_end).transpose(-1, -2), (b * to_end).transpose(-1, -2)  # (B, H, N, K, C)
-    trans = torch.diag_embed(lw[..., -1, :].exp()) + b_end @ W  # (B, H, N, K, K)  state map over a chunk
+    decay = lw[..., -1, :].exp()  # (B, H, N, K)
+    if seg is not None:
+        decay = decay * whole
+    trans = torch.diag_embed(decay) + b_end @ W  # (B, H, N, K, K)  state map over a chunk
     const = k_end @ v + b_end @ U  # (B, H, N, K, V)
 
     S = r.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)  # (B, H, K, V)
@@ -92,7 +121,10 @@ def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size):
     S_in = torch.stack(starts, dim=2)  # (B, H, N, K, V)  state entering each chunk
 
     u = W @ S_in + U  # (B, H, N, C, V)  u_t = a_t S_{t-1}
-    o = (r * lw.exp()) @ S_in + A_r[0] @ v + A_r[1] @ u  # (B, H, N, C, V)
+    r_dec = r * lw.exp()  # (B, H, N, C, K)  how o_t reads the state entering the chunk
+    if seg is not None:
+        r_dec = r_dec * fresh
+    o = r_dec @ S_in + A_r[0] @ v + A_r[1] @ u  # (B, H, N, C, V)
     return _from_chunks(o, T).to(out_dtype), S
 
 
