@@ -9,9 +9,11 @@ line. Every field has a default and a one-line docstring; `--help` prints them a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import tomllib
 import typing
@@ -196,9 +198,11 @@ class CheckpointConfig:
     keep_last: int = 3
     """Keep the newest this many checkpoints (0 = keep all)."""
     resume: str = "auto"
-    """auto (newest complete checkpoint in run_dir, if any) | none | a checkpoint directory."""
+    """auto (newest complete checkpoint in run_dir, if any) | none (start fresh; old ones are moved aside) | a path."""
     save_at_end: bool = True
     """Save after the last step (sweeps turn it off: they time steps and keep no weights)."""
+    async_save: bool = False
+    """Write checkpoints in the background: training waits only while the state is copied to host memory."""
 
 
 @dataclass
@@ -261,13 +265,36 @@ def _suggest(word: str, options) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def _default(section: str, name: str):
+    """A field's default value, for messages that suggest one."""
+    return next(f.default for f in dataclasses.fields(_section_class(section)) if f.name == name)
+
+
 def _field_types(cls) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _whole_number(key: str, value: str | float) -> int:
+    """An int field given as text or a TOML float: '12', or a whole number spelt as a float ('2e3', 4.0).
+    Anything else is refused rather than truncated (int('2.7e0') would be 2)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value.strip())
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r} is not a valid int.") from None
+    if not number.is_integer():
+        example = f", e.g. {math.floor(number)} or {math.ceil(number)}" if math.isfinite(number) else ""
+        raise ConfigError(f"{key}={value!r} must be a whole number{example}.")
+    return int(number)
+
+
 def _coerce(key: str, value, typ):
     """Turn a TOML or command-line value into the field's type, or explain why it cannot be."""
+    if typ is int and isinstance(value, (str, float)):
+        return _whole_number(key, value)
     if isinstance(value, str) and typ is not str:
         text = value.strip()
         try:
@@ -277,13 +304,11 @@ def _coerce(key: str, value, typ):
                 if text.lower() in ("false", "0", "no", "off"):
                     return False
                 raise ValueError
-            return typ(float(text)) if typ is int and "e" in text.lower() else typ(text)
+            return typ(text)
         except ValueError:
             raise ConfigError(f"{key}={value!r} is not a valid {typ.__name__}.") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if typ is int and isinstance(value, float) and value.is_integer():
-        return int(value)
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise ConfigError(f"{key}={value!r} should be a {typ.__name__}, got {type(value).__name__}.")
     return value
@@ -352,14 +377,33 @@ def validate(cfg: Config) -> None:
         if value not in options:
             raise ConfigError(f"{key}='{value}' is not one of {', '.join(repr(o) for o in options)}."
                               f"{_suggest(str(value), options)}")
-    m, t = cfg.model, cfg.train
+    # nan and inf slip through every range check below (nan <= 0 is False), so no float field may hold them.
+    for section in SECTIONS:
+        values = getattr(cfg, section)
+        for name, typ in _field_types(type(values)).items():
+            if typ is float and not math.isfinite(getattr(values, name)):
+                raise ConfigError(f"{section}.{name}={getattr(values, name)} is not a finite number; give a real "
+                                  f"value (the default is {_default(section, name)}).")
+    m, t, o = cfg.model, cfg.train, cfg.optim
     positive = {"model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
                 "model.vocab_size": m.vocab_size, "model.seq_len": m.seq_len, "train.steps": t.steps,
                 "train.global_batch": t.global_batch, "train.micro_batch": t.micro_batch,
-                "model.mlp_multiple_of": m.mlp_multiple_of, "log.interval": cfg.log.interval}
+                "model.mlp_multiple_of": m.mlp_multiple_of, "log.interval": cfg.log.interval,
+                "model.norm_eps": m.norm_eps, "model.rope_theta": m.rope_theta, "model.init_std": m.init_std,
+                "optim.eps": o.eps, "train.eval_batches": t.eval_batches}
     for key, value in positive.items():
         if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}.")
+            raise ConfigError(f"{key} must be positive, got {value}; the default is {_default(*key.split('.'))}.")
+    off_at_zero = {"optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip,
+                   "train.eval_interval": t.eval_interval}
+    for key, value in off_at_zero.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {value}.")
+    for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0.0 <= beta < 1.0:  # at 1 AdamW's bias correction divides by zero; above, its averages diverge
+            raise ConfigError(f"{key}={beta} must be in [0, 1); the default is {_default(*key.split('.'))}.")
+    if not 0 <= t.seed < 2**32:  # the data order's generators take seed · 2^32 + sample index as a 64-bit seed
+        raise ConfigError(f"train.seed={t.seed} must be in [0, 2^32).")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
                           f"pick n_heads among {[h for h in range(1, 65) if m.d_model % h == 0]}.")
@@ -375,7 +419,6 @@ def validate(cfg: Config) -> None:
     if m.pos == "rope" and m.arch != "transformer":
         raise ConfigError(f"model.pos='rope' is for the transformer; {m.arch} takes order from its gates "
                           f"(use model.pos=auto or none).")
-    o = cfg.optim
     if o.lr <= 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]; got {o.lr}, {o.min_lr_ratio}.")
     if o.warmup_steps < 0 or o.warmup_steps >= t.steps:

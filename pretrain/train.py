@@ -25,7 +25,7 @@ from launch.preemption import JobControl, stop_on_signals
 from parallel.data_parallel import set_gradient_sync
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelModel, parallelize
-from pretrain.checkpoint import Checkpointer
+from pretrain.checkpoint import Checkpointer, RunLock
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.metrics import MetricsLogger, attention_span, flops_per_token, peak_flops
 from pretrain.models import build_model
@@ -136,9 +136,16 @@ def build_loaders(cfg: Config, *, dp_rank: int, dp_size: int):
 
 def train(cfg: Config) -> list[float]:
     """Run (or resume) the configured training; returns the losses it logged (mean over ranks)."""
+    with contextlib.ExitStack() as on_exit:  # the run_dir lock and the checkpoint writer, let go also on errors
+        return _train(cfg, on_exit)
+
+
+def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
     t_start = time.monotonic()
     device = pick_device(cfg.train.device, 0)
     env = init_distributed(device.type, timeout_minutes=cfg.train.collective_timeout_minutes)
+    # Before any work: a second live run in this run_dir is refused on every rank (see RunLock).
+    on_exit.enter_context(RunLock.acquire(cfg.train.run_dir))
     device = pick_device(cfg.train.device, env.local_rank)
     dims = ParallelDims.from_config(cfg, env.world_size)
     mesh = dims.build_mesh(device.type) if env.world_size > 1 else None
@@ -168,7 +175,7 @@ def train(cfg: Config) -> list[float]:
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cfg.train.seed + 1 + env.rank)  # dropout differs across ranks, as different data does
 
-    ckpt = Checkpointer(cfg.checkpoint, run_dir, run_config=cfg.to_dict())
+    ckpt = on_exit.enter_context(Checkpointer(cfg.checkpoint, run_dir, run_config=cfg.to_dict()))
     resumed = ckpt.load(model=model.parts, optimizer=optimizers)
     step, tokens_seen = 0, 0
     if resumed:
@@ -239,6 +246,7 @@ def train(cfg: Config) -> list[float]:
             if is_main:
                 print(f"stopped after step {step} with a checkpoint; the same command resumes", flush=True)
             break
+    ckpt.close()  # the last (asynchronous) checkpoint is published before a requeue may end this job
     logger.close()
     job.close(finished=step >= cfg.train.steps)  # under SLURM, requeues a job stopped early by a signal/budget
     return losses
