@@ -68,3 +68,57 @@ def test_position_auto_is_resolved_however_the_config_is_made():
     assert ModelConfig().pos == "rope" and ModelConfig(arch="gla").pos == "none"
     assert build_config({}, {"model": {"arch": "fox"}}).model.pos == "none"
     assert build_config({}, {"model": {"preset": "gpt"}}).model.pos == "learned"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--optim.lr=nan"], r"optim.lr=nan is not a finite number.*default is 0.001"),
+    (["--optim.lr=inf"], r"optim.lr=inf is not a finite number"),
+    (["--optim.beta1=1"], r"optim.beta1=1.0 must be in \[0, 1\); the default is 0.9"),
+    (["--optim.beta2=1.5"], r"optim.beta2=1.5 must be in \[0, 1\)"),
+    (["--optim.beta1=-0.1"], r"optim.beta1=-0.1 must be in \[0, 1\)"),
+    (["--optim.eps=0"], r"optim.eps must be positive, got 0.0; the default is 1e-08"),
+    (["--optim.eps=-1e-8"], r"optim.eps must be positive"),
+    (["--train.eval_batches=0"], r"train.eval_batches must be positive, got 0; the default is 4"),
+    (["--train.micro_batch=2.7e0"], r"train.micro_batch='2.7e0' must be a whole number, e.g. 2 or 3"),
+    (["--train.micro_batch=nan"], r"train.micro_batch='nan' must be a whole number\.$"),
+    (["--train.steps=ten"], r"train.steps='ten' is not a valid int"),
+    (["--optim.weight_decay=-0.1"], r"optim.weight_decay must be >= 0 \(0 turns it off\), got -0.1"),
+    (["--optim.grad_clip=-1"], r"optim.grad_clip must be >= 0 \(0 turns it off\), got -1.0"),
+    (["--train.eval_interval=-5"], r"train.eval_interval must be >= 0 \(0 turns it off\), got -5"),
+    (["--model.norm_eps=0"], r"model.norm_eps must be positive"),
+    (["--model.rope_theta=-1"], r"model.rope_theta must be positive"),
+    (["--model.init_std=0"], r"model.init_std must be positive"),
+    (["--model.mlp_ratio=nan"], r"model.mlp_ratio=nan is not a finite number"),
+    (["--train.exit_after_minutes=nan"], r"train.exit_after_minutes=nan is not a finite number"),
+    (["--train.collective_timeout_minutes=inf"], r"train.collective_timeout_minutes=inf is not a finite number"),
+    (["--train.seed=-1"], r"train.seed=-1 must be in \[0, 2\^32\)"),
+    (["--train.seed=4294967296"], r"train.seed=4294967296 must be in \[0, 2\^32\)"),
+])
+def test_numbers_out_of_range_are_refused_with_the_valid_range(args, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(args)
+
+
+def test_every_float_field_refuses_nan():
+    """The finiteness check covers every float field, also ones added later (nan passes `x <= 0` checks)."""
+    from pretrain.config import SECTIONS, _field_types, _section_class
+    floats = [f"{section}.{name}" for section in SECTIONS
+              for name, typ in _field_types(_section_class(section)).items() if typ is float]
+    assert "optim.lr" in floats and "model.dropout" in floats
+    for key in floats:
+        with pytest.raises(ConfigError, match=f"{key}=nan is not a finite number"):
+            load_config([f"--{key}=nan"])
+
+
+def test_int_fields_take_whole_numbers_in_any_spelling_and_refuse_fractions(tmp_path):
+    cfg = load_config(["--train.micro_batch=2e0", "--train.global_batch=16.0", "--train.steps= 300 "])
+    assert (cfg.train.micro_batch, cfg.train.global_batch, cfg.train.steps) == (2, 16, 300)
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nglobal_batch = 32.0\n")
+    assert load_config(["--config", str(path)]).train.global_batch == 32
+    path.write_text("[train]\nmicro_batch = 2.7\n")
+    with pytest.raises(ConfigError, match=r"train.micro_batch=2.7 must be a whole number, e.g. 2 or 3"):
+        load_config(["--config", str(path)])
+    path.write_text("[optim]\nlr = nan\n")  # TOML spells nan and inf too
+    with pytest.raises(ConfigError, match="optim.lr=nan is not a finite number"):
+        load_config(["--config", str(path)])
