@@ -114,6 +114,9 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
     p = cfg.parallel
     if mesh is None:
         _save_activation_memory(model, p)
+        if p.compile and device.type == "cuda":  # as step 4 below: one process compiles its blocks too
+            for block in model.layers.values():
+                block.compile()
         return ParallelModel([model])
     pp, dp, tp = (mesh[name].size() for name in ("pp", "dp", "tp"))
     # 1. Pipeline split first: every later step then touches only the modules this process keeps.
