@@ -104,6 +104,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_parallel_model(cfg: Config, mesh, *, device: torch.device,
+                         param_dtype: torch.dtype | None) -> ParallelModel:
+    """This process's share of the model, laid out over `mesh` (None: one process) with the seed's initial weights."""
+    # Build on the meta device (no memory), lay out, then materialise and initialise identically everywhere.
+    seed_everything(cfg.train.seed)
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights()
+    # Every process initialises the full model with the same seed, then keeps its share: simple and exact (RWKV-7's
+    # init needs whole tensors), at the cost of one full model per process while starting.
+    return parallelize(model, cfg, mesh, device=device, param_dtype=param_dtype)
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this rank in GiB: tensors allocated on the GPU since the model was laid out, or the
     process's resident set on CPU (since it started: the interpreter, libraries and the full model built first)."""
@@ -160,15 +174,7 @@ def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
     seq_len, micro = cfg.model.seq_len, cfg.train.micro_batch
     grad_accum = cfg.train.global_batch // (micro * dims.dp)
 
-    # Build on the meta device (no memory), lay out, then materialise and initialise identically everywhere.
-    seed_everything(cfg.train.seed)
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    model.to_empty(device=device)
-    model.init_weights()
-    # Every process initialises the full model with the same seed, then keeps its share: simple and exact (RWKV-7's
-    # init needs whole tensors), at the cost of one full model per process while starting.
-    model = parallelize(model, cfg, mesh, device=device, param_dtype=torch.bfloat16 if use_bf16 else None)
+    model = build_parallel_model(cfg, mesh, device=device, param_dtype=torch.bfloat16 if use_bf16 else None)
     optimizers = [build_optimizer(part, cfg.optim, device) for part in model.parts]
     if device.type == "cuda":  # the peak memory logged is the training loop's, not the full model built first
         torch.cuda.empty_cache()
