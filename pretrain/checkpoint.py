@@ -862,13 +862,13 @@ class Checkpointer:
     def _set_aside(self) -> None:
         """A fresh start where checkpoints exist: move them (and `latest`) aside, so that neither auto-resume nor
         keep_last pruning ever mixes them with this run's."""
-        if not self._step_dirs():
+        existing = self._step_dirs()
+        if not existing:
             return
         aside = self.run_dir / f"checkpoints.superseded-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-        count = len(self._step_dirs())
         os.rename(self.dir, aside)
         logger.warning("checkpoint.resume=none: moved the %d existing checkpoint(s) in %s to %s (nothing deleted; "
-                       "resume from one with --checkpoint.resume=%s/step_...)", count, self.dir, aside, aside)
+                       "resume from one with --checkpoint.resume=%s/step_...)", len(existing), self.dir, aside, aside)
 
     def _step_dirs(self) -> list[tuple[int, Path]]:
         """step_<N> directories, newest first."""
@@ -963,8 +963,9 @@ def _inspect(path: Path) -> tuple[str | None, dict | None]:
         needed = {info.relative_path for info in metadata.storage_data.values()}
     except Exception as e:  # a corrupt or crafted file fails in many ways; each means "do not load it"
         return f"unreadable .metadata ({_describe(e)})", None
-    for name in sorted(needed - meta["files"].keys()):
-        return f"data file {name} has no checksum in meta.json", None
+    unlisted = sorted(needed - meta["files"].keys())
+    if unlisted:
+        return f"data file {unlisted[0]} has no checksum in meta.json", None
     for name, expected in sorted(meta["files"].items()):
         file = path / name
         if not file.is_file():
