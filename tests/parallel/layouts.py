@@ -81,15 +81,15 @@ def full_params(model) -> dict[str, np.ndarray]:
 
 def train_layouts(archs, parallel: dict, train: dict | None = None, steps: int = STEPS, *,
                   run_dir: str | None = None, stop_after: int | None = None, documents: bool = False,
-                  model: dict | None = None) -> dict[str, tuple]:
+                  model_overrides: dict | None = None) -> dict[str, tuple]:
     """With `run_dir`: resume from its newest checkpoint (if any), stop after step `stop_after` and save there.
-    With `documents`, the batches are packed documents and the model masks them (position ids); `model` overrides
-    model fields."""
+    With `documents`, the batches are packed documents and the model masks them (position ids); `model_overrides`
+    replaces model fields."""
     out = {}
     for arch in archs:
         cfg = tiny_config(arch, parallel, **(train or {}))
-        if model:
-            cfg.model = dataclasses.replace(cfg.model, **model)
+        if model_overrides:
+            cfg.model = dataclasses.replace(cfg.model, **model_overrides)
         world = dist.get_world_size() if dist.is_initialized() else 1
         dims = ParallelDims.from_config(cfg, world)
         mesh = dims.build_mesh("cpu") if world > 1 else None
