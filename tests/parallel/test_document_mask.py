@@ -14,12 +14,12 @@ from tests.parallel.layouts import ARCHS, assert_same_training, train_layouts
 
 @functools.cache
 def reference(train_json: str, model_json: str = "{}") -> dict:
-    return train_layouts(ARCHS, {}, json.loads(train_json), documents=True, model=json.loads(model_json))
+    return train_layouts(ARCHS, {}, json.loads(train_json), documents=True, model_overrides=json.loads(model_json))
 
 
 def check(world: int, parallel: dict, train: dict | None = None, archs=ARCHS, model: dict | None = None) -> None:
     train, model = train or {}, model or {}
-    results = run_distributed(functools.partial(train_layouts, documents=True, model=model), world, archs, parallel,
+    results = run_distributed(functools.partial(train_layouts, documents=True, model_overrides=model), world, archs, parallel,
                               train)
     assert_same_training(results, reference(json.dumps(train, sort_keys=True), json.dumps(model)), archs)
 
