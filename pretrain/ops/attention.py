@@ -39,7 +39,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     elif impl == "sdpa" and q.is_cuda and dropout_p == 0.0:
         o = _compiled_flex()(q, k, v, block_mask=docs.flex_block_mask(), scale=scale)  # (B, H, T, D)
     elif impl == "sdpa":
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.attention_mask, dropout_p=dropout_p,
+        # the additive form SDPA would make of the boolean mask in every layer, made once per DocumentMask
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.attention_bias(q.dtype), dropout_p=dropout_p,
                                            scale=scale)
     else:
         T = q.shape[2]

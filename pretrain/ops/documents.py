@@ -26,7 +26,7 @@ class DocumentMask:
                              f"{list(starts.shape)}")
         self.starts = starts  # (B, T)
         self.position_ids = position_ids  # (B, T) in-document positions where known (rotary/learned positions)
-        self._flex_block_masks = {}  # past length → FlexAttention BlockMask (see `flex_block_mask`)
+        self._by_key = {}  # derived forms that take an argument: ("flex", past length), ("bias", dtype)
 
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor) -> DocumentMask:
@@ -103,11 +103,23 @@ class DocumentMask:
         same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]  # (B, T, T)
         return (causal & same).unsqueeze(1)  # (B, 1, T, T)
 
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, T, T) additive mask in dtype: 0 where `attention_mask` is True, −inf elsewhere. SDPA turns a
+        boolean mask into exactly this on every call and saves it for backward; made here once per dtype, one
+        copy serves every layer."""
+        key = ("bias", dtype)
+        if key not in self._by_key:
+            hidden = ~self.attention_mask
+            self._by_key[key] = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(
+                hidden, float("-inf"))
+        return self._by_key[key]
+
     def flex_block_mask(self, past_len: int = 0):
         """FlexAttention `BlockMask` of document-causal attention: T queries at key steps past_len … past_len+T−1
         over past_len + T keys, the past keys counted in each row's first piece. Built once per mask and past
         length; compiled on CUDA, where the eager builder would evaluate the whole T × (past_len+T) grid."""
-        if past_len not in self._flex_block_masks:
+        key = ("flex", past_len)
+        if key not in self._by_key:
             from torch.nn.attention.flex_attention import create_block_mask
 
             B, T = self.starts.shape
@@ -117,9 +129,9 @@ class DocumentMask:
             def document_causal(b, h, q_idx, kv_idx):
                 return (kv_idx <= q_idx + past_len) & (q_doc[b, q_idx] == k_doc[b, kv_idx])
 
-            self._flex_block_masks[past_len] = create_block_mask(
-                document_causal, B, None, T, past_len + T, device=self.starts.device, _compile=self.starts.is_cuda)
-        return self._flex_block_masks[past_len]
+            self._by_key[key] = create_block_mask(document_causal, B, None, T, past_len + T,
+                                                  device=self.starts.device, _compile=self.starts.is_cuda)
+        return self._by_key[key]
 
     def slice(self, start: int, stop: int) -> DocumentMask:
         """The mask of steps start … stop − 1 (a piece of the sequence, e.g. a mini-sequence chunk)."""

@@ -98,6 +98,9 @@ def test_document_mask_forms_match_loops(layout):
         doc = [sum(s <= t for s in row_starts) for t in range(T)]
         expected = torch.tensor([[s <= t and doc[s] == doc[t] for s in range(T)] for t in range(T)])
         assert torch.equal(mask[b, 0], expected)
+    bias = docs.attention_bias(torch.float64)
+    assert torch.equal(bias, torch.zeros(bias.shape, dtype=torch.float64).masked_fill(~mask, float("-inf")))
+    assert docs.attention_bias(torch.float64) is bias, "one additive mask per dtype, shared by every layer"
 
 
 def test_flex_block_mask_is_document_causal():
