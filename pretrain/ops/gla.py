@@ -269,9 +269,11 @@ def _gla_torch(q, k, v, g, scale, initial_state, chunk_size, docs):
     b = g.cumsum(-2)  # (B, H, N, C, K)  log decay from the chunk start through step t
     A = _lower_scores(q, b, k, b, strict=False, seg=seg)  # (B, H, N, C, C)
     b_end = b[..., -1:, :]  # (B, H, N, 1, K)
-    to_end = (b_end - b).exp()  # (B, H, N, C, K)
+    to_end = b_end - b  # (B, H, N, C, K)
     if seg is not None:
-        to_end = to_end * last
+        # masked in the exponent: exp's own saved output then is the masked factor, not a second copy
+        to_end = to_end.masked_fill(~last, float("-inf"))
+    to_end = to_end.exp()
     kv = (k * to_end).transpose(-1, -2) @ v  # (B, H, N, K, V)  chunk's own contribution at its end
     decay = b_end.transpose(-1, -2).exp()  # (B, H, N, K, 1)
     if seg is not None:

@@ -102,9 +102,11 @@ def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size, docs):
     wu = torch.linalg.solve_triangular(eye - A_a[1], rhs, upper=False, unitriangular=True)
     W, U = wu.split((K, V), dim=-1)  # (B, H, N, C, K), (B, H, N, C, V)
 
-    to_end = (lw[..., -1:, :] - lw).exp()  # (B, H, N, C, K)
+    to_end = lw[..., -1:, :] - lw  # (B, H, N, C, K)
     if seg is not None:
-        to_end = to_end * last
+        # masked in the exponent: exp's own saved output then is the masked factor, not a second copy
+        to_end = to_end.masked_fill(~last, float("-inf"))
+    to_end = to_end.exp()
     k_end, b_end = (k * to_end).transpose(-1, -2), (b * to_end).transpose(-1, -2)  # (B, H, N, K, C)
     decay = lw[..., -1, :].exp()  # (B, H, N, K)
     if seg is not None:
