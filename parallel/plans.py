@@ -11,7 +11,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel)
 
-from parallel.tensor import (AllReduceInputGradient, HeadSharded, PlainTensorsReplicated, ReplicatedParams,
+from parallel.tensor import (AllReduceInputGradient, HeadSharded, ReplicatedDocumentMask, ReplicatedParams,
                              VocabParallelEmbedding)
 from pretrain.config import ModelConfig
 
@@ -43,7 +43,7 @@ def _gla(cfg: ModelConfig) -> Plan:
 def _rwkv7(cfg: ModelConfig) -> Plan:
     # The mixer's own vectors: μ mixes the (replicated) token-shifted input; k_k, k_a, r_k act on its heads.
     plan = {"": (ReplicatedParams(*(f"mu_{n}" for n in "rwkvag")), HeadSharded("k_k", "k_a", "r_k"),
-                 PlainTensorsReplicated())}
+                 ReplicatedDocumentMask())}
     plan.update({name: (ColwiseParallel(),) for name in ("r_proj", "k_proj", "v_proj")})
     for lora in ("w_lora", "a_lora", "v_lora", "g_lora"):  # up-projection biases are w₀, a₀, v₀: per head
         plan[f"{lora}.down"] = (ReplicatedParams(),)
@@ -92,7 +92,7 @@ def tp_plan(cfg: ModelConfig, *, sequence_parallel: bool) -> Plan:
     }
     if cfg.arch == "rwkv7":
         # the channel mix's own token-shift mixing
-        plan["layers.*.mlp"] += (ReplicatedParams("mu_k"), PlainTensorsReplicated())
+        plan["layers.*.mlp"] += (ReplicatedParams("mu_k"), ReplicatedDocumentMask())
     for name, styles in MIXERS[cfg.arch](cfg).items():
         key = f"layers.*.mixer.{name}".rstrip(".")
         plan[key] = plan.get(key, ()) + styles

@@ -17,6 +17,7 @@ Conventions inside a tensor-parallel model (Megatron's, expressed with DTensor):
 
 from __future__ import annotations
 
+import copy
 from fnmatch import fnmatch
 from functools import partial
 
@@ -26,7 +27,6 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 
@@ -107,21 +107,26 @@ class VocabParallelEmbedding(ParallelStyle):
         return module
 
 
-class PlainTensorsReplicated(ParallelStyle):
-    """Under document masking, the module's forward runs in DTensor's implicit replication: the plain per-token masks
-    it applies to its replicated DTensor input (RWKV-7's token shifts zero the previous token at document starts)
-    count as `Replicate()`, which they are (every tensor-parallel rank holds the same batch)."""
+class ReplicatedDocumentMask(ParallelStyle):
+    """Under document masking, the module's token shift multiplies its replicated DTensor input by the mask's
+    `continues` (RWKV-7's time and channel mixes zero the previous token at a document start): the module gets a
+    copy of the `docs` mask whose `continues` is a `Replicate()` DTensor, which it is (every tensor-parallel rank holds
+    the same batch), so forward and backward stay DTensor arithmetic. The ops inside keep the plain forms.
+
+    It wraps `forward`, so a mini-sequence chunking applied later (which wraps `forward` again and cuts `docs` into
+    pieces) hands each piece's mask through it."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         forward = module.forward
 
-        def forward_with_plain_masks(*args, **kwargs):
-            if kwargs.get("docs") is None:
-                return forward(*args, **kwargs)
-            with implicit_replication():
-                return forward(*args, **kwargs)
+        def forward_with_replicated_mask(*args, docs=None, **kwargs):
+            if docs is not None:
+                replicated = DTensor.from_local(docs.continues, device_mesh, [Replicate()], run_check=False)
+                docs = copy.copy(docs)
+                docs.__dict__["continues"] = replicated  # the cached property's slot: the copy keeps every other form
+            return forward(*args, docs=docs, **kwargs)
 
-        module.forward = forward_with_plain_masks
+        module.forward = forward_with_replicated_mask
         return module
 
 

@@ -19,8 +19,8 @@ def reference(train_json: str, model_json: str = "{}") -> dict:
 
 def check(world: int, parallel: dict, train: dict | None = None, archs=ARCHS, model: dict | None = None) -> None:
     train, model = train or {}, model or {}
-    results = run_distributed(functools.partial(train_layouts, documents=True, model_overrides=model), world, archs, parallel,
-                              train)
+    layouts = functools.partial(train_layouts, documents=True, model_overrides=model)
+    results = run_distributed(layouts, world, archs, parallel, train)
     assert_same_training(results, reference(json.dumps(train, sort_keys=True), json.dumps(model)), archs)
 
 
