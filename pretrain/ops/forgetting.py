@@ -139,15 +139,17 @@ def _tile_logits(qs, k, c, i0, i1, j0, j1, needs_mask, *, docs=None):
     cq = (c[..., off + i0:off + i1] - ref).to(qs.dtype)  # (B, H, bq)
     ck = (c[..., j0:j1] - ref).to(qs.dtype)  # (B, H, bk)
     s = qs[..., i0:i1, :] @ k[..., j0:j1, :].transpose(-1, -2) + (cq[..., :, None] - ck[..., None, :])  # (B,H,bq,bk)
+    hidden = None
     if needs_mask:
         qpos = torch.arange(off + i0, off + i1, device=s.device)
         kpos = torch.arange(j0, j1, device=s.device)
-        s = s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+        hidden = kpos[None, :] > qpos[:, None]  # (bq, bk)
     if docs is not None:
         q_doc, k_doc = docs
         cross = q_doc[:, None, i0:i1, None] != k_doc[:, None, None, j0:j1]  # (B, 1, bq, bk)
-        s = s.masked_fill(cross, float("-inf"))
-    return s
+        hidden = cross if hidden is None else hidden | cross
+    # one pass over the tile for both masks
+    return s if hidden is None else s.masked_fill(hidden, float("-inf"))
 
 
 class _BlockwiseForgettingAttention(torch.autograd.Function):
