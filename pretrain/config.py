@@ -435,6 +435,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.num_workers < 0 or cfg.data.shuffle_window < 1:
         raise ConfigError(f"data.num_workers must be >= 0 and data.shuffle_window >= 1; got "
                           f"{cfg.data.num_workers}, {cfg.data.shuffle_window}.")
+    if cfg.data.path == "synthetic" and cfg.data.document_mask:
+        raise ConfigError("data.document_mask needs documents, and data.path='synthetic' has none; prepare a dataset "
+                          "with `python -m data.prepare` or set data.document_mask=false.")
     if cfg.data.path == "synthetic" and (t.eval_interval or cfg.data.blend):
         raise ConfigError("data.path='synthetic' has no validation split and cannot be blended; set "
                           "train.eval_interval=0 and data.blend=''.")

@@ -130,9 +130,6 @@ def build_loaders(cfg: Config, *, dp_rank: int, dp_size: int):
     """This rank's training loader and validation loader (None without evaluation), checked against the model."""
     d, seq_len, micro = cfg.data, cfg.model.seq_len, cfg.train.micro_batch
     if d.path == SYNTHETIC:
-        if d.document_mask:
-            raise ConfigError("data.document_mask needs documents, and data.path='synthetic' has none; "
-                              "prepare a dataset with `python -m data.prepare` or set data.document_mask=false.")
         return SyntheticLoader(cfg.model.vocab_size, seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank,
                                dp_size=dp_size, seed=cfg.train.seed), None
     check_vocab(d.path, cfg.model.vocab_size, blend=d.blend)

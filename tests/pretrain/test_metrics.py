@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.config import build_config
-from pretrain.metrics import GPU_PEAK_BF16, flops_per_token, format_duration, matmul_params
+from pretrain.metrics import GPU_PEAK_BF16, attention_span, flops_per_token, format_duration, matmul_params
 from pretrain.models import build_model
 from pretrain.ops.gla import CHUNK_SIZE
 
@@ -96,3 +96,19 @@ def test_peak_table_prefers_specific_names():
 def test_format_duration():
     assert format_duration(5) == "5s" and format_duration(125) == "2m05s" and format_duration(3700) == "1h01m"
     assert format_duration(float("nan")) == "?"
+
+
+def test_attention_span_sums_squared_document_lengths():
+    # row 0: pieces of 3 and 2 tokens; row 1: a continued piece of 2, then 3 (cut at the row start and at id 0)
+    ids = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]])
+    assert attention_span(ids) == pytest.approx((9 + 4 + 4 + 9) / 10)
+    assert attention_span(torch.arange(7, 15).expand(3, 8)) == pytest.approx(8)  # no start: the whole row
+
+
+def test_document_masked_flops_count_softmax_attention_within_documents():
+    cfg = build_config({}, {"model": {"arch": "fox", "d_model": 64, "n_layers": 3, "n_heads": 4, "seq_len": 128}}).model
+    assert flops_per_token(cfg, attention_span=128) == flops_per_token(cfg)
+    # softmax attention's 12·s·d per layer with s = the span
+    assert flops_per_token(cfg, attention_span=40) - flops_per_token(cfg, attention_span=0) == 3 * 12 * 40 * 64
+    gla = build_config({}, {"model": {"arch": "gla", "d_model": 64, "n_layers": 3, "n_heads": 4, "seq_len": 128}}).model
+    assert flops_per_token(gla, attention_span=40) == flops_per_token(gla)  # chunkwise work does not change
