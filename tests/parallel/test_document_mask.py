@@ -49,3 +49,9 @@ def test_tp2_with_recompute_and_minisequence_chunks():
 
 def test_tp2_learned_positions_follow_the_ids():
     check(2, {"tp": 2}, archs=("transformer",), model={"pos": "learned"})
+
+
+def test_full_recompute_and_minisequence_chunks_on_one_process():
+    """A fully recomputed block replays the mask with its forward; MsT chunks of the LM head and MLPs see it too."""
+    results = train_layouts(ARCHS, {"recompute": "full", "minisequence_chunks": 3}, {}, documents=True)
+    assert_same_training([results], reference("{}"), ARCHS)
