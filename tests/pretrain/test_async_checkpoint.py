@@ -1,6 +1,7 @@
 """Asynchronous checkpoints (checkpoint.async_save): training goes on while the files are written, the save is a
 snapshot of the moment it was asked for, the next save waits for the previous, `latest` never names a checkpoint
-that is not complete on every rank (SIGKILL at several moments of the background write), bitwise resume."""
+that is not complete on every rank (SIGKILL at several moments of the background write), bitwise resume.
+Two ranks: test_checkpoint.test_two_ranks_fsdp_async (it shares that file's two-rank processes)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,10 +18,9 @@ import torch
 import torch.distributed as dist
 
 from pretrain import checkpoint as checkpoint_module
-from pretrain.checkpoint import Checkpointer, read_dcp_metadata
+from pretrain.checkpoint import Checkpointer
 from pretrain.config import build_config
 from pretrain.train import train as train_run
-from tests.dist import run_distributed
 from tests.pretrain.test_checkpoint import RUN_CONFIG, REPO, Cfg, assert_same, make, params, train
 
 ASYNC = Cfg(async_save=True)
@@ -80,6 +79,28 @@ def test_async_round_trip_is_bitwise(tmp_path):
     assert Checkpointer(Cfg(), tmp_path, run_config=RUN_CONFIG).load(model=model2, optimizer=opt2)["state"] == {
         "data": {"offset": 7}}
     assert train(model2, opt2, 3) == ref
+
+
+@pytest.mark.gpu
+def test_cuda_async_save_is_a_snapshot(tmp_path):
+    """On CUDA the state is staged into pinned host memory; the optimizer steps after save() must not leak in."""
+    model, _ = make()
+    model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, 16, (2, 3), device="cuda")).sum().backward()
+    opt.step()
+    ck = Checkpointer(ASYNC, tmp_path, run_config=RUN_CONFIG)
+    ck.save(1, model=model, optimizer=opt, state={})
+    saved = params(model)
+    for _ in range(3):
+        model(torch.randint(0, 16, (2, 3), device="cuda")).sum().backward()
+        opt.step()
+    ck.close()
+    model2, _ = make(seed=1)
+    model2.cuda()
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    Checkpointer(Cfg(), tmp_path, run_config=RUN_CONFIG).load(model=model2, optimizer=opt2)
+    assert_same(params(model2), saved)
 
 
 # --------------------------------------------------------------------------- SIGKILL during the background write
@@ -154,9 +175,11 @@ def test_kill_during_background_write_keeps_previous_latest(tmp_path, caplog, mo
     assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items())
 
 
-# --------------------------------------------------------------------------- two ranks, and the training loop
+# ------------------------------------------------------------ two ranks (run from test_checkpoint), the training loop
 
-def _fsdp_async_worker(run_dir: str) -> dict:
+def fsdp_async_case(run_dir: str) -> dict:
+    """On every rank of a two-rank run (test_checkpoint.test_two_ranks_fsdp_async): FSDP2 shards saved
+    asynchronously while training goes on, then resumed into a fresh model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -177,14 +200,6 @@ def _fsdp_async_worker(run_dir: str) -> dict:
     model2, opt2 = sharded(7)
     resumed = Checkpointer(Cfg(), run_dir, run_config=RUN_CONFIG).load(model=model2, optimizer=opt2)
     return {"ref": ref, "got": train(model2, opt2, 2), "resumed": resumed["step"]}
-
-
-def test_two_ranks_fsdp_async(tmp_path):
-    results = run_distributed(_fsdp_async_worker, 2, str(tmp_path))
-    assert all(r["resumed"] == 2 and r["got"] == r["ref"] for r in results)
-    assert results[0]["ref"] != results[1]["ref"]
-    assert {"rng.rank_0", "rng.rank_1"} <= set(read_dcp_metadata(tmp_path / "checkpoints/step_00000002")
-                                               .state_dict_metadata)
 
 
 def tiny_run(run_dir: Path, **train_fields) -> dict:

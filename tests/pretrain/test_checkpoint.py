@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,12 +398,22 @@ def _fsdp_case(run_dir: str) -> dict:
 
 
 def _two_rank_worker(run_dir: str) -> dict:
-    # one set of processes for both cases: starting them costs more than the cases themselves
-    return {"ddp": _ddp_case(f"{run_dir}/ddp"), "fsdp": _fsdp_case(f"{run_dir}/fsdp")}
+    # one set of processes for every two-rank case: starting them costs more than the cases themselves
+    from tests.pretrain.test_async_checkpoint import fsdp_async_case
+    from tests.pretrain.test_run_lock import acquire_twice
+
+    return {"ddp": _ddp_case(f"{run_dir}/ddp"), "fsdp": _fsdp_case(f"{run_dir}/fsdp"),
+            "fsdp_async": fsdp_async_case(f"{run_dir}/fsdp-async"), "lock": acquire_twice(f"{run_dir}/lock")}
 
 
-def test_two_ranks_ddp_and_fsdp2(tmp_path):
-    results = run_distributed(_two_rank_worker, 2, str(tmp_path))
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
+    run_dir = tmp_path_factory.mktemp("two_ranks")
+    return run_dir, run_distributed(_two_rank_worker, 2, str(run_dir))
+
+
+def test_two_ranks_ddp_and_fsdp2(two_ranks):
+    tmp_path, results = two_ranks
 
     ddp = [r["ddp"] for r in results]
     for r in ddp:
@@ -573,7 +584,7 @@ def test_disk_full_is_named_and_loses_nothing(tmp_path, monkeypatch, async_save)
     room = [4096]
     real_create_stream = checkpoint_module.FileSystem.create_stream
 
-    @checkpoint_module.contextmanager
+    @contextmanager
     def filling_stream(self, path, mode):
         with real_create_stream(self, path, mode) as raw:
             yield _FillsUp(raw, room)
@@ -616,3 +627,23 @@ def test_real_full_disk(small_tmpfs):
     model2, opt2 = wide(1)
     assert Checkpointer(Cfg(), small_tmpfs, run_config=RUN_CONFIG).load(model=model2, optimizer=opt2)["step"] == 1
     assert_same(params(model2), saved[1])
+
+
+def test_two_ranks_fsdp_async(two_ranks):
+    """Asynchronous saves of FSDP shards on two ranks (DCP's collectives on their own group, while training's run)."""
+    run_dir, results = two_ranks
+    cases = [r["fsdp_async"] for r in results]
+    assert all(r["resumed"] == 2 and r["got"] == r["ref"] for r in cases)
+    assert cases[0]["ref"] != cases[1]["ref"]  # per-rank RNG states, restored from the DCP payload
+    metadata = read_dcp_metadata(run_dir / "fsdp-async/checkpoints/step_00000002")
+    assert {"rng.rank_0", "rng.rank_1"} <= set(metadata.state_dict_metadata)
+
+
+def test_run_lock_under_torchrun(two_ranks):
+    """Rank 0 takes the lock; when it is refused, every rank raises the same error instead of going on."""
+    run_dir, results = two_ranks
+    locks = [r["lock"] for r in results]
+    assert [r["mine"] for r in locks] == [True, False]  # only rank 0 holds it
+    assert locks[0]["holder_pid"] == locks[1]["holder_pid"] == locks[0]["pid"]
+    assert locks[0]["second"] == locks[1]["second"] and f"pid {locks[0]['pid']}" in locks[1]["second"]
+    assert not (run_dir / "lock/train.lock").exists()
