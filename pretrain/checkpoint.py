@@ -324,8 +324,11 @@ def _write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def _is_no_space(e: BaseException) -> bool:
@@ -803,7 +806,7 @@ class Checkpointer:
             free = shutil.disk_usage(self.dir).free
             raise CheckpointError(
                 f"{_NO_SPACE} while saving checkpoint {attempt.final.name} in {self.dir}: it needs about "
-                f"{_gib(needed)} and {_gib(free)} is free there. The partial save was removed and {kept}. Free "
+                f"{_size(needed)} and {_size(free)} is free there. The partial save was removed and {kept}. Free "
                 "some space (a lower checkpoint.keep_last keeps fewer checkpoints) and run the same command to "
                 "resume.")
         raise CheckpointError(f"saving checkpoint {attempt.final} failed ({kept}): {_by_message(errors)}")
