@@ -1,10 +1,17 @@
-"""Start torch.distributed for this process from the discovered environment."""
+"""Start torch.distributed for this process from the discovered environment; report a known error once per job;
+tear down in a fixed order and end the process without the interpreter's own teardown."""
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
+import json
 import logging
 import os
+import sys
+import time
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -12,6 +19,15 @@ import torch.distributed as dist
 from launch.env import DistEnv, discover
 
 log = logging.getLogger(__name__)
+
+
+ERROR_WAIT_S = 10.0  # how long rank 0 waits for the other ranks to report the error it hit
+
+
+def _export(env: DistEnv) -> None:
+    """Set the rank variables torchrun would set, so torch's env:// rendezvous and libraries see our discovery."""
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
 
 
 def init_distributed(device_type: str, *, timeout_minutes: float = 10.0) -> DistEnv:
@@ -24,8 +40,7 @@ def init_distributed(device_type: str, *, timeout_minutes: float = 10.0) -> Dist
     env = discover()
     if env.world_size == 1 or dist.is_initialized():
         return env
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    _export(env)
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
     if env.rank == 0:
@@ -38,6 +53,120 @@ def init_distributed(device_type: str, *, timeout_minutes: float = 10.0) -> Dist
     return env
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
+EXIT_WAIT_S = 60.0  # how long rank 0 waits for the other ranks to leave at the end of a finished run
+
+
+def shutdown(*, finished: bool = False) -> None:
+    """Destroy the process groups. After a finished run (every rank calls this) the order is fixed: a barrier,
+    so no rank closes its connections while another is still in a collective; then each rank destroys its
+    groups, and rank 0 (which hosts the rendezvous store under srun and mpirun) goes last. After an error,
+    other ranks may be stuck in a collective, so there is no barrier."""
+    if not dist.is_initialized():
+        return
+    if not finished or dist.get_world_size() == 1:
         dist.destroy_process_group()
+        return
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    store = dist.PrefixStore("pretrain/exit/", dist.distributed_c10d._get_default_store())  # outlives the group
+    dist.barrier()
+    dist.destroy_process_group()
+    store.set(str(rank), "")
+    if rank == 0:
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while not store.check([str(r) for r in range(world_size)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def end_process(status: int) -> NoReturn:
+    """Exit with `status`, skipping the interpreter's teardown, after doing what it would do that matters.
+
+    torch's DTensor caches keep the DeviceMeshes of an FSDP/TP run, and with them the process groups, alive
+    after destroy_process_group, so their gloo/NCCL threads still run while the interpreter tears itself
+    down. A C++ thread that then needs the GIL (to release a tensor Python had handed over) is ended by
+    Python in the middle of C++ code: `terminate called without an active exception`, SIGABRT, and a job
+    that SLURM marks failed although every checkpoint was written. A group with unfinished work (a rank
+    failed while others were in a collective) can also block that teardown forever. So: collect garbage
+    (DataLoader workers stop, files close), run the atexit handlers (logging, multiprocessing children,
+    temporary directories), flush, and leave with os._exit.
+    """
+    gc.collect()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def report_error(kind: str, message: str) -> None:
+    """Print `<kind> error: <message>` once for the whole job; every rank that failed calls this, then exits.
+
+    Each failed rank publishes its error in the process group's store (a store of its own before the group
+    exists). Rank 0, when it failed too, waits up to ERROR_WAIT_S for the others, prints each distinct error
+    once (naming the ranks unless every rank had it) and publishes which ranks it spoke for; those stay
+    silent. A rank it did not speak for (rank 0 did not fail, or this rank came too late) prints its own line.
+    No rank returns before its error is printed: torchrun kills every rank once one exits non-zero, so a rank
+    leaving early would silence rank 0's report. Rank 0 returns last, as it may host the store.
+    """
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # torchrun's failure summary then shows the error instead of "To enable traceback see: ..."
+        with open(error_file, "w") as f:  # the format of torch.distributed.elastic's ErrorHandler, minus a traceback
+            json.dump({"message": {"message": f"{kind} error: {message}",
+                                   "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+    env = None if dist.is_initialized() else discover()
+    rank, world_size = (env.rank, env.world_size) if env else (dist.get_rank(), dist.get_world_size())
+    if world_size == 1:
+        print(f"{kind} error: {message}", file=sys.stderr, flush=True)
+        return
+    try:
+        store = _error_store(env)
+        store.set(f"error/{rank}", json.dumps([kind, message]))
+        if rank == 0:
+            _print_for_everyone(store, world_size)
+        elif rank not in _wait_for_rank0(store):
+            print(f"{kind} error on rank {rank}: {message}", file=sys.stderr, flush=True)
+        store.set(f"left/{rank}", "")
+    except Exception as e:  # no store (rank 0 gone, rendezvous failed): this rank speaks for itself
+        print(f"{kind} error on rank {rank}: {message}", file=sys.stderr, flush=True)
+        log.debug("could not share the error with the other ranks: %s", e)
+
+
+def _error_store(env: DistEnv | None) -> dist.Store:
+    """The process group's store; before the group exists (env given), the one its rendezvous would make."""
+    if env is None:
+        base = dist.distributed_c10d._get_default_store()
+    else:
+        _export(env)
+        base, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
+                                          timeout=datetime.timedelta(seconds=6 * ERROR_WAIT_S)))
+    # torchrun --max-restarts keeps its store across attempts; an earlier attempt's keys must not count
+    return dist.PrefixStore(f"pretrain/error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
+
+
+def _print_for_everyone(store: dist.Store, world_size: int) -> None:
+    """Rank 0: print each rank's error that arrives within ERROR_WAIT_S, once per distinct error."""
+    keys = [f"error/{r}" for r in range(world_size)]
+    deadline = time.monotonic() + ERROR_WAIT_S
+    while not store.check(keys) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    by_error: dict[tuple[str, str], list[int]] = {}
+    for r, key in enumerate(keys):
+        if store.check([key]):
+            by_error.setdefault(tuple(json.loads(store.get(key))), []).append(r)
+    for (kind, message), ranks in by_error.items():
+        where = "" if len(ranks) == world_size else f" on rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}"
+        print(f"{kind} error{where}: {message}", file=sys.stderr, flush=True)
+    spoken_for = sorted(r for ranks in by_error.values() for r in ranks)
+    store.set("printed", json.dumps(spoken_for))
+    # Stay until those ranks have read that (rank 0 may host the store they read it from).
+    deadline = time.monotonic() + ERROR_WAIT_S
+    while not store.check([f"left/{r}" for r in spoken_for if r]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _wait_for_rank0(store: dist.Store) -> list[int]:
+    """Another rank: the ranks rank 0 printed errors for, or [] when rank 0 printed nothing in time."""
+    deadline = time.monotonic() + 3 * ERROR_WAIT_S  # rank 0 may fail later than this rank, then waits itself
+    while not store.check(["printed"]):
+        if time.monotonic() > deadline:
+            return []
+        time.sleep(0.05)
+    return json.loads(store.get("printed"))

@@ -7,11 +7,11 @@ log → validate → checkpoint). Runs the same under torchrun, or as a single p
 from __future__ import annotations
 
 import contextlib
+import linecache
 import logging
 import math
 import random
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 
 from data.stream import SYNTHETIC, Loader, SyntheticLoader, ValLoader, check_tokenizer, check_vocab
-from launch.bootstrap import init_distributed, shutdown
+from launch.bootstrap import end_process, init_distributed, report_error, shutdown
 from launch.preemption import JobControl, stop_on_signals
 from parallel.data_parallel import set_gradient_sync
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelModel, parallelize
-from pretrain.checkpoint import Checkpointer, RunLock
+from pretrain.checkpoint import Checkpointer, CheckpointError, RunLock, UnsafeCheckpointError
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.metrics import MetricsLogger, attention_span, flops_per_token, peak_flops
 from pretrain.models import build_model
@@ -62,7 +62,7 @@ def train_step(model: ParallelModel, optimizers, micro_batches, *, lr: float, gr
         module = model.parts[0]
         total = torch.zeros((), device=micro_batches[0][0].device)
         for i, batch in enumerate(micro_batches):
-            set_gradient_sync(module, i == len(micro_batches) - 1)  # reduce over dp once, after the last
+            set_gradient_sync(module, last_micro_step=i == len(micro_batches) - 1)  # how dp reduces this one
             tokens, inputs = model_inputs(batch)
             with autocast:
                 loss = module(tokens, **inputs) / len(micro_batches)
@@ -255,18 +255,48 @@ def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
     return losses
 
 
-def main(argv: list[str] | None = None) -> None:
+def error_kind(error: Exception) -> str | None:
+    """'config', 'checkpoint', 'data' or 'training' for an error whose message says what to do; None for an
+    unexpected one, whose traceback is the report."""
+    if isinstance(error, ConfigError):  # also the layout checks of parallel.mesh
+        return "config"
+    if isinstance(error, (CheckpointError, UnsafeCheckpointError)):
+        return "checkpoint"
+    if isinstance(error, FloatingPointError):  # the non-finite loss check of the training loop
+        return "training"
+    # data/ raises plain ValueError / FileNotFoundError written for users; the same types coming out of a library
+    # call there (numpy, from C) are bugs, so only a `raise` statement in data/ counts.
+    innermost = error.__traceback__
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    if isinstance(error, (ValueError, OSError)) and innermost is not None:
+        frame = innermost.tb_frame
+        source = linecache.getline(frame.f_code.co_filename, innermost.tb_lineno)
+        if frame.f_globals.get("__name__", "").startswith("data.") and source.lstrip().startswith("raise"):
+            return "data"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pretrain.train ARGS`; returns the exit status. A known error (see error_kind) is printed as one
+    line for the whole job and returns 1; any other error propagates with its traceback."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    finished = False
     try:
         cfg = load_config(argv)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    try:
         with stop_on_signals():  # SIGUSR2/SIGTERM: save at the next step boundary and exit (see launch.preemption)
             train(cfg)
+        finished = True
+    except Exception as e:
+        kind = error_kind(e)
+        if kind is None:
+            raise
+        report_error(kind, str(e))  # one line for the job, before any rank exits
+        return 1
     finally:
-        shutdown()
+        shutdown(finished=finished)  # after an error, no barrier: other ranks may be inside a collective
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    end_process(main())  # without the interpreter's teardown, which can abort a distributed run (see end_process)
