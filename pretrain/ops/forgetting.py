@@ -71,9 +71,9 @@ def forgetting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_
     if impl == "fla":
         o = _fla(q, k, v, log_f, scale) if docs is None else _fla_varlen(q, k, v, log_f, scale, docs)
     elif impl == "flex":
-        o = _flex(q, k, v, log_f, scale, docs)
+        o = _flex(q, k, v, log_f, scale, docs=docs)
     else:
-        o = _torch(q, k, v, log_f, scale, block_q, block_k, docs)
+        o = _torch(q, k, v, log_f, scale, block_q, block_k, docs=docs)
     return (o, (k, v, log_f)) if output_past else o
 
 
@@ -91,7 +91,7 @@ def _extend(past: Past, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor):
     return torch.cat((k0, k), 1), torch.cat((v0, v), 1), torch.cat((f0, log_f), 1)
 
 
-def _torch(q, k, v, log_f, scale, block_q, block_k, docs):
+def _torch(q, k, v, log_f, scale, block_q, block_k, *, docs):
     dt, out_dtype = _compute_dtype(q.dtype), q.dtype
     q, k, v = (x.to(dt).transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, T·, ·)
     # c grows linearly with T: it stays float64, and each tile subtracts a nearby reference before rounding,
@@ -109,7 +109,7 @@ def _torch(q, k, v, log_f, scale, block_q, block_k, docs):
     return o.transpose(1, 2).to(out_dtype)  # (B, Tq, H, Dv)
 
 
-def _tiles(Tq: int, Tk: int, block_q: int, block_k: int, q_doc: torch.Tensor | None = None,
+def _tiles(Tq: int, Tk: int, block_q: int, block_k: int, *, q_doc: torch.Tensor | None = None,
            k_doc: torch.Tensor | None = None):
     """Yield (i0, i1, [(j0, j1, needs_mask, mixes_docs), ...]) over causal tiles; query i sits at key position
     Tk−Tq+i. With document ids q_doc (B, Tq), k_doc (B, Tk), both non-decreasing in time, tiles whose keys
@@ -162,7 +162,7 @@ class _BlockwiseForgettingAttention(torch.autograd.Function):
         qs = q * scale
         o = q.new_empty(B, H, Tq, v.shape[-1])  # (B, H, Tq, Dv)
         lse = q.new_empty(B, H, Tq)  # (B, H, Tq)  log-sum-exp per query, all backward needs
-        for i0, i1, tiles in _tiles(Tq, Tk, block_q, block_k, q_doc, k_doc):
+        for i0, i1, tiles in _tiles(Tq, Tk, block_q, block_k, q_doc=q_doc, k_doc=k_doc):
             m = q.new_full((B, H, i1 - i0), float("-inf"))  # (B, H, bq)  running max
             den = q.new_zeros(B, H, i1 - i0)  # (B, H, bq)
             acc = q.new_zeros(B, H, i1 - i0, v.shape[-1])  # (B, H, bq, Dv)
@@ -194,7 +194,7 @@ class _BlockwiseForgettingAttention(torch.autograd.Function):
         delta = (do * o).sum(-1)  # (B, H, Tq)  Σ_j p_ij dp_ij
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dc = torch.zeros(c.shape, dtype=q.dtype, device=q.device)  # (B, H, Tk)
-        for i0, i1, tiles in _tiles(q.shape[2], k.shape[2], block_q, block_k, q_doc, k_doc):
+        for i0, i1, tiles in _tiles(q.shape[2], k.shape[2], block_q, block_k, q_doc=q_doc, k_doc=k_doc):
             do_i = do[..., i0:i1, :]  # (B, H, bq, Dv)
             for j0, j1, needs_mask, mixes_docs in tiles:
                 docs = (q_doc, k_doc) if mixes_docs else None
@@ -250,7 +250,7 @@ def _causal_block_mask(Tq: int, Tk: int, device: torch.device):
     return create_block_mask(causal, None, None, Tq, Tk, device=device, _compile=device.type == "cuda")
 
 
-def _flex(q, k, v, log_f, scale, docs):
+def _flex(q, k, v, log_f, scale, *, docs):
     from torch.nn.attention.flex_attention import flex_attention
 
     Tq, Tk = q.shape[1], k.shape[1]

@@ -233,13 +233,14 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scal
         if docs is None:
             o, state = chunk_gla(q, k, v, g, scale=scale, initial_state=h0, output_final_state=output_final_state)
         else:
-            o, state = _fla_varlen(chunk_gla, (q, k, v, g), docs, h0, output_final_state, scale=scale)
+            o, state = _fla_varlen(chunk_gla, (q, k, v, g), docs, initial_state=h0,
+                                   output_final_state=output_final_state, scale=scale)
     else:
-        o, state = _gla_torch(q, k, v, g, scale, initial_state, chunk_size, docs)
+        o, state = _gla_torch(q, k, v, g, scale, initial_state, chunk_size, docs=docs)
     return (o, state) if output_final_state else o
 
 
-def _fla_varlen(kernel, inputs, docs: DocumentMask, initial_state, output_final_state, **kwargs):
+def _fla_varlen(kernel, inputs, docs: DocumentMask, *, initial_state, output_final_state, **kwargs):
     """Run an fla chunk kernel with document masking: the rows flattened to one (1, B·T) sequence cut into the
     pieces of `docs.cu_seqlens`, per-row states mapped to the pieces and back (`DocumentMask.to_pieces`)."""
     B, T = docs.shape
@@ -252,7 +253,7 @@ def _fla_varlen(kernel, inputs, docs: DocumentMask, initial_state, output_final_
     return o.view(B, T, *o.shape[2:]), state  # (B, T, H, V)
 
 
-def _gla_torch(q, k, v, g, scale, initial_state, chunk_size, docs):
+def _gla_torch(q, k, v, g, scale, initial_state, chunk_size, *, docs):
     B, T, H, K = q.shape
     V, out_dtype = v.shape[-1], q.dtype
     dt = _compute_dtype(q.dtype)

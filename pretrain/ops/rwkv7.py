@@ -65,13 +65,14 @@ def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a:
             o, state = chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=h0,
                                    output_final_state=output_final_state)
         else:
-            o, state = _fla_varlen(chunk_rwkv7, (r, w, k, v, a, b), docs, h0, output_final_state, scale=1.0)
+            o, state = _fla_varlen(chunk_rwkv7, (r, w, k, v, a, b), docs, initial_state=h0,
+                                   output_final_state=output_final_state, scale=1.0)
     else:
-        o, state = _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size, docs)
+        o, state = _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size, docs=docs)
     return (o, state) if output_final_state else o
 
 
-def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size, docs):
+def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size, *, docs):
     B, T, H, K = r.shape
     V, out_dtype = v.shape[-1], r.dtype
     dt = _compute_dtype(r.dtype)

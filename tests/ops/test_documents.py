@@ -211,12 +211,12 @@ def test_forgetting_skips_tiles_between_documents():
     starts = torch.zeros(2, 64, dtype=torch.bool)
     starts[:, 32] = True
     doc = DocumentMask(starts).doc_ids
-    plan = {(i0, j0): mixes for i0, _, tiles in _tiles(64, 64, 16, 16, doc, doc) for j0, _, _, mixes in tiles}
+    plan = {(i0, j0): mixes for i0, _, tiles in _tiles(64, 64, 16, 16, q_doc=doc, k_doc=doc) for j0, _, _, mixes in tiles}
     assert (32, 0) not in plan and (48, 16) not in plan  # document 2's queries never meet document 1's keys
     assert plan[(32, 32)] is False and plan[(16, 0)] is False  # one document per tile: no document mask
     starts[1, 40] = True  # now row 1's query block 48… has a document start inside key tile 32…
     doc = DocumentMask(starts).doc_ids
-    plan = {(i0, j0): mixes for i0, _, tiles in _tiles(64, 64, 16, 16, doc, doc) for j0, _, _, mixes in tiles}
+    plan = {(i0, j0): mixes for i0, _, tiles in _tiles(64, 64, 16, 16, q_doc=doc, k_doc=doc) for j0, _, _, mixes in tiles}
     assert plan[(48, 32)] is True
 
 
