@@ -67,7 +67,7 @@ def shutdown(*, finished: bool = False) -> None:
         dist.destroy_process_group()
         return
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    store = dist.PrefixStore("pretrain/exit/", dist.distributed_c10d._get_default_store())  # outlives the group
+    store = _attempt_store("exit", dist.distributed_c10d._get_default_store())  # outlives the group
     dist.barrier()
     dist.destroy_process_group()
     store.set(str(rank), "")
@@ -82,9 +82,9 @@ def end_process(status: int) -> NoReturn:
 
     torch's DTensor caches keep the DeviceMeshes of an FSDP/TP run, and with them the process groups, alive
     after destroy_process_group, so their gloo/NCCL threads still run while the interpreter tears itself
-    down. A C++ thread that then needs the GIL (to release a tensor Python had handed over) is ended by
+    down. A C++ thread that needs the GIL then (to release a tensor Python had handed over) is ended by
     Python in the middle of C++ code: `terminate called without an active exception`, SIGABRT, and a job
-    that SLURM marks failed although every checkpoint was written. A group with unfinished work (a rank
+    that SLURM marks failed although every checkpoint was written (pytorch/pytorch#190489). A group with unfinished work (a rank
     failed while others were in a collective) can also block that teardown forever. So: collect garbage
     (DataLoader workers stop, files close), run the atexit handlers (logging, multiprocessing children,
     temporary directories), flush, and leave with os._exit.
@@ -106,27 +106,40 @@ def report_error(kind: str, message: str) -> None:
     No rank returns before its error is printed: torchrun kills every rank once one exits non-zero, so a rank
     leaving early would silence rank 0's report. Rank 0 returns last, as it may host the store.
     """
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:  # torchrun's failure summary then shows the error instead of "To enable traceback see: ..."
-        with open(error_file, "w") as f:  # the format of torch.distributed.elastic's ErrorHandler, minus a traceback
-            json.dump({"message": {"message": f"{kind} error: {message}",
-                                   "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
     env = None if dist.is_initialized() else discover()
     rank, world_size = (env.rank, env.world_size) if env else (dist.get_rank(), dist.get_world_size())
     if world_size == 1:
         print(f"{kind} error: {message}", file=sys.stderr, flush=True)
+    else:
+        try:
+            store = _error_store(env)
+            store.set(f"error/{rank}", json.dumps([kind, message]))
+            if rank == 0:
+                _print_for_everyone(store, world_size)
+            elif rank not in _wait_for_rank0(store):
+                print(f"{kind} error on rank {rank}: {message}", file=sys.stderr, flush=True)
+            store.set(f"left/{rank}", "")
+        except Exception as e:  # no store (rank 0 gone, rendezvous failed): this rank speaks for itself
+            print(f"{kind} error on rank {rank}: {message}", file=sys.stderr, flush=True)
+            log.debug("could not share the error with the other ranks: %s", e)
+    _tell_torchrun(f"{kind} error: {message}")
+
+
+def _tell_torchrun(line: str) -> None:
+    """torchrun's failure summary shows the error file's message instead of "To enable traceback see: ..."."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
         return
     try:
-        store = _error_store(env)
-        store.set(f"error/{rank}", json.dumps([kind, message]))
-        if rank == 0:
-            _print_for_everyone(store, world_size)
-        elif rank not in _wait_for_rank0(store):
-            print(f"{kind} error on rank {rank}: {message}", file=sys.stderr, flush=True)
-        store.set(f"left/{rank}", "")
-    except Exception as e:  # no store (rank 0 gone, rendezvous failed): this rank speaks for itself
-        print(f"{kind} error on rank {rank}: {message}", file=sys.stderr, flush=True)
-        log.debug("could not share the error with the other ranks: %s", e)
+        with open(error_file, "w") as f:  # the format of torch.distributed.elastic's ErrorHandler, minus a traceback
+            json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+    except OSError as e:
+        log.warning("could not write torchrun's error file %s: %s", error_file, e)
+
+
+def _attempt_store(name: str, base: dist.Store) -> dist.Store:
+    # torchrun --max-restarts keeps its store across attempts; an earlier attempt's keys must not count
+    return dist.PrefixStore(f"pretrain/{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
 
 
 def _error_store(env: DistEnv | None) -> dist.Store:
@@ -137,8 +150,7 @@ def _error_store(env: DistEnv | None) -> dist.Store:
         _export(env)
         base, _, _ = next(dist.rendezvous("env://", rank=env.rank, world_size=env.world_size,
                                           timeout=datetime.timedelta(seconds=6 * ERROR_WAIT_S)))
-    # torchrun --max-restarts keeps its store across attempts; an earlier attempt's keys must not count
-    return dist.PrefixStore(f"pretrain/error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", base)
+    return _attempt_store("error", base)
 
 
 def _print_for_everyone(store: dist.Store, world_size: int) -> None:
