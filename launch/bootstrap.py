@@ -87,10 +87,13 @@ def end_process(status: int) -> NoReturn:
     that SLURM marks failed although every checkpoint was written (pytorch/pytorch#190489). A group with unfinished work (a rank
     failed while others were in a collective) can also block that teardown forever. So: collect garbage
     (DataLoader workers stop, files close), run the atexit handlers (logging, multiprocessing children,
-    temporary directories), flush, and leave with os._exit.
+    temporary directories), finalize MPI, flush, and leave with os._exit.
     """
     gc.collect()
     atexit._run_exitfuncs()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun; mpi4py would call MPI_Finalize in the teardown
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
