@@ -11,7 +11,7 @@ NPROC ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)")
 DEMO_STEPS ?= 300
 DEMO_RUN := runs/demo-$(ARCH)
 
-.PHONY: install demo test bench study clean
+.PHONY: install demo test bench study gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,17 @@ bench: install
 # A throughput study (configs/studies/tiny.toml: about a minute on 2 CPU cores); report in runs/studies/tiny/.
 study: install
 	$(PY) -m launch sweep configs/studies/tiny.toml --cluster configs/clusters/cpu-gloo.toml
+
+# Wheels the lent GPU machines lack, for their CPython 3.12 on manylinux x86_64 (they have torch, triton,
+# transformers, tokenizers, numpy, matplotlib, tensorboard, einops and pyyaml, and no package index), into the
+# ignored .whl/ that `bash bench/gpu_suite.sh` installs from. Every dependency is named: pip fetches none.
+GPU_WHEELS ?= fla-core==0.6.0 flash-linear-attention==0.6.0 webdataset==1.0.2 braceexpand==0.1.7
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	@du -sh .whl && ls .whl
 
 clean:
 	rm -rf runs .data $(VENV)
