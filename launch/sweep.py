@@ -61,6 +61,8 @@ DONE = ("ok", "invalid", "oom")  # statuses a re-run keeps; "failed" points run 
 SPECIAL = ("gpus", "nodes")  # grid keys that are not config fields
 # torchrun's summary after a worker failed ("...ChildFailedError:"): not the error itself
 LAUNCHER_NOISE = ("torch.distributed.elastic", "ChildFailedError")
+# pretrain.train's one line for a known error (launch.bootstrap.report_error): "data error: ...", "... on rank 1: ..."
+KNOWN_ERROR = r"\w+ error( on ranks? [\d, ]+)?: "
 OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError", "HIP out of memory", "MemoryError")
 SWEEP_TEMPLATE = slurm.REPO / "slurm" / "sweep.sbatch"
 
@@ -334,7 +336,8 @@ def failure(log_text: str, returncode: int) -> tuple[str, str]:
     """(status, reason) of a run that did not finish: oom when the log shows an out-of-memory error."""
     status = "oom" if any(p in log_text for p in OOM_PATTERNS) else "failed"
     errors = [line.strip() for line in log_text.splitlines()
-              if (re.match(r"\s*(\[rank\d+\]:\s*)?(\w+\.)*\w*(Error|Exception)\b.*:", line) or "out of memory" in line)
+              if (re.match(r"\s*(\[rank\d+\]:\s*)?(\w+\.)*\w*(Error|Exception)\b.*:", line) or "out of memory" in line
+                  or re.match(KNOWN_ERROR, line))
               and not line.lstrip().startswith(LAUNCHER_NOISE)]
     if errors:
         return status, errors[-1][:500]

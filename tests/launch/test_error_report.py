@@ -66,3 +66,13 @@ def test_single_process_prints_the_line_and_tells_torchrun(tmp_path, monkeypatch
     bootstrap.report_error("checkpoint", "no space left on /x")
     assert capfd.readouterr().err == "checkpoint error: no space left on /x\n"
     assert json.loads(error_file.read_text())["message"]["message"] == "checkpoint error: no space left on /x"
+
+
+def test_a_sweep_names_the_one_line_error_as_the_reason_a_point_failed():
+    from launch.sweep import failure
+    log = ("INFO launch.bootstrap: torchrun: 2 processes\n"
+           "data error on rank 1: /data/train-000003.tar at byte 512: truncated\n"
+           "E1201 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1)\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+           "  traceback : data error: /data/train-000003.tar at byte 512: truncated\n=====\n")
+    assert failure(log, 1) == ("failed", "data error on rank 1: /data/train-000003.tar at byte 512: truncated")
