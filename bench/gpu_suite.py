@@ -121,10 +121,11 @@ FULL = Sizes(
             "fox": ("configs/fox-360m.toml", {}), "gla": ("configs/gla-340m.toml", {}),
             "rwkv7": ("configs/rwkv7-340m.toml", {})},
     kernel_shapes=((2048, 64), (8192, 64), (2048, 128), (8192, 128)), kernel_heads=8, kernel_batch=2,
-    kernel_repeats=5, seqs=(2048, 8192), tokens_per_step=32768, warmup_steps=3, timed_steps=20,
+    kernel_repeats=5, seqs=(2048, 8192), tokens_per_step=16384, warmup_steps=3, timed_steps=20,
     longest_archs=("transformer", "gla"), probe_lens=(4096, 8192, 16384), granularity=1024,
     memory_modes=(("none", 1), ("selective", 1), ("full", 1), ("none", 8), ("selective", 8), ("full", 8)),
-    series_seconds=None, capacity_bytes=None, korthikanti={"seq": 2048, "d_model": 1024, "heads": 16}, memory_seq=2048, prior_scale=1.0)
+    series_seconds=None, capacity_bytes=None, korthikanti={"seq": 2048, "d_model": 1024, "heads": 16},
+    memory_seq=2048, prior_scale=1.0)
 
 SMOKE = Sizes(
     models={arch: (f"configs/{arch}-tiny.toml", {}) for arch in ARCHS},
@@ -135,11 +136,11 @@ SMOKE = Sizes(
     prior_scale=0.05)
 
 # Share of the remaining time each part gets (of the parts still to come), and the least it needs to start.
-PART_SHARES = {"kernels": 0.24, "throughput": 0.28, "peers": 0.17, "longest": 0.13, "memory": 0.06, "checkpoint": 0.12}
+PART_SHARES = {"kernels": 0.22, "throughput": 0.30, "peers": 0.18, "longest": 0.12, "memory": 0.06, "checkpoint": 0.12}
 PART_MIN_SECONDS = {"kernels": 20, "throughput": 30, "peers": 20, "longest": 20, "memory": 10, "checkpoint": 20}
 # Prior time estimates of points (GPU seconds), replaced by what the run measures for the same kind of point.
-POINT_PRIORS = {"kernel": 8, "kernel flex": 40, "ours eager": 20, "ours compiled": 90, "peer eager": 20,
-                "peer compiled": 90, "activations": 10, "longest": 20, "memory": 10, "checkpoint": 60}
+POINT_PRIORS = {"kernel fla": 20, "kernel flex": 40, "kernel torch": 5, "ours eager": 15, "ours compiled": 60,
+                "peer eager": 15, "peer compiled": 60, "activations": 5, "longest": 15, "memory": 10, "checkpoint": 60}
 REPORT_RESERVE_S = 15  # kept back from the parts for the final report
 WATCHDOG_GRACE = 1.1  # the watchdog stops a part at 110% of its time: points already try to stay within it
 
@@ -182,7 +183,8 @@ def finite_or_none(value):
 
 
 class Results:
-    """results.json: the run's metadata and each part's status, seconds and rows; rewritten atomically on every change."""
+    """results.json: the run's metadata and each part's status, seconds and rows; rewritten atomically on every
+    change."""
 
     def __init__(self, path: Path, meta: dict):
         self.path = path
@@ -234,8 +236,10 @@ class Part:
         return self.deadline - time.monotonic()
 
     def estimate(self, kind: str) -> float:
-        prior = POINT_PRIORS[kind.split(":")[0]] * self.suite.sizes.prior_scale
-        return self.suite.measured.get(kind, prior)
+        """The last time of this kind of point, else of its family (the part of `kind` before ':'), else a prior."""
+        family = kind.split(":")[0]
+        prior = POINT_PRIORS[family] * self.suite.sizes.prior_scale
+        return self.suite.measured.get(kind, self.suite.measured.get(family, prior))
 
     def point(self, kind: str, row: dict, measure) -> dict:
         """Measure one point into `row` (`measure()` returns its fields) and add it to the results: skipped when its
@@ -244,14 +248,14 @@ class Part:
         label = " ".join(f"{v}" for v in row.values())
         estimate = self.estimate(kind)
         if estimate > self.left():
-            row.update(status="skipped", reason=f"would overrun: estimated {estimate:.0f} s, {max(self.left(), 0):.0f} s "
-                                                 f"left for this part")
+            row.update(status="skipped", reason=f"would overrun: estimated {estimate:.0f} s, "
+                                                 f"{max(self.left(), 0):.0f} s left for this part")
             return self._add(row, label)
         start = time.monotonic()
         try:
             row.update(measure())
             row.setdefault("status", "ok")
-            self.suite.measured[kind] = time.monotonic() - start
+            self.suite.measured[kind] = self.suite.measured[kind.split(":")[0]] = time.monotonic() - start
         except Skip as e:
             row.update(status="skipped", reason=str(e))
         except torch.OutOfMemoryError as e:
@@ -262,7 +266,8 @@ class Part:
             raise
         except Exception as e:  # one point failing must not stop the others
             traceback.print_exc()
-            row.update(status="error", reason=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            row.update(status="error", reason=f"{type(e).__name__}: {first_line[:300]}")
         return self._add(row, label, start)
 
     def _add(self, row: dict, label: str, start: float | None = None) -> dict:
@@ -395,7 +400,7 @@ def count_params(model_cfg: ModelConfig) -> int:
 
 
 def compiled_graphs() -> int:
-    """Graphs torch.compile has made in this process since the last torch.compiler.reset()."""
+    """Graphs torch.compile has made in this process so far (torch.compiler.reset() does not zero the count)."""
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
@@ -524,7 +529,7 @@ def run_kernels(suite: Suite, part: Part) -> None:
                 for dtype in DTYPES:
                     row = {"op": op, "impl": impl, "T": T, "D": D, "dtype": dtype, "kernel": what,
                            "H": s.kernel_heads, "B": s.kernel_batch}
-                    kind = f"kernel flex:{T}x{D}" if impl == "flex" else f"kernel:{op}-{impl}-{T}x{D}"
+                    kind = f"kernel {impl}:{op}-{dtype}-{T}x{D}"
                     part.point(kind, row, lambda: kernel_point(suite, refs, op=op, impl=impl, dtype=dtype, T=T, D=D))
     refs.clear()
 
@@ -548,9 +553,10 @@ def measure_ours(suite: Suite, arch: str, *, seq: int, compiled: bool) -> dict:
 
     row = {"batch": batch, "params": sum(p.numel() for p in model.parameters()),
            "kernel": mixer_kernel(arch, suite.device)}
+    graphs = compiled_graphs()
     row.update(time_training(suite, step, flops=flops_per_token(cfg.model), batch=batch, seq=seq))
     if compiled:
-        row["compiled_graphs"] = compiled_graphs()
+        row["compiled_graphs"] = compiled_graphs() - graphs
         if not row["compiled_graphs"]:
             row.update(status="error", reason="parallel.compile=true but torch.compile made no graph")
     return row
@@ -909,7 +915,8 @@ def checkpoint_blocking(suite: Suite, part: Part) -> dict:
         raise Skip(f"bench/checkpoint.py --help {'failed' if usage.returncode else 'lists no ' + ', '.join(missing)}: "
                    f"this part passes {' '.join(CHECKPOINT_OPTIONS)}")
     config, _ = suite.sizes.models["gla"]
-    command = [sys.executable, str(CHECKPOINT_SCRIPT), "--config", config, "--device", suite.device.type, "--nproc", "1"]
+    options = ["--config", config, "--device", suite.device.type, "--nproc", "1"]
+    command = [sys.executable, str(CHECKPOINT_SCRIPT), *options]
     # a session of its own, so that a timeout (or this part's watchdog) stops its worker processes too
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                start_new_session=True)
@@ -920,14 +927,15 @@ def checkpoint_blocking(suite: Suite, part: Part) -> dict:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     if process.returncode:
-        last = [line for line in stderr.splitlines() if line.strip().strip("^~ ")]
-        raise RuntimeError(f"{' '.join(command[1:])} exited {process.returncode}: {last[-1] if last else ''}")
+        last = [line for line in stderr.splitlines() if line.strip().strip("^~ ")] or [""]  # not a caret line
+        raise RuntimeError(f"bench/checkpoint.py {' '.join(options)} exited {process.returncode}: {last[-1]}")
     for start in (m.start() for m in reversed(list(re.finditer(r"^\{", stdout, re.M)))):  # its JSON is printed last
         with contextlib.suppress(json.JSONDecodeError):
             result = json.loads(stdout[start:])
             ratio = result.get("async_over_sync_blocked")
-            return {"command": " ".join(["python bench/checkpoint.py", *command[2:]]), "async_over_sync_blocked": ratio, "goal": CHECKPOINT_GOAL,
-                    "meets_goal": ratio <= CHECKPOINT_GOAL if ratio is not None else None, "result": result}
+            return {"command": " ".join(["python bench/checkpoint.py", *options]), "async_over_sync_blocked": ratio,
+                    "goal": CHECKPOINT_GOAL, "meets_goal": ratio <= CHECKPOINT_GOAL if ratio is not None else None,
+                    "result": result}
     raise RuntimeError(f"bench/checkpoint.py printed no JSON object: {stdout.strip()[-300:]}")
 
 

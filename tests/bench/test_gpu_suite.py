@@ -82,7 +82,8 @@ def test_smoke_run_writes_measured_results_and_report(tmp_path):
             for t in r["trials"]:
                 assert (t["status"] == "ok") == (t["peak_bytes"] <= capacity * (1 + 1e-3))
             if r["stop"].startswith("converged"):
-                assert 0 < r["first_failed"] - r["longest_ok"] <= max(gpu_suite.SMOKE.granularity, 0.05 * r["longest_ok"])
+                gap = r["first_failed"] - r["longest_ok"]
+                assert 0 < gap <= max(gpu_suite.SMOKE.granularity, 0.05 * r["longest_ok"])
                 assert abs(r["longest_ok"] - r["predicted"]) < 0.15 * r["predicted"]
         assert series[("full", 4)]["predicted"] > 2 * series[("none", 1)]["predicted"]
     assert any(r["stop"].startswith("converged") for r in _rows(results, "longest") if "stop" in r)
@@ -126,11 +127,14 @@ def test_parts_are_time_bounded_and_keep_what_they_measured(tmp_path, monkeypatc
     monkeypatch.setattr(gpu_suite, "PART_MIN_SECONDS", {"kernels": 0, "throughput": 0, "checkpoint": 1e6})
 
     def kernels(suite, part):
-        part.point("kernel:a", {"point": "ok"}, lambda: {"value": 1.0})
-        part.point("kernel:b", {"point": "error"}, lambda: 1 / 0)
-        part.point("kernel:c", {"point": "oom"}, lambda: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of")))
-        suite.measured["kernel:d"] = 1e6  # a point measured before as taking very long
-        part.point("kernel:d", {"point": "too long"}, lambda: {"value": 2.0})
+        part.point("kernel torch:a", {"point": "ok"}, lambda: {"value": 1.0})
+        part.point("kernel torch:b", {"point": "error"}, lambda: 1 / 0)
+        def out_of_memory():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        part.point("kernel torch:c", {"point": "oom"}, out_of_memory)
+        suite.measured["kernel torch:d"] = 1e6  # a point measured before as taking very long
+        part.point("kernel torch:d", {"point": "too long"}, lambda: {"value": 2.0})
 
     def throughput(suite, part):
         part.point("ours eager:x", {"point": "kept"}, lambda: {"value": 3.0})
