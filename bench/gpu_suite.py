@@ -505,6 +505,8 @@ def kernel_point(suite: Suite, refs: dict, *, op: str, impl: str, dtype: str, T:
     start = time.perf_counter()
     out = forward()
     grads = torch.autograd.grad(out, xs, grad_out) if backward else ()
+    if suite.cuda:
+        torch.cuda.synchronize()
     first_call_s = time.perf_counter() - start  # includes Triton autotuning / compilation
     errors = {"o": error(out, ref.out)}
     errors.update({f"d{name}": error(g, r) for name, g, r in zip(OP_INPUTS[op], grads, ref.grads)})
@@ -1239,8 +1241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="output directory (default: <results-root>/gpu-<device>-<date>)")
-    parser.add_argument("--results-root", type=Path, default=REPO / "bench" / "results",
-                        help="where the default output directory goes")
+    parser.add_argument("--results-root", type=Path,
+                        help="where the default output directory goes (default: bench/results; runs/ with --smoke)")
     parser.add_argument("--minutes", type=float, default=8.0, help="time bound of the whole run")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the suite itself (CPU: ~1 min)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
@@ -1256,7 +1258,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False)")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    out = args.out or default_out(device, args.smoke, args.results_root)
+    root = args.results_root or REPO / ("runs" if args.smoke else "bench/results")  # a smoke run is not published
+    out = args.out or default_out(device, args.smoke, root)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results = Results(out / "results.json", run_meta(device, argv, smoke=args.smoke, minutes=args.minutes))
