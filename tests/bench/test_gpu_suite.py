@@ -185,3 +185,18 @@ def test_bad_arguments_are_refused_with_the_fix(argv, message, capsys):
     with pytest.raises(SystemExit):
         gpu_suite.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_gpu_wheels_cover_every_runtime_dependency_the_gpu_image_lacks():
+    """The lent GPU machines have no package index: `make gpu-wheels` must fetch every runtime dependency that their
+    image lacks, or `import pretrain` fails there (the Makefile's comment lists what the image has)."""
+    import re
+    import tomllib
+
+    makefile = (REPO / "Makefile").read_text()
+    image = re.search(r"they have (.+?), and no package index", makefile.replace("\n#", "")).group(1)
+    has = {name.strip() for name in re.split(r",| and ", image) if name.strip()}
+    wheels = {spec.split("==")[0] for spec in re.search(r"GPU_WHEELS \?= (.+)", makefile).group(1).split()}
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    needed = {re.split(r"[<>=!\[ ;]", dep)[0].lower() for dep in deps}
+    assert needed - has - wheels == set(), "add them to GPU_WHEELS in the Makefile"
