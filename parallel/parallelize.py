@@ -16,6 +16,7 @@ from parallel.data_parallel import apply_data_parallel
 from parallel.pipeline import build_schedule, make_stage, split_layers, stage_indices, virtual_stages
 from parallel.minisequence import apply_minisequence
 from parallel.plans import CARRY_ARCHS, tp_plan
+from parallel.random import apply_dropout_rng
 from parallel.recompute import apply_recompute, apply_sp_regather, recompute_modules
 from parallel.tensor import apply_tp, reduce_partial_grads
 from pretrain.config import Config, ParallelConfig
@@ -134,6 +135,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
         # 2. Tensor parallel: it changes parameters' shapes and layouts, so it precedes anything that wraps them.
         if tp > 1:
             apply_tp(part, mesh["tp"], tp_plan(cfg.model, sequence_parallel=p.sequence_parallel))
+            apply_dropout_rng(part, mesh["tp"])  # dropout on DTensors: explicit streams, never DTensor's tracker
         # 3. Activation recomputation and mini-sequence chunking wrap the blocks once their layout is final,
         #    inside FSDP's hooks (added in 5.), which then gather parameters again for the recomputed forward.
         _save_activation_memory(part, p)

@@ -25,6 +25,7 @@ from launch.preemption import JobControl, stop_on_signals
 from parallel.data_parallel import set_gradient_sync
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelModel, parallelize
+from parallel.random import seed_streams
 from pretrain.checkpoint import Checkpointer, CheckpointError, RunLock, UnsafeCheckpointError
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.metrics import MetricsLogger, attention_span, flops_per_token, peak_flops
@@ -176,7 +177,6 @@ def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
     if device.type == "cuda":  # the peak memory logged is the training loop's, not the full model built first
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    seed_everything(cfg.train.seed + 1 + env.rank)  # dropout differs across ranks, as different data does
 
     ckpt = on_exit.enter_context(Checkpointer(cfg.checkpoint, run_dir, run_config=cfg.to_dict()))
     resumed = ckpt.load(model=model.parts, optimizer=optimizers)
@@ -202,6 +202,8 @@ def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
         part.train()
     while step < cfg.train.steps:
         step += 1
+        # dropout's stream for this step: one per replica and stage, shared by its tp ranks (parallel/random.py)
+        seed_streams(cfg.train.seed, mesh, step=step, device=device)
         micro_batches = [next(loader) for _ in range(grad_accum)]
         if cfg.data.document_mask:  # from the position ids still on the host: no device sync
             window_span += sum(attention_span(batch[2]) for batch in micro_batches) / grad_accum
