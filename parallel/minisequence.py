@@ -21,13 +21,12 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.utils.checkpoint import checkpoint
 
-from parallel.tensor import vocab_shard_start
-
-IGNORE_INDEX = -100
+from parallel.tensor import (vocab_parallel_logits_grad, vocab_parallel_loss_sum, vocab_parallel_softmax_parts,
+                             vocab_shard_start)
+from pretrain.models.common import IGNORE_INDEX
 
 
 def _chunk_slices(n: int, chunks: int) -> list[slice]:
@@ -79,24 +78,6 @@ def chunked_loss(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor, *, c
     return _ChunkedLoss.apply(h.flatten(0, 1), labels.flatten(), lm_head, chunks, *params)
 
 
-def _softmax_parts(logits: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max-shifted local logits (n, V_local) and Σ exp over the whole vocabulary (n,): two all-reduces of (n,)."""
-    logits_max = logits.max(dim=-1).values
-    dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-    shifted = logits - logits_max.unsqueeze(-1)
-    sum_exp = shifted.exp().sum(dim=-1)
-    dist.all_reduce(sum_exp, group=group)
-    return shifted, sum_exp
-
-
-def _label_rows(labels: torch.Tensor, vocab_start: int, n_local: int):
-    """Each label's local row index (n, 1), whether that row is this rank's and valid, and whether it is valid."""
-    local = labels - vocab_start
-    valid = labels != IGNORE_INDEX
-    mine = (local >= 0) & (local < n_local) & valid
-    return local.clamp(0, n_local - 1).unsqueeze(-1), mine, valid
-
-
 class _ChunkedVocabParallelLoss(torch.autograd.Function):
     """`_ChunkedLoss` over a vocab-sharded head: h (N, d) is the whole sequence on every rank, weight this rank's
     (V_local, d) rows; the gradient of h it returns is this rank's share, which the caller sums over the ranks."""
@@ -109,11 +90,8 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
                         torch.get_autocast_dtype(h.device.type))
         total = torch.zeros((), device=h.device)
         for s in ctx.slices:
-            shifted, sum_exp = _softmax_parts(F.linear(h[s], weight).float(), group)
-            index, mine, valid = _label_rows(labels[s], vocab_start, shifted.shape[-1])
-            target = torch.where(mine, shifted.gather(-1, index).squeeze(-1), 0.0)  # (n,)
-            dist.all_reduce(target, group=group)
-            total = total + torch.where(valid, sum_exp.log() - target, 0.0).sum()
+            shifted, sum_exp = vocab_parallel_softmax_parts(F.linear(h[s], weight).float(), group)  # (n, V_local)
+            total = total + vocab_parallel_loss_sum(shifted, sum_exp, labels[s], vocab_start=vocab_start, group=group)
         count = (labels != IGNORE_INDEX).sum()
         ctx.save_for_backward(h, labels, weight, count)
         return total / count
@@ -129,12 +107,9 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
                 h_chunk, w = h[s].detach().requires_grad_(), weight.detach().requires_grad_()
                 logits = F.linear(h_chunk, w).float()  # (n, V_local), recomputed
             with torch.no_grad():
-                shifted, sum_exp = _softmax_parts(logits, ctx.group)
-                index, mine, valid = _label_rows(labels[s], ctx.vocab_start, logits.shape[-1])
-                # d loss / d logits = (softmax − one_hot(label)) · scale on valid rows
-                grad_logits = (shifted.exp() / sum_exp.unsqueeze(-1)).scatter_add(
-                    -1, index, -mine.to(logits.dtype).unsqueeze(-1))
-                grad_logits *= (valid.to(logits.dtype) * scale).unsqueeze(-1)
+                shifted, sum_exp = vocab_parallel_softmax_parts(logits, ctx.group)
+                grad_logits = vocab_parallel_logits_grad(shifted, sum_exp, labels[s], vocab_start=ctx.vocab_start,
+                                                         scale=scale)
             grads = torch.autograd.grad(logits, [h_chunk, w], grad_logits)
             grad_h[s] = grads[0]
             grad_w += grads[1]

@@ -29,6 +29,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
+from pretrain.models.common import IGNORE_INDEX
+
 
 class ReplicatedParams(ParallelStyle):
     """The module's own parameters (all, or those named) as `Replicate()` DTensors.
@@ -199,37 +201,66 @@ def vocab_shard_start(vocab: int, world: int, rank: int) -> int:
     return min(rank * -(-vocab // world), vocab)
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy over logits split along the vocabulary: three all-reduces of (N,) vectors (max, sum of
-    exponentials, target logit) instead of gathering (N, V)."""
+# Cross-entropy over logits (n, V_local) split along the vocabulary, each rank holding rows [vocab_start, vocab_start
+# + V_local): three all-reduces of (n,) vectors (max, sum of exponentials, target logit) instead of gathering (n, V).
+# In three parts, so that the mini-sequence loss (parallel/minisequence.py), which recomputes each chunk's logits in
+# backward, runs the same arithmetic as `vocab_parallel_cross_entropy`.
 
+
+def vocab_parallel_softmax_parts(logits: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The max-shifted local logits (n, V_local) and Σ exp over the whole vocabulary (n,): two all-reduces of (n,)."""
+    logits_max = logits.max(dim=-1).values  # (n,)
+    dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - logits_max.unsqueeze(-1)  # (n, V_local)
+    sum_exp = shifted.exp().sum(dim=-1)  # (n,)
+    dist.all_reduce(sum_exp, group=group)
+    return shifted, sum_exp
+
+
+def _label_rows(labels: torch.Tensor, vocab_start: int, n_local: int):
+    """Each label's row in this rank's slice (n, 1; clamped where the label is elsewhere), whether it is this rank's
+    (n,), and whether the label counts (n,). An ignored label is negative, so it is never this rank's."""
+    local = labels - vocab_start
+    mine = (local >= 0) & (local < n_local)
+    return local.clamp(0, n_local - 1).unsqueeze(-1), mine, labels != IGNORE_INDEX
+
+
+def vocab_parallel_loss_sum(shifted: torch.Tensor, sum_exp: torch.Tensor, labels: torch.Tensor, *, vocab_start: int,
+                            group: dist.ProcessGroup) -> torch.Tensor:
+    """Σ cross-entropy over the labels (n,) that count, from `vocab_parallel_softmax_parts`: one all-reduce of (n,)
+    gives every rank the target logit, which only the rank holding its row has."""
+    index, mine, valid = _label_rows(labels, vocab_start, shifted.shape[-1])
+    target = torch.where(mine, shifted.gather(-1, index).squeeze(-1), 0.0)  # (n,)
+    dist.all_reduce(target, group=group)
+    return torch.where(valid, sum_exp.log() - target, 0.0).sum()
+
+
+def vocab_parallel_logits_grad(shifted: torch.Tensor, sum_exp: torch.Tensor, labels: torch.Tensor, *,
+                               vocab_start: int, scale: torch.Tensor) -> torch.Tensor:
+    """d (scale · `vocab_parallel_loss_sum`) / d local logits: (softmax − one_hot(label)) · scale on the rows whose
+    label counts, 0 on the others; no communication. A new tensor: the saved parts stay as they are, as a zero-bubble
+    schedule may run the backward again with retain_graph."""
+    index, mine, valid = _label_rows(labels, vocab_start, shifted.shape[-1])
+    grad = (shifted.exp() / sum_exp.unsqueeze(-1)).scatter_add_(-1, index, -mine.to(shifted.dtype).unsqueeze(-1))
+    return grad.mul_((valid.to(grad.dtype) * scale).unsqueeze(-1))  # (n, V_local)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, group):  # logits (N, V_local) fp32, labels (N,)
-        n_local = logits.shape[-1]
-        logits_max = logits.max(dim=-1).values  # (N,)
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)  # (N, V_local)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)  # (N,)
-        dist.all_reduce(sum_exp, group=group)
-        local_label = labels - vocab_start  # (N,)
-        mine = (local_label >= 0) & (local_label < n_local)  # the label's row is in this rank's slice
-        index = local_label.clamp(0, n_local - 1).unsqueeze(-1)  # (N, 1)
-        target = torch.where(mine, shifted.gather(-1, index).squeeze(-1), 0.0)  # (N,)
-        dist.all_reduce(target, group=group)
-        valid = labels != -100
-        count = valid.sum()
-        loss = torch.where(valid, sum_exp.log() - target, 0.0).sum() / count
-        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), index, mine & valid, valid, count)
-        return loss
+        shifted, sum_exp = vocab_parallel_softmax_parts(logits, group)
+        total = vocab_parallel_loss_sum(shifted, sum_exp, labels, vocab_start=vocab_start, group=group)
+        count = (labels != IGNORE_INDEX).sum()
+        ctx.vocab_start = vocab_start
+        ctx.save_for_backward(shifted, sum_exp, labels, count)
+        return total / count  # 0 / 0 = nan without valid labels, as F.cross_entropy gives
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, index, mine, valid, count = ctx.saved_tensors
-        # d loss / d logits_i = (softmax_i − one_hot(label_i)) / count on valid rows; out of place, as a
-        # zero-bubble schedule may run this graph with retain_graph
-        grad = softmax.scatter_add(-1, index, -mine.to(softmax.dtype).unsqueeze(-1))  # (N, V_local)
-        return grad * (valid.to(grad.dtype) * grad_loss / count).unsqueeze(-1), None, None, None
+        shifted, sum_exp, labels, count = ctx.saved_tensors
+        grad = vocab_parallel_logits_grad(shifted, sum_exp, labels, vocab_start=ctx.vocab_start,
+                                          scale=grad_loss / count)
+        return grad, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int,

@@ -123,6 +123,10 @@ class Block(nn.Module):
         return x, carry
 
 
+# The label of positions the loss skips (padding, document starts): the model's loss defines it, and parallel/'s
+# vocab-parallel and chunked losses, which must skip the same positions, import it from here.
+IGNORE_INDEX = -100
+
 # Output projections of residual branches get std / sqrt(2 · n_layers) (GPT-2), so the residual stream's
 # variance does not grow with depth.
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
@@ -193,7 +197,7 @@ class LanguageModel(nn.Module):
     def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the LM head's logits over labels != -100, computed in fp32."""
         logits = self.lm_head(h).float()  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
