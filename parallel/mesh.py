@@ -61,7 +61,7 @@ class ParallelDims:
         if m.tie_embeddings:
             raise ConfigError("model.tie_embeddings shares the first stage's embedding with the last stage's head; "
                               "untie them (model.tie_embeddings=false) to use pipeline parallelism.")
-        micro_batches = t.global_batch // (t.micro_batch * self.dp)
+        micro_batches = t.micro_batches_per_step(self.dp)
         if micro_batches % self.pp:
             raise ConfigError(f"the pipeline gets global_batch / (micro_batch × dp) = {t.global_batch} / "
                               f"({t.micro_batch} × {self.dp}) = {micro_batches} micro-batches per step, not a "

@@ -157,7 +157,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
     if pp == 1:
         return ParallelModel(parts, mesh)
     # 6. The schedule drives the finished stages, a step's micro-batches at a time.
-    n_microbatches = cfg.train.global_batch // (cfg.train.micro_batch * dp)
+    n_microbatches = cfg.train.micro_batches_per_step(dp)
     schedule = build_schedule(parts, indices, n_stages=pp * virtual_stages(p), group=mesh.get_group("pp"),
                               device=device, schedule=p.pp_schedule, n_microbatches=n_microbatches)
     return ParallelModel(parts, mesh, schedule, n_microbatches)

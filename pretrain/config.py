@@ -190,6 +190,10 @@ class TrainConfig:
     eval_batches: int = 4
     """Micro-batches per rank in each validation."""
 
+    def micro_batches_per_step(self, dp: int) -> int:
+        """Micro-batches each of `dp` data-parallel ranks runs per optimizer step (accumulated, or a pipeline's)."""
+        return self.global_batch // (self.micro_batch * dp)
+
 
 @dataclass
 class CheckpointConfig:

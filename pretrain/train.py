@@ -169,8 +169,8 @@ def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
 
     # Data first: a data/tokenizer mismatch should fail before any model memory is allocated.
     loader, val_loader = build_loaders(cfg, dp_rank=dp_rank, dp_size=dims.dp)
-    seq_len, micro = cfg.model.seq_len, cfg.train.micro_batch
-    grad_accum = cfg.train.global_batch // (micro * dims.dp)
+    seq_len = cfg.model.seq_len
+    grad_accum = cfg.train.micro_batches_per_step(dims.dp)
 
     model = build_parallel_model(cfg, mesh, device=device, param_dtype=torch.bfloat16 if use_bf16 else None)
     optimizers = [build_optimizer(part, cfg.optim, device) for part in model.parts]

@@ -122,3 +122,8 @@ def test_int_fields_take_whole_numbers_in_any_spelling_and_refuse_fractions(tmp_
     path.write_text("[optim]\nlr = nan\n")  # TOML spells nan and inf too
     with pytest.raises(ConfigError, match="optim.lr=nan is not a finite number"):
         load_config(["--config", str(path)])
+
+
+def test_micro_batches_per_step_splits_the_global_batch_over_micro_batches_and_data_parallel_ranks():
+    train = load_config(["--train.global_batch=48", "--train.micro_batch=4"]).train
+    assert [train.micro_batches_per_step(dp) for dp in (1, 2, 3, 12)] == [12, 6, 4, 1]
