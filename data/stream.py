@@ -206,31 +206,31 @@ def open_manifests(path: str, blend: str = "") -> list[tuple[float, Manifest]]:
     return out
 
 
-def build_stream(path: str, split: str, *, seq_len: int, seed: int, blend: str = "", shuffle: bool = True,
-                 shuffle_window: int = 1024, on_error: str = "raise", verify: bool = True,
+def build_stream(manifests: list[tuple[float, Manifest]], split: str, *, blended: bool, seq_len: int, seed: int,
+                 shuffle: bool = True, shuffle_window: int = 1024, on_error: str = "raise", verify: bool = True,
                  vocab_size: int | None = None):
-    """One PackedStream, or a BlendedStream over the `blend` entries (component i shuffled with key (seed, i)).
-    `vocab_size`: the model's embedding rows; token ids are checked against it as each shard is opened."""
+    """A PackedStream over the one manifest of `open_manifests`, or (`blended`, from a `data.blend`) a BlendedStream
+    over all of them (component i shuffled with key (seed, i)). `vocab_size`: the model's embedding rows; token ids
+    are checked against it as each shard is opened."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
     if shuffle_window < 1:
         raise ValueError(f"data.shuffle_window must be >= 1, got {shuffle_window}")
-    manifests = open_manifests(path, blend)
     streams = [PackedStream(m, split, seq_len=seq_len, seed=seed, component=i, shuffle=shuffle,
                             shuffle_window=shuffle_window, on_error=on_error, verify=verify, vocab_size=vocab_size)
                for i, (_, m) in enumerate(manifests)]
-    if not blend:
+    if not blended:
         return streams[0]
     return BlendedStream(streams, [w for w, _ in manifests])
 
 
-def warn_unlisted_shards(path: str, blend: str = "") -> None:
+def warn_unlisted_shards(manifests: list[tuple[float, Manifest]]) -> None:
     """Name the `*.tar` files in a local shard directory that its manifest does not list: they are never read.
 
     A warning, not an error: the manifest defines the dataset (with every shard's checksum), so what trains is
     exactly what it lists, and a file beside it can be deliberate (a shard set aside, a subset manifest); but a
     user who added shards by hand expecting them to be read must hear that they are not."""
-    for _, m in open_manifests(path, blend):
+    for _, m in manifests:
         if m.local_dir is None:
             continue
         listed = {e["name"] for split in m.data["splits"].values() for e in split["shards"]}
@@ -243,15 +243,16 @@ def warn_unlisted_shards(path: str, blend: str = "") -> None:
                         shown)
 
 
-def fingerprint(path: str, blend: str = "") -> str:
+def fingerprint(manifests: list[tuple[float, Manifest]]) -> str:
     """Identifies the data a state was saved on: the manifests' contents and the blend weights."""
-    parts = [(w, m.sha256) for w, m in open_manifests(path, blend)]
+    parts = [(w, m.sha256) for w, m in manifests]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def check_vocab(path: str, vocab_size: int, *, blend: str = "") -> int:
-    """Raise if the data's ids do not fit a model with `vocab_size` embedding rows; returns the data's vocab."""
-    _, m = open_manifests(path, blend)[0]
+def check_vocab(manifests: list[tuple[float, Manifest]], vocab_size: int) -> int:
+    """Raise if the ids of the data (`open_manifests`) do not fit a model with `vocab_size` embedding rows; returns
+    the data's vocab. The first manifest speaks for all: `open_manifests` checked that they share one tokenizer."""
+    _, m = manifests[0]
     need = m.tokenizer["vocab_size"]
     if need > vocab_size:
         raise ValueError(
@@ -260,12 +261,12 @@ def check_vocab(path: str, vocab_size: int, *, blend: str = "") -> int:
     return need
 
 
-def check_tokenizer(path: str, tokenizer, *, blend: str = "") -> None:
-    """Raise if `tokenizer` (a spec or object) is not the one the data was prepared with.
+def check_tokenizer(manifests: list[tuple[float, Manifest]], tokenizer) -> None:
+    """Raise if `tokenizer` (a spec or object) is not the one the data (`open_manifests`) was prepared with.
 
     A spec is loaded with the end-of-document token the manifest records (prepare's --eos-token), so data made
     with a chosen EOS needs no setting beyond data.tokenizer; the file itself is still compared by sha256."""
-    _, m = open_manifests(path, blend)[0]
+    _, m = manifests[0]
     if isinstance(tokenizer, str):
         eos_token = m.tokenizer.get("eos_token") if tokenizer != "byte" else None
         try:
@@ -355,21 +356,25 @@ class Loader:
 
     `path`: a shard directory, its manifest.json, or a manifest URL webdataset opens (file:, pipe:, http(s));
     `blend`: 'W:PATH,W:PATH' to mix several such datasets instead (data/blend.py); `vocab_size`: the model's
-    embedding rows (model.vocab_size), which every token id must be below.
+    embedding rows (model.vocab_size), which every token id must be below; `manifests`: `open_manifests(path,
+    blend)` where the caller has them already (the trainer checks them first), so they are read once.
     """
 
     def __init__(self, path: str, split: str = "train", *, seq_len: int, micro_batch: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, blend: str = "", num_workers: int = 0, on_error: str = "raise",
                  return_doc_boundaries: bool = False, shuffle_window: int = 1024, verify: bool = True,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, manifests: list[tuple[float, Manifest]] | None = None):
         _check_layout(seq_len, micro_batch, dp_rank, dp_size)
         if seed < 0 or num_workers < 0:
             raise ValueError(f"seed and num_workers must be >= 0, got {seed}, {num_workers}")
-        self._spec = dict(path=str(path), split=split, seq_len=seq_len, seed=seed, blend=blend,
+        if manifests is None:
+            manifests = open_manifests(str(path), blend)
+        # DataLoader workers build their streams from these manifests too, rather than reading them again
+        self._spec = dict(manifests=manifests, split=split, blended=bool(blend), seq_len=seq_len, seed=seed,
                           shuffle_window=shuffle_window, on_error=on_error, verify=verify, vocab_size=vocab_size)
         self.stream = build_stream(**self._spec)
-        warn_unlisted_shards(path, blend)
-        self._fingerprint = fingerprint(path, blend)
+        warn_unlisted_shards(manifests)
+        self._fingerprint = fingerprint(manifests)
         self.split, self.seq_len, self.micro_batch, self.seed = split, seq_len, micro_batch, seed
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.boundaries = return_doc_boundaries
@@ -428,13 +433,16 @@ class Loader:
 
 class ValLoader:
     """Fixed validation batches: global batch j is windows [j·G, (j+1)·G) in file order (G = dp_size·micro_batch),
-    of which rank r takes its micro_batch slice. Stateless, so every call yields the same batches."""
+    of which rank r takes its micro_batch slice. Stateless, so every call yields the same batches. `path`, `blend`,
+    `vocab_size` and `manifests` as for `Loader`."""
 
     def __init__(self, path: str, split: str = "val", *, seq_len: int, micro_batch: int, dp_rank: int = 0,
                  dp_size: int = 1, blend: str = "", on_error: str = "raise", return_doc_boundaries: bool = False,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, manifests: list[tuple[float, Manifest]] | None = None):
         _check_layout(seq_len, micro_batch, dp_rank, dp_size)
-        self.stream = build_stream(str(path), split, seq_len=seq_len, seed=0, blend=blend, shuffle=False,
+        if manifests is None:
+            manifests = open_manifests(str(path), blend)
+        self.stream = build_stream(manifests, split, blended=bool(blend), seq_len=seq_len, seed=0, shuffle=False,
                                    on_error=on_error, vocab_size=vocab_size)
         self.seq_len, self.micro_batch, self.dp_rank, self.dp_size = seq_len, micro_batch, dp_rank, dp_size
         self.boundaries = return_doc_boundaries

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.stream import SYNTHETIC, Loader, SyntheticLoader, ValLoader, check_tokenizer, check_vocab
+from data.stream import (SYNTHETIC, Loader, SyntheticLoader, ValLoader, check_tokenizer, check_vocab,
+                         open_manifests)
 from launch.bootstrap import end_process, init_distributed, report_error, shutdown
 from launch.preemption import JobControl, stop_on_signals
 from parallel.data_parallel import set_gradient_sync
@@ -133,15 +134,17 @@ def build_loaders(cfg: Config, *, dp_rank: int, dp_size: int):
     if d.path == SYNTHETIC:
         return SyntheticLoader(cfg.model.vocab_size, seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank,
                                dp_size=dp_size, seed=cfg.train.seed), None
-    check_vocab(d.path, cfg.model.vocab_size, blend=d.blend)
-    check_tokenizer(d.path, d.tokenizer, blend=d.blend)
+    manifests = open_manifests(d.path, d.blend)  # read once: the checks and both loaders share them
+    check_vocab(manifests, cfg.model.vocab_size)
+    check_tokenizer(manifests, d.tokenizer)
     loader = Loader(d.path, "train", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank, dp_size=dp_size,
                     seed=cfg.train.seed, blend=d.blend, num_workers=d.num_workers, on_error=d.on_error,
                     shuffle_window=d.shuffle_window, return_doc_boundaries=d.document_mask,
-                    vocab_size=cfg.model.vocab_size)
+                    vocab_size=cfg.model.vocab_size, manifests=manifests)
     val_loader = (ValLoader(d.val_path or d.path, "val", seq_len=seq_len, micro_batch=micro, dp_rank=dp_rank,
                             dp_size=dp_size, blend="" if d.val_path else d.blend, on_error=d.on_error,
-                            return_doc_boundaries=d.document_mask, vocab_size=cfg.model.vocab_size)
+                            return_doc_boundaries=d.document_mask, vocab_size=cfg.model.vocab_size,
+                            manifests=None if d.val_path else manifests)
                   if cfg.train.eval_interval else None)
     return loader, val_loader
 

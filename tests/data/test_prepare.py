@@ -301,7 +301,7 @@ def test_broken_input_files_are_named(tmp_path):
 
 
 def test_data_prepared_with_eos_token_trains(corpus, tmp_path):
-    from data.stream import check_tokenizer
+    from data.stream import check_tokenizer, open_manifests
     from pretrain.config import build_config
     from pretrain.train import build_loaders
 
@@ -311,7 +311,7 @@ def test_data_prepared_with_eos_token_trains(corpus, tmp_path):
         out = tmp_path / eos[1:-1]
         m = prepare([str(root / "a.jsonl")], out, spec, eos_token=eos, val_fraction=0, quiet=True)
         assert m["tokenizer"]["eos_token"] == eos
-        check_tokenizer(str(out), spec)  # the manifest says which EOS: data.tokenizer alone identifies it
+        check_tokenizer(open_manifests(str(out)), spec)  # the manifest says which EOS: data.tokenizer alone identifies it
         cfg = build_config({}, {"model": {"vocab_size": m["tokenizer"]["vocab_size"], "seq_len": 8},
                                 "data": {"path": str(out), "tokenizer": spec},
                                 "train": {"micro_batch": 2, "global_batch": 2, "eval_interval": 0}})
@@ -320,4 +320,4 @@ def test_data_prepared_with_eos_token_trains(corpus, tmp_path):
         assert tokens.shape == (2, 8) and int(tokens.max()) < m["tokenizer"]["vocab_size"]
     other = train_tiny_bpe(tmp_path / "other.json", special_tokens=("<doc>", "<x>"))
     with pytest.raises(ValueError, match="data.tokenizer"):
-        check_tokenizer(str(tmp_path / "doc"), other)  # still a different tokenizer file
+        check_tokenizer(open_manifests(str(tmp_path / "doc")), other)  # still a different tokenizer file

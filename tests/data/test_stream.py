@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from data.shards import MANIFEST, ShardError, write_shards
-from data.stream import Loader, ValLoader, check_tokenizer, check_vocab, cu_seqlens
+from data.stream import Loader, ValLoader, check_tokenizer, check_vocab, cu_seqlens, open_manifests
 from tests.data.synthetic import EOS, global_stream, make_dataset
 
 SEQ, MICRO, WINDOWS = 8, 2, 48  # 48 windows: whole steps for dp 1, 2, 3, 4 and whole shuffle blocks of 4
@@ -253,14 +253,15 @@ def test_skip_bad_shards_and_count_them(data, tmp_path, caplog):
 
 def test_vocab_and_tokenizer_mismatch(data, tmp_path):
     path, _ = data
-    assert check_vocab(path, 1 << 20) == 1 << 20
+    manifests = open_manifests(path)
+    assert check_vocab(manifests, 1 << 20) == 1 << 20
     with pytest.raises(ValueError, match="vocab_size"):
-        check_vocab(path, 50_000)
+        check_vocab(manifests, 50_000)
     write_shards(str(tmp_path), {"train": [np.array([104, 105, 256])]}, {"kind": "byte", "vocab_size": 257,
                                                                          "eos_id": 256})
-    check_tokenizer(str(tmp_path), "byte")
+    check_tokenizer(open_manifests(str(tmp_path)), "byte")
     with pytest.raises(ValueError, match="data.tokenizer"):
-        check_tokenizer(path, "byte")
+        check_tokenizer(manifests, "byte")
 
 
 def test_not_a_shard_directory(tmp_path):
@@ -323,6 +324,40 @@ def test_the_trainer_gives_its_loaders_the_model_vocab_size(tmp_path):
     with pytest.raises(ShardError, match=r"val-000000\.tar.*token id 300, beyond the 257-token vocabulary of its "
                                          r"manifest \(model\.vocab_size=320\)"):
         next(val.batches(1))
+
+
+def test_the_trainer_reads_each_manifest_once(tmp_path, monkeypatch):
+    """The vocabulary and tokenizer checks, the training loader and the validation loader share one reading of each
+    manifest (they read it 6 times before: each check, and the loader's stream, unlisted-shard warning, fingerprint
+    and the validation loader's stream); a separate data.val_path is read once more."""
+    from data import shards
+    from pretrain.config import build_config
+    from pretrain.train import build_loaders
+
+    byte = {"kind": "byte", "vocab_size": 257, "eos_id": 256}
+    for name in ("a", "b"):
+        write_shards(str(tmp_path / name), {"train": [np.array([104, 105, 256])] * 8,
+                                            "val": [np.array([106, 256])] * 8}, byte)
+    read = []
+    opening = shards.Manifest.__init__
+
+    def counting(manifest, path):
+        read.append(os.path.basename(path))
+        opening(manifest, path)
+
+    monkeypatch.setattr(shards.Manifest, "__init__", counting)
+
+    def reads(**data) -> list[str]:
+        read.clear()
+        cfg = build_config({}, {"model": {"vocab_size": 257, "seq_len": 2}, "data": {"tokenizer": "byte", **data},
+                                "train": {"micro_batch": 2, "global_batch": 2, "eval_interval": 10}})
+        train, val = build_loaders(cfg, dp_rank=0, dp_size=1)
+        next(train), next(val.batches(1))
+        return sorted(read)
+
+    assert reads(path=str(tmp_path / "a")) == ["a"]
+    assert reads(path=str(tmp_path / "a"), val_path=str(tmp_path / "b")) == ["a", "b"]
+    assert reads(blend=f"1:{tmp_path / 'a'},1:{tmp_path / 'b'}") == ["a", "b"]
 
 
 def test_a_shard_missing_from_the_manifest_is_named(data, tmp_path, caplog):
