@@ -18,6 +18,7 @@ frees is not subtracted, so the count can only err high. Interpreter and library
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -48,19 +49,23 @@ def model_section(arch: str, *, d_model: int, layers: int, heads: int, vocab: in
 
 
 def allocator_peak(profiler) -> int:
-    """The largest running total of CPU bytes allocated that `profiler` (profile_memory=True) recorded."""
+    """The most CPU bytes allocated at once while `profiler` (profile_memory=True) ran, above what was allocated when
+    it started (the allocator's running total also counts what earlier profiling sessions left)."""
     from torch._C._profiler import _ExtraFields_Allocation
 
-    peak, stack = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
         if isinstance(node.extra_fields, _ExtraFields_Allocation):
-            peak = max(peak, node.extra_fields.total_allocated)
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
         stack.extend(node.children)
-    return peak
+    if not events:
+        return 0
+    _, first_size, first_total = min(events)
+    return max(total for _, _, total in events) - (first_total - first_size)
 
 
-def start_up(arch: str, parallel: dict, model: dict) -> dict:
+def start_up(parallel: dict, model: dict) -> dict:
     """One rank: the training loop's start-up under the profiler's allocation count."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -75,6 +80,7 @@ def start_up(arch: str, parallel: dict, model: dict) -> dict:
                         "train": {"global_batch": 4, "micro_batch": 1, "eval_interval": 0}})
     mesh = ParallelDims.from_config(cfg, dist.get_world_size()).build_mesh("cpu")
     device = torch.device("cpu")
+    gc.collect()  # what an earlier start-up in this process left is freed before counting begins
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         started = time.perf_counter()
         net = build_parallel_model(cfg, mesh, device=device, param_dtype=None)
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", default="transformer,rwkv7", help="comma-separated: transformer, fox, gla, rwkv7")
     parser.add_argument("--layouts", default=None, help=f"comma-separated, from: {', '.join(LAYOUTS)}")
     parser.add_argument("--d-model", type=int, default=None, help="hidden size (1536; --check: 512)")
-    parser.add_argument("--layers", type=int, default=None, help="blocks, a multiple of 4 (12; --check: 8)")
+    parser.add_argument("--layers", type=int, default=12, help="blocks, a multiple of 4")
     parser.add_argument("--heads", type=int, default=12, help="Transformer heads (RWKV-7: head size 64)")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary (32000; --check: 2048)")
     parser.add_argument("--out", default=None, help="also write the lines, with the machine, to this JSON file")
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
     from tests.dist import run_distributed
 
     small = args.check
-    size = {"d_model": args.d_model or (512 if small else 1536), "layers": args.layers or (8 if small else 12),
+    size = {"d_model": args.d_model or (512 if small else 1536), "layers": args.layers,
             "heads": args.heads if not small else 8, "vocab": args.vocab or (2048 if small else 32000)}
     layouts = (args.layouts or ",".join(name for name, (world, _) in LAYOUTS.items() if not small or world == 2))
     rows = []
@@ -118,7 +124,7 @@ def main(argv=None) -> int:
         total = model_bytes(model)
         for name in layouts.split(","):
             world, parallel = LAYOUTS[name]
-            ranks = run_distributed(start_up, world, arch, parallel, model, timeout=1800)
+            ranks = run_distributed(start_up, world, parallel, model, timeout=1800)
             row = {"arch": arch, "layout": name, "processes": world, "model": model, "model_bytes": total,
                    "peak_bytes": [r["peak_bytes"] for r in ranks],
                    "ratio": [round(r["peak_bytes"] / total, 3) for r in ranks],

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from parallel.data_parallel import apply_data_parallel
 from parallel.pipeline import build_schedule, make_stage, split_layers, stage_indices, virtual_stages
@@ -107,30 +107,34 @@ def _save_activation_memory(part: nn.Module, p: ParallelConfig) -> None:
 
 def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, device: torch.device,
                 param_dtype: torch.dtype | None = None) -> ParallelModel:
-    """Lay the full, initialised `model` (identical on every process) out over `mesh` as `cfg.parallel` says.
+    """Lay the full `model` out over `mesh` as `cfg.parallel` says, with its weights on `device`.
 
-    `param_dtype` (e.g. bf16) is the compute dtype under FSDP's mixed precision. Without a mesh (one process)
-    the model is used as it is.
+    A `model` on the meta device is laid out there, then only this process's shards are allocated and initialised:
+    to the weights `model.init_weights()` gives the whole model on one process from the default generator's
+    current state (the caller seeds it), whatever the layout. A materialised `model` (the same weights on every
+    process) has its weights copied shard by shard. `param_dtype` (e.g. bf16) is the compute dtype under FSDP's
+    mixed precision. Without a mesh (one process) the model itself is used, initialised first if on meta.
     """
     p = cfg.parallel
     if mesh is None:
+        if _on_meta(model):
+            _to_empty(model, device)
+            model.init_weights()
         _save_activation_memory(model, p)
         if p.compile and device.type == "cuda":  # as step 4 below: one process compiles its blocks too
             for block in model.layers.values():
                 block.compile()
         return ParallelModel([model])
     pp, dp, tp = (mesh[name].size() for name in ("pp", "dp", "tp"))
-    # 1. Pipeline split first: every later step then touches only the modules this process keeps.
-    parts, indices = [model], [0]
+    # 1. Pipeline split first, on meta copies of the model (no memory): every later step then touches only the
+    #    modules this process keeps, and each stage holds only its parts when it is materialised in 6.
+    parts, indices = [_meta_copy(model)], [0]
     if pp > 1:
         v = virtual_stages(p)
         layers = split_layers(cfg.model.n_layers, pp * v, p.pp_layers)
         indices = stage_indices(mesh["pp"].get_local_rank(), pp, v)
-        # Each stage is a copy of the model cut down to its parts (the last one the model itself): briefly
-        # `virtual_stages` full copies per process, the price of initialising the full model everywhere.
-        parts = [copy.deepcopy(model) for _ in indices[:-1]] + [model]
-        parts = [make_stage(part, layers[i], first=i == 0, last=i == pp * v - 1,
-                            carries=cfg.model.arch in CARRY_ARCHS) for part, i in zip(parts, indices)]
+        parts = [make_stage(_meta_copy(model), layers[i], first=i == 0, last=i == pp * v - 1,
+                            carries=cfg.model.arch in CARRY_ARCHS) for i in indices]
     for part in parts:
         # 2. Tensor parallel: it changes parameters' shapes and layouts, so it precedes anything that wraps them.
         if tp > 1:
@@ -154,10 +158,78 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
         if dp > 1:
             apply_data_parallel(part, mesh["dp"], mode=p.data_parallel, param_dtype=param_dtype,
                                 reshard_after_forward=p.reshard_after_forward)
+    # 6. Only now is memory allocated: this process's shards, holding the initial (or the given) weights.
+    materialize(parts, model, device=device)
     if pp == 1:
         return ParallelModel(parts, mesh)
-    # 6. The schedule drives the finished stages, a step's micro-batches at a time.
+    # 7. The schedule drives the finished stages, a step's micro-batches at a time.
     n_microbatches = cfg.train.micro_batches_per_step(dp)
     schedule = build_schedule(parts, indices, n_stages=pp * virtual_stages(p), group=mesh.get_group("pp"),
                               device=device, schedule=p.pp_schedule, n_microbatches=n_microbatches)
     return ParallelModel(parts, mesh, schedule, n_microbatches)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return all(t.is_meta for t in model.parameters())
+
+
+def _to_empty(model: nn.Module, device: torch.device) -> None:
+    """`model.to_empty(device=device)` keeping a parameter two submodules share (tied embeddings) shared: a plain
+    `to_empty` from meta gives each submodule a parameter of its own. Swapping each parameter's contents in place
+    keeps every reference to it."""
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters are on the meta device: no memory, and no weights copied (a tied weight
+    stays tied)."""
+    memo = {id(param): nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+            for param in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+@torch.no_grad()
+def materialize(parts: list[nn.Module], source: nn.Module, *, device: torch.device) -> None:
+    """Allocate the parameters of `parts` (laid out on meta) on `device` and give them `source`'s weights.
+
+    `source` is the full model. On meta, its `init_steps()` run in order, each on a full-size copy of just the
+    parameters it writes, on `device`; a step this process keeps nothing of runs too, so every process draws the
+    same random numbers in the same order as one process initialising the whole model. Materialised, its weights
+    are read. Of each full tensor this process keeps its shards: beyond them, one parameter at a time is whole here.
+    """
+    targets = {}  # parameter name → this process's parameter (a DTensor when sharded); a tied weight under both names
+    for part in parts:
+        _to_empty(part, device)  # FSDP re-registers its padded shards here
+        targets.update(part.named_parameters(remove_duplicate=False))
+    if not _on_meta(source):
+        for name, full in source.named_parameters(remove_duplicate=False):
+            _keep_shard(targets.get(name), full)
+        return
+    for name, init in source.init_steps():
+        _run_init_step(source.get_submodule(name), name, init, targets, device=device)
+
+
+def _run_init_step(module: nn.Module, name: str, init, targets: dict[str, torch.Tensor], *,
+                   device: torch.device) -> None:
+    """One init step on a copy of `module` (meta) whose own parameters are full size on `device`; keep the shards.
+    The copy is freed on return, before the next step allocates its own."""
+    module = copy.deepcopy(module).to_empty(device=device, recurse=False)  # its children stay on meta
+    init(module)
+    for param_name, full in module.named_parameters(prefix=name, recurse=False):
+        _keep_shard(targets.get(param_name), full)
+
+
+def _keep_shard(target: torch.Tensor | None, full: torch.Tensor) -> None:
+    """Copy this process's part of the full tensor `full` into `target`: its local shard if a DTensor, all of it if
+    a plain tensor; nothing if None (a parameter of another pipeline stage)."""
+    if isinstance(target, DTensor):
+        # src_data_rank=None: every process holds `full`, so each cuts out its own shard without communicating
+        shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(shard.to_local())
+    elif target is not None:
+        target.copy_(full)

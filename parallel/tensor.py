@@ -168,8 +168,9 @@ def matching_modules(model: nn.Module, pattern: str) -> list[str]:
 def apply_tp(model: nn.Module, mesh: DeviceMesh, plan: dict[str, tuple[ParallelStyle, ...]]) -> None:
     """Lay `model` out over the 1-D tensor-parallel `mesh` by `plan` (module-name patterns → styles), in place.
 
-    Every rank must hold the same full, initialised weights (each style keeps its shard of them). Afterwards
-    each parameter is a DTensor, a tied LM head is tied again, and `model.loss` is the vocab-parallel one.
+    The weights are either on the meta device (nothing is allocated or sent: `parallelize` materialises the shards
+    afterwards) or the same full weights on every rank (each style keeps its shard of them). Afterwards each
+    parameter is a DTensor, a tied LM head is tied again, and `model.loss` is the vocab-parallel one.
     """
     for pattern, styles in plan.items():
         for name in matching_modules(model, pattern):

@@ -109,14 +109,11 @@ def seed_everything(seed: int) -> None:
 def build_parallel_model(cfg: Config, mesh, *, device: torch.device,
                          param_dtype: torch.dtype | None) -> ParallelModel:
     """This process's share of the model, laid out over `mesh` (None: one process) with the seed's initial weights."""
-    # Build on the meta device (no memory), lay out, then materialise and initialise identically everywhere.
+    # Built on the meta device (no memory) and laid out there; then each process allocates only its shards and
+    # initialises them to what one process initialising the whole model from this seed would hold.
     seed_everything(cfg.train.seed)
     with torch.device("meta"):
         model = build_model(cfg.model)
-    model.to_empty(device=device)
-    model.init_weights()
-    # Every process initialises the full model with the same seed, then keeps its share: simple and exact (RWKV-7's
-    # init needs whole tensors), at the cost of one full model per process while starting.
     return parallelize(model, cfg, mesh, device=device, param_dtype=param_dtype)
 
 

@@ -10,7 +10,8 @@ shapes, never from the config, so column-sharded projections under tensor parall
 from __future__ import annotations
 
 import math
-from typing import Callable
+from functools import partial
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -199,25 +200,74 @@ class LanguageModel(nn.Module):
         logits = self.lm_head(h).float()  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
-    @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Initialise every parameter (also after building on the meta device and `to_empty`).
+        """Initialise every parameter (also after building on the meta device and `to_empty`): `init_steps`, in order."""
+        init_by_steps(self, generator)
 
-        Normal(0, init_std) for linears and embeddings, std / sqrt(2 · n_layers) on residual output
-        projections, each other leaf's own `reset_parameters()` (norms: ones/zeros); then any submodule's own `init_weights()` (architecture-specific
-        schemes such as RWKV-7's) runs last so it wins.
+    def init_steps(self, generator: torch.Generator | None = None) -> Iterator[tuple[str, InitStep]]:
+        """The initialisation as ordered steps (submodule name, init): `init(module)`, run under `torch.no_grad()`,
+        writes that submodule's own parameters (not its children's), all of them, drawing from `generator` (None: the
+        default one).
+
+        Normal(0, init_std) for linears and embeddings, std / sqrt(2 · n_layers) on residual output projections,
+        each other leaf's own `reset_parameters()` (norms: ones/zeros); then the steps of any submodule with its own
+        `init_steps()` (architecture-specific schemes such as RWKV-7's) run last so they win. Since a step needs
+        only its submodule's own parameters, parallel/ runs the steps in this order on full-size copies of just
+        those and keeps each process's shards: the weights of a one-process `init_weights`, with at most one
+        parameter of the model whole at a time.
         """
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.rsplit(".", 1)[-1] in RESIDUAL_OUTPUTS else 1.0
-                nn.init.normal_(module.weight, std=std * scale, generator=generator)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                yield name, partial(_init_linear, std=std * scale, generator=generator)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std, generator=generator)
+                yield name, partial(_init_embedding, std=std, generator=generator)
             elif hasattr(module, "reset_parameters") and any(True for _ in module.parameters(recurse=False)):
-                module.reset_parameters()  # norms of every kind: ones and zeros
-        for module in self.modules():
-            if module is not self and hasattr(module, "init_weights"):
-                module.init_weights(generator=generator)
+                yield name, _reset_parameters  # norms of every kind: ones and zeros
+        for name, module in self.named_modules():
+            if module is not self and hasattr(module, "init_steps"):
+                for sub, init in module.init_steps(generator):
+                    yield ".".join(filter(None, (name, sub))), init
+
+
+InitStep = Callable[[nn.Module], None]
+
+
+@torch.no_grad()
+def init_by_steps(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Run `module.init_steps(generator)` in order on `module` itself."""
+    for name, init in module.init_steps(generator):
+        init(module.get_submodule(name))
+
+
+def _init_linear(module: nn.Linear, *, std: float, generator: torch.Generator | None) -> None:
+    nn.init.normal_(module.weight, std=std, generator=generator)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+def _init_embedding(module: nn.Embedding, *, std: float, generator: torch.Generator | None) -> None:
+    nn.init.normal_(module.weight, std=std, generator=generator)
+
+
+def _reset_parameters(module: nn.Module) -> None:
+    module.reset_parameters()
+
+
+def zero_weight(module: nn.Module) -> None:
+    nn.init.zeros_(module.weight)
+
+
+@torch.no_grad()
+def orthogonal_weight(module: nn.Module, *, gain: float, generator: torch.Generator | None) -> None:
+    """`nn.init.orthogonal_(module.weight, gain)`, bit for bit, with the Gaussian drawn into the weight itself rather
+    than into a copy: one full-size temporary (QR's) instead of two, which bounds start-up memory (parallel/ holds
+    one full parameter at a time while initialising)."""
+    weight = module.weight  # (rows, cols)
+    tall = weight.shape[0] >= weight.shape[1]
+    weight.normal_(0, 1, generator=generator)
+    q, r = torch.linalg.qr(weight if tall else weight.t())  # q: the tall side's shape
+    q *= r.diagonal().sign()  # unique Q: R's diagonal made positive
+    weight.copy_(q if tall else q.t())
+    weight.mul_(gain)

@@ -26,13 +26,15 @@ after the all-gather. Not ported: the reference's L2Wrap logit penalty and its 2
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.models.common import Block, LanguageModel, make_norm, mlp_hidden_size, shift_tokens
+from pretrain.models.common import (Block, LanguageModel, init_by_steps, make_norm, mlp_hidden_size,
+                                    orthogonal_weight, shift_tokens, zero_weight)
 from pretrain.models.gla import LowRank, at_least_fp32, linear_mixer_impl, reject_rope
 from pretrain.ops.rwkv7 import rwkv7
 
@@ -50,16 +52,6 @@ def token_shift(x: torch.Tensor, docs=None) -> torch.Tensor:
     """δ_t = x_{t−1} − x_t with x_{−1} = 0 (and 0 before each document start), for x (B, T, d) holding the whole
     sequence."""
     return shift_tokens(x, docs) - x  # (B, T, d)
-
-
-def _init_lora(lora: LowRank, bias: torch.Tensor | None, generator: torch.Generator | None) -> None:
-    """Zero down-projection, orthogonal up-projection ×0.1 (so the LoRA term starts at 0 but gets gradient)."""
-    nn.init.zeros_(lora.down.weight)
-    out, rank = lora.up.weight.shape
-    gain = 0.1 * (math.sqrt(rank / out) if rank > out else 1.0)
-    nn.init.orthogonal_(lora.up.weight, gain=gain, generator=generator)
-    if bias is not None:
-        lora.up.bias.copy_(bias)
 
 
 class HeadGroupNorm(nn.Module):
@@ -132,38 +124,60 @@ class RWKV7TimeMix(nn.Module):
         can be recomputed in backward without the projections around it. Document starts reset its state."""
         return rwkv7(r, w, k, v, a, b, impl=self.impl, docs=docs)  # (B, T, H, D)
 
-    @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """The reference's init: per-channel ramps that vary with depth, zero-start LoRAs, orthogonal matrices."""
-        d, C, D = self.r_proj.in_features, self.r_proj.out_features, self.head_dim
-        dev = self.r_proj.weight.device
-        depth = self.layer / max(self.n_layers - 1, 1)  # 0 → 1 over the layers
+        init_by_steps(self, generator)
+
+    def init_steps(self, generator: torch.Generator | None = None):
+        """The reference's init, as steps of one submodule's own parameters each (see `LanguageModel.init_steps`;
+        random draws in the reference's order): per-channel ramps that vary with depth, zero-start LoRAs,
+        orthogonal matrices, and a zero output projection, so every block starts as the identity."""
+        yield "", RWKV7TimeMix._init_vectors
+        for lora in ("w_lora", "a_lora", "v_lora", "g_lora"):
+            if getattr(self, lora) is not None:
+                yield f"{lora}.down", zero_weight
+                yield f"{lora}.up", partial(self._init_lora_up, lora=lora, generator=generator)
+        for name, gain in (("r_proj", 1.0), ("k_proj", 0.1), ("v_proj", 1.0)):
+            yield name, partial(orthogonal_weight, gain=gain, generator=generator)
+        yield "o_proj", zero_weight
+        yield "o_norm", partial(_init_output_norm, scale=((self.layer + 1) / self.n_layers) ** 0.7)
+
+    def _init_vectors(self) -> None:
+        """The mixer's own parameters: μ, k_k, k_a, r_k (of this module, or of a copy holding only them)."""
+        d = self.r_proj.in_features
         shallowness = 1.0 - self.layer / self.n_layers  # 1 → 1/L
-        ramp = torch.arange(d, device=dev) / d  # (d,) in [0, 1)
+        ramp = torch.arange(d, device=self.mu_r.device) / d  # (d,) in [0, 1)
         # μ near 1 (mostly the previous token) on early channels of early layers, near 0 deep in the stack
         for name, power in zip(MIXED_INPUTS, (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)):
             getattr(self, f"mu_{name}").copy_(1.0 - ramp ** (power * shallowness))
+        self.k_k.copy_(0.71 - 0.1 * self._channel_curves(self.k_k.device)[0])
+        self.k_a.fill_(1.02)
+        self.r_k.fill_(-0.04)
 
-        n = torch.arange(C, device=dev, dtype=torch.float32)
+    def _channel_curves(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(linear, zigzag, decay_speed), each (C,) over the output channels: the reference's per-channel shapes."""
+        C, D = self.r_proj.out_features, self.head_dim
+        depth = self.layer / max(self.n_layers - 1, 1)  # 0 → 1 over the layers
+        n = torch.arange(C, device=device, dtype=torch.float32)
         linear = n / (C - 1) - 0.5  # (C,) −½ → ½ across channels
         zigzag = ((n % D) - (D - 1) / 2) / ((D - 1) / 2)  # (C,) −1 → 1 within each head
         zigzag = zigzag * zigzag.abs()
         decay_speed = -6 + 6 * (n / (C - 1)) ** (1 + depth ** 0.3)  # (C,) slow → fast decay across channels
-        _init_lora(self.w_lora, decay_speed + 0.5 + 2.5 * zigzag, generator)
-        _init_lora(self.a_lora, -0.19 + 0.3 * zigzag + 0.4 * linear, generator)
-        if self.v_lora is not None:
-            _init_lora(self.v_lora, 0.73 - 0.4 * linear, generator)
-        _init_lora(self.g_lora, None, generator)
-        self.k_k.copy_(0.71 - 0.1 * linear)
-        self.k_a.fill_(1.02)
-        self.r_k.fill_(-0.04)
+        return linear, zigzag, decay_speed
 
-        nn.init.orthogonal_(self.r_proj.weight, gain=1.0, generator=generator)
-        nn.init.orthogonal_(self.k_proj.weight, gain=0.1, generator=generator)
-        nn.init.orthogonal_(self.v_proj.weight, gain=1.0, generator=generator)
-        nn.init.zeros_(self.o_proj.weight)  # every block starts as the identity
-        self.o_norm.weight.fill_(((self.layer + 1) / self.n_layers) ** 0.7)
-        nn.init.zeros_(self.o_norm.bias)
+    def _init_lora_up(self, up: nn.Linear, *, lora: str, generator: torch.Generator | None) -> None:
+        """`up`, the up-projection of LoRA `lora` (or a copy of its parameters): orthogonal ×0.1 (with the zero
+        down-projection the LoRA term starts at 0, yet gets gradient), and its bias w₀, a₀ or v₀."""
+        out, rank = up.weight.shape
+        orthogonal_weight(up, gain=0.1 * (math.sqrt(rank / out) if rank > out else 1.0), generator=generator)
+        if up.bias is not None:
+            linear, zigzag, decay_speed = self._channel_curves(up.bias.device)
+            up.bias.copy_({"w_lora": decay_speed + 0.5 + 2.5 * zigzag, "a_lora": -0.19 + 0.3 * zigzag + 0.4 * linear,
+                           "v_lora": 0.73 - 0.4 * linear}[lora])
+
+
+def _init_output_norm(norm: HeadGroupNorm, *, scale: float) -> None:
+    norm.weight.fill_(scale)
+    nn.init.zeros_(norm.bias)
 
 
 class RWKV7ChannelMix(nn.Module):
@@ -181,13 +195,38 @@ class RWKV7ChannelMix(nn.Module):
         h = torch.addcmul(x, token_shift(x, docs), self.mu_k)  # (B, T, d)
         return self.down_proj(F.relu(self.up_proj(h)).square())
 
-    @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
+        init_by_steps(self, generator)
+
+    def init_steps(self, generator: torch.Generator | None = None):
+        """μ_k from a ramp that varies with depth, an orthogonal up-projection and a zero down-projection (steps as
+        `LanguageModel.init_steps`)."""
+        yield "", RWKV7ChannelMix._init_mu
+        yield "up_proj", partial(orthogonal_weight, gain=1.0, generator=generator)
+        yield "down_proj", zero_weight
+
+    def _init_mu(self) -> None:
         d = self.mu_k.shape[0]
         shallowness = 1.0 - self.layer / self.n_layers
         self.mu_k.copy_(1.0 - (torch.arange(d, device=self.mu_k.device) / d) ** (shallowness ** 4))
-        nn.init.orthogonal_(self.up_proj.weight, gain=1.0, generator=generator)
-        nn.init.zeros_(self.down_proj.weight)
+
+
+class _HandOn(torch.autograd.Function):
+    """The identity, returning a new tensor on the input's storage (and version counter) instead of the input itself.
+
+    A block after the first returns the carry it was given. Wrapped by FSDP2, it is given a view FSDP2 made of the
+    carry (its post-backward hook on the inputs), so it would return a view, on which FSDP2 then registers its
+    pre-backward hook: an in-place op on a view drops such a hook, and FSDP2 warns. This tensor is no view and copies
+    nothing (the carry is a (B, T, d) activation that every later layer keeps for backward); an in-place op on it
+    changes the version that those layers saved it at, so autograd refuses it."""
+
+    @staticmethod
+    def forward(ctx, carry: torch.Tensor) -> torch.Tensor:
+        return carry.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 class RWKV7Block(Block):
@@ -200,7 +239,8 @@ class RWKV7Block(Block):
     def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs=None):
         if self.emb_norm is not None:
             x = self.emb_norm(x)  # (B, T, d)
-        return super().forward(x, carry, docs=docs)
+        x, carry = super().forward(x, carry, docs=docs)
+        return x, carry
 
 
 class RWKV7(LanguageModel):
@@ -209,19 +249,25 @@ class RWKV7(LanguageModel):
         super().__init__(cfg, make_block=lambda i: RWKV7Block(RWKV7TimeMix(cfg, i), RWKV7ChannelMix(cfg, i), cfg,
                                                               first=i == 0))
 
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
+    def init_steps(self, generator: torch.Generator | None = None):
         """Shared init plus every block's own, then the reference's embedding (uniform ±1e-4, which the first
         block's emb_norm rescales) and orthogonal LM head; a tied embedding keeps the shared normal init."""
-        super().init_weights(generator)
+        yield from super().init_steps(generator)
         if self.cfg.tie_embeddings:
             return
         if self.tok_emb is not None:
-            nn.init.uniform_(self.tok_emb.weight, -1e-4, 1e-4, generator=generator)
+            yield "tok_emb", partial(_uniform_embedding, generator=generator)
         if self.lm_head is not None:
-            V, d = self.lm_head.weight.shape
-            gain = 0.5 * math.sqrt(V / d) if V > d else 0.5
-            nn.init.orthogonal_(self.lm_head.weight, gain=gain, generator=generator)
+            yield "lm_head", partial(_orthogonal_head, generator=generator)
+
+
+def _uniform_embedding(embedding: nn.Embedding, *, generator: torch.Generator | None) -> None:
+    nn.init.uniform_(embedding.weight, -1e-4, 1e-4, generator=generator)
+
+
+def _orthogonal_head(lm_head: nn.Linear, *, generator: torch.Generator | None) -> None:
+    V, d = lm_head.weight.shape
+    orthogonal_weight(lm_head, gain=0.5 * math.sqrt(V / d) if V > d else 0.5, generator=generator)
 
 
 def build_rwkv7(cfg: ModelConfig) -> RWKV7:

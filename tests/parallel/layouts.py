@@ -14,12 +14,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from parallel.mesh import ParallelDims
-from parallel.parallelize import parallelize
 from pretrain.checkpoint import Checkpointer
 from pretrain.config import build_config
-from pretrain.models import build_model
 from pretrain.optim import build_optimizer, lr_at
-from pretrain.train import mean_across_ranks, train_step
+from pretrain.train import build_parallel_model, mean_across_ranks, train_step
 
 ARCHS = ("transformer", "fox", "gla", "rwkv7")
 STEPS = 5
@@ -64,12 +62,8 @@ def global_batch(step: int, cfg, documents: bool = False) -> tuple[torch.Tensor,
 
 
 def build(cfg, mesh):
-    torch.manual_seed(cfg.train.seed)
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    model = parallelize(model, cfg, mesh, device=torch.device("cpu"))
+    """The training loop's model (this rank's share, initialised from the seed) and its optimizers."""
+    model = build_parallel_model(cfg, mesh, device=torch.device("cpu"), param_dtype=None)
     return model, [build_optimizer(part, cfg.optim, torch.device("cpu")) for part in model.parts]
 
 
