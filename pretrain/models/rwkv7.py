@@ -240,7 +240,7 @@ class RWKV7Block(Block):
         if self.emb_norm is not None:
             x = self.emb_norm(x)  # (B, T, d)
         x, carry = super().forward(x, carry, docs=docs)
-        return x, carry
+        return x, _HandOn.apply(carry)  # (B, T, d), the first layer's values (B, T, H·D)
 
 
 class RWKV7(LanguageModel):
