@@ -28,11 +28,11 @@ demo: install
 	$(PY) -m data.prepare --input stdlib --output .data/stdlib --max-bytes 6000000 --val-fraction 0.02
 	rm -rf $(DEMO_RUN)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pretrain.train \
-		--config configs/demo-$(ARCH).toml --train.run_dir=$(DEMO_RUN) --train.steps=$(DEMO_STEPS) \
+		--config configs/$(ARCH)-tiny.toml --train.run_dir=$(DEMO_RUN) --train.steps=$(DEMO_STEPS) \
 		--train.exit_after_steps=$$(( $(DEMO_STEPS) / 2 ))
 	@echo "--- stopped at half way; the same command resumes from the newest checkpoint ---"
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pretrain.train \
-		--config configs/demo-$(ARCH).toml --train.run_dir=$(DEMO_RUN) --train.steps=$(DEMO_STEPS)
+		--config configs/$(ARCH)-tiny.toml --train.run_dir=$(DEMO_RUN) --train.steps=$(DEMO_STEPS)
 	@echo "--- TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_RUN)/tb ; metrics: $(DEMO_RUN)/metrics.jsonl ---"
 
 test: install
