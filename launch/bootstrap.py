@@ -11,17 +11,19 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-from launch.env import DistEnv, discover
+from launch.env import DistEnv, discover, process_defaults
 
 log = logging.getLogger(__name__)
 
 
 ERROR_WAIT_S = 10.0  # how long rank 0 waits for the other ranks to report the error it hit
+_defaults_set: dict[str, str] = {}  # the variables init_distributed set in this process, and their values
 
 
 def _export(env: DistEnv) -> None:
@@ -30,25 +32,39 @@ def _export(env: DistEnv) -> None:
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
 
 
-def init_distributed(device_type: str, *, timeout_minutes: float = 10.0) -> DistEnv:
+def init_distributed(device_type: str, *, timeout_minutes: float = 10.0, run_dir: str | Path = ".") -> DistEnv:
     """Initialise the default process group (NCCL on GPUs, gloo on CPU) when more than one process runs.
 
-    The collective timeout is explicit so a hung rank fails the job instead of idling until the wall time
+    First, where the user has not set them, the flight recorder's and CUDA allocator's variables
+    (`launch.env.process_defaults`; flight-recorder traces go under `run_dir`): before CUDA initialises here. The
+    collective timeout is explicit so a hung rank fails the job instead of idling until the wall time
     (`launch.monitor` names the stalled rank and step before it fires). The discovered rank variables are
-    exported as torchrun would set them, so libraries that read RANK / LOCAL_RANK agree with us.
+    exported as torchrun would set them, so libraries that read RANK / LOCAL_RANK agree with us. On CUDA each
+    process takes device local_rank modulo the devices it sees (with `srun --gpus-per-task=1` it sees one), and
+    NCCL's communicator forms at once on it (`device_id`), so sub-groups of the mesh split from it.
     """
+    # A value this function set for an earlier run in this process (tests, scripts calling main() twice) is a
+    # default again, not the user's choice: the flight recorder of this run writes under this run's directory.
+    users = {k: v for k, v in os.environ.items() if _defaults_set.get(k) != v}
+    defaults = process_defaults(users, device_type=device_type, run_dir=run_dir)
+    os.environ.update(defaults)
+    _defaults_set.update(defaults)
     env = discover()
     if env.world_size == 1 or dist.is_initialized():
         return env
     _export(env)
+    device = None
     if device_type == "cuda":
-        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        if "TORCH_FR_DUMP_TEMP_FILE" in defaults:  # NCCL writes its traces there on a timeout, into a directory
+            Path(defaults["TORCH_FR_DUMP_TEMP_FILE"]).parent.mkdir(parents=True, exist_ok=True)
     if env.rank == 0:
         log.info("%s: %d processes, rendezvous at %s:%d, collective timeout %.1f min", env.launcher,
                  env.world_size, env.master_addr, env.master_port, timeout_minutes)
     dist.init_process_group(
         backend="nccl" if device_type == "cuda" else "gloo", init_method="env://", rank=env.rank,
-        world_size=env.world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
+        world_size=env.world_size, timeout=datetime.timedelta(minutes=timeout_minutes), device_id=device,
     )
     return env
 

@@ -12,6 +12,9 @@ exchanged), so it is unit-tested from recorded environments. `discover()` picks 
 PRETRAIN_LAUNCHER=torchrun|mpi|slurm|single forces a choice where this order guesses wrong (e.g. MPICH's
 mpirun inside a SLURM allocation, whose ranks also see SLURM step variables). MASTER_ADDR / MASTER_PORT, when
 set, override the SLURM-derived rendezvous address.
+
+`process_defaults` gives the environment a training process sets for itself before CUDA and the process groups
+start (flight recorder, CUDA allocator), where the user has not.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 LAUNCHERS = ("torchrun", "mpi", "slurm", "single")
+FLIGHT_RECORDER_ENTRIES = "2000"  # collectives each rank remembers: torch 2.13's default; older torch records none
 # SLURM rendezvous ports come from the job id in [PORT_BASE, PORT_BASE + 16000): below Linux's ephemeral range
 # (32768+), so an outgoing connection never holds the port a job derives.
 PORT_BASE = 15000
@@ -179,3 +184,28 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
     if found is None and launcher != "single":
         raise RuntimeError(f"PRETRAIN_LAUNCHER={launcher} but this process has no {launcher} variables")
     return found or DistEnv()
+
+
+# ------------------------------------------------------------------------------------------------ defaults
+
+def process_defaults(environ: Mapping[str, str], *, device_type: str, run_dir: str | Path) -> dict[str, str]:
+    """Variables to set in this process before CUDA and the process groups start, where the user has set neither
+    them nor their older names (see README, Launching on clusters):
+
+    - torch's flight recorder keeps each rank's last collectives (TORCH_FR_BUFFER_SIZE, formerly
+      TORCH_NCCL_TRACE_BUFFER_SIZE), NCCL writes them when a collective times out (TORCH_NCCL_DUMP_ON_TIMEOUT), into
+      `<run_dir>/flight_recorder/rank_<N>` (TORCH_FR_DUMP_TEMP_FILE, formerly TORCH_NCCL_DEBUG_INFO_TEMP_FILE),
+      where launch.monitor's stall report also writes them;
+    - on CUDA, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (PYTORCH_ALLOC_CONF in newer torch): the caching
+      allocator grows segments instead of fragmenting memory between differently sized activations.
+    """
+    defaults = {}
+    if not {"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"} & environ.keys():
+        defaults["TORCH_FR_BUFFER_SIZE"] = FLIGHT_RECORDER_ENTRIES
+    if "TORCH_NCCL_DUMP_ON_TIMEOUT" not in environ:
+        defaults["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
+    if not {"TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"} & environ.keys():
+        defaults["TORCH_FR_DUMP_TEMP_FILE"] = str(Path(run_dir).resolve() / "flight_recorder" / "rank_")
+    if device_type == "cuda" and not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & environ.keys():
+        defaults["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return defaults

@@ -64,33 +64,46 @@ class ParallelModel:
 
         The norm spans every shard and stage: tensor-parallel partial gradients are summed first (FSDP has done
         its own), each DTensor's squares are summed over the ranks that shard it (not those that replicate it),
-        and the stages' sums over the pipeline.
+        and the stages' sums over the pipeline. Gradients are handled in groups of one layout and dtype, each with
+        one foreach kernel for its norms and one for its scaling, not one DTensor op per parameter.
         """
         params = [p for p in self.parameters() if p.grad is not None]
         reduce_partial_grads(params)
-        grads = [p.grad for p in params]
-        norm = _sum_of_squares(grads, device=next(self.parameters()).device)
+        groups = _local_grads_by_layout([p.grad for p in params])
+        norm = _sum_of_squares(groups, device=next(self.parameters()).device)
         if self.mesh is not None and self.mesh["pp"].size() > 1:
             dist.all_reduce(norm, group=self.mesh.get_group("pp"))
         norm = norm.sqrt()
         if max_norm > 0:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(scale)
+            for grads in groups.values():
+                torch._foreach_mul_(grads, scale)
         return norm
 
 
-def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Σ g² over the full (unsharded) gradients, with one all-reduce per sharded mesh dim of each layout."""
-    total = torch.zeros((), device=device)
-    by_layout: dict[tuple, torch.Tensor] = {}
+def _local_grads_by_layout(grads: list[torch.Tensor]) -> dict[tuple, list[torch.Tensor]]:
+    """This process's part of each gradient (a DTensor's local shard), grouped by (mesh, the mesh dims that shard
+    it, dtype); plain tensors under (None, (), dtype)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         if isinstance(g, DTensor):
             # summed over the mesh dims that shard g (TP's Shard, FSDP's _StridedShard), not over its replicas
-            key = (g.device_mesh, tuple(i for i, p in enumerate(g.placements) if not p.is_replicate()))
-            by_layout[key] = by_layout.get(key, 0) + g.to_local().float().square().sum()
+            key = (g.device_mesh, tuple(i for i, p in enumerate(g.placements) if not p.is_replicate()), g.dtype)
+            g = g.to_local()
         else:
-            total += g.float().square().sum()
+            key = (None, (), g.dtype)
+        groups.setdefault(key, []).append(g)
+    return groups
+
+
+def _sum_of_squares(groups: dict[tuple, list[torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """Σ g² over the full (unsharded) gradients of `_local_grads_by_layout`'s groups, in fp32: one foreach norm per
+    group and one all-reduce per sharded mesh dim of each layout."""
+    by_layout: dict[tuple, torch.Tensor] = {}
+    for (mesh, sharded_dims, _), local in groups.items():
+        squares = torch.stack(torch._foreach_norm(local, 2.0, dtype=torch.float32)).square().sum()
+        by_layout[mesh, sharded_dims] = by_layout.get((mesh, sharded_dims), 0) + squares
+    total = torch.zeros((), device=device)
     for (mesh, sharded_dims), local in by_layout.items():
         for dim in sharded_dims:
             dist.all_reduce(local, group=mesh.get_group(dim))

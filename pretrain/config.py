@@ -12,6 +12,8 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
+import importlib
 import json
 import math
 import sys
@@ -177,6 +179,8 @@ class TrainConfig:
     """Under SLURM, requeue the job when a stop signal or the wall-time budget ended it early (it then resumes)."""
     collective_timeout_minutes: float = 10.0
     """Timeout of every collective; a report naming the stalled rank and step comes at half of it."""
+    sync_every: int = 10
+    """Agree on stop signals and the time budget every this many steps (and on logged steps); others never sync."""
     seed: int = 1234
     """Seed for initialisation, data order and dropout."""
     run_dir: str = "runs/default"
@@ -373,6 +377,24 @@ def build_config(file_values: dict | None = None, cli_values: dict | None = None
     return cfg
 
 
+@functools.cache
+def fla_available() -> bool:
+    """Whether fla-core's ops import (triton with them): what model.attn_impl 'fla', and 'auto' on CUDA, run."""
+    try:
+        importlib.import_module("fla.ops")
+    except Exception:  # a missing package, or a triton that cannot load: either way no kernels
+        return False
+    return True
+
+
+def kernel_warning(m: ModelConfig, device_type: str) -> str | None:
+    """Why model.attn_impl=auto runs slower on `device_type` than it could (fla-core missing on CUDA), or None."""
+    if device_type == "cuda" and m.attn_impl == "auto" and "fla" in ATTN_IMPLS[m.arch] and not fla_available():
+        return (f"model.attn_impl=auto: fla-core does not import, so {m.arch} runs the project's PyTorch ops on "
+                f"CUDA instead of fla's Triton kernels; install them: pip install -e '.[gpu]'")
+    return None
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible or contradictory settings with a message that says how to fix them."""
     for key, options in CHOICES.items():
@@ -394,7 +416,7 @@ def validate(cfg: Config) -> None:
                 "train.global_batch": t.global_batch, "train.micro_batch": t.micro_batch,
                 "model.mlp_multiple_of": m.mlp_multiple_of, "log.interval": cfg.log.interval,
                 "model.norm_eps": m.norm_eps, "model.rope_theta": m.rope_theta, "model.init_std": m.init_std,
-                "optim.eps": o.eps, "train.eval_batches": t.eval_batches}
+                "optim.eps": o.eps, "train.eval_batches": t.eval_batches, "train.sync_every": t.sync_every}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}; the default is {_default(*key.split('.'))}.")
@@ -420,6 +442,10 @@ def validate(cfg: Config) -> None:
     if m.attn_impl not in ATTN_IMPLS[m.arch]:
         raise ConfigError(f"model.attn_impl='{m.attn_impl}' is not available for {m.arch}; "
                           f"use one of {', '.join(ATTN_IMPLS[m.arch])}.")
+    if m.attn_impl == "fla" and not fla_available():
+        raise ConfigError("model.attn_impl='fla' needs fla-core (flash-linear-attention's Triton kernels), which does "
+                          "not import here: pip install -e '.[gpu]', or use model.attn_impl=auto (fla where it "
+                          "imports, else the PyTorch ops).")
     if m.pos == "rope" and m.arch != "transformer":
         raise ConfigError(f"model.pos='rope' is for the transformer; {m.arch} takes order from its gates "
                           f"(use model.pos=auto or none).")

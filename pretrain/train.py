@@ -28,7 +28,7 @@ from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelModel, parallelize
 from parallel.random import seed_streams
 from pretrain.checkpoint import Checkpointer, CheckpointError, RunLock, UnsafeCheckpointError
-from pretrain.config import Config, ConfigError, load_config
+from pretrain.config import Config, ConfigError, kernel_warning, load_config
 from pretrain.metrics import MetricsLogger, attention_span, flops_per_token, peak_flops
 from pretrain.models import build_model
 from pretrain.optim import build_optimizer, lr_at
@@ -92,11 +92,68 @@ def evaluate(model: ParallelModel, batches, autocast) -> float:
     return mean_across_ranks(loss)
 
 
+class Throughput:
+    """Tokens/s, TFLOP/s and MFU per device over the steps since the last read, by the host's clock: read on a logged
+    step after its loss has come to the host, so the window's device work is done."""
+
+    def __init__(self, cfg: Config, *, world_size: int, device: torch.device):
+        self.seq_len, self.world_size = cfg.model.seq_len, world_size
+        self.tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
+        self.document_mask = cfg.data.document_mask
+        self.flops = flops_per_token(cfg.model)
+        # Under document masking, also the FLOPs a document-masked kernel does: attention over each document's
+        # square. The count is linear in the span, so two counts (full span, none) give it for any batch.
+        self.flops_no_attention = flops_per_token(cfg.model, attention_span=0.0)
+        self.peak = peak_flops(device)
+        self.start, self.steps, self.span = time.monotonic(), 0, 0.0
+
+    def add_step(self, *, attention_span: float = 0.0) -> None:
+        self.steps += 1
+        self.span += attention_span
+
+    def read(self) -> dict:
+        tokens_per_s = self.steps * self.tokens_per_step / (time.monotonic() - self.start)
+        achieved = tokens_per_s * self.flops / self.world_size  # FLOP/s per device
+        metrics = {"tokens_per_s": tokens_per_s, "tflops_per_gpu": achieved / 1e12,
+                   "mfu": achieved / self.peak if self.peak else None}
+        if self.document_mask:
+            span = self.span / self.steps
+            in_documents = self.flops_no_attention + (self.flops - self.flops_no_attention) * span / self.seq_len
+            achieved = tokens_per_s * in_documents / self.world_size
+            metrics.update(attention_span=span, tflops_per_gpu_documents=achieved / 1e12,
+                           mfu_documents=achieved / self.peak if self.peak else None)
+        self.start, self.steps, self.span = time.monotonic(), 0, 0.0
+        return metrics
+
+
+class NonFiniteWatch:
+    """The first step whose gradient norm was not finite, remembered on the device so that no step waits for the
+    host to look; `check` reads it where the host syncs anyway (logged steps) and before every checkpoint save."""
+
+    def __init__(self, device: torch.device, *, checkpoints: Path, last_saved: int | None):
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)  # 0: every step so far was finite
+        self.checkpoints, self.last_saved = checkpoints, last_saved
+
+    def update(self, step: int, grad_norm: torch.Tensor) -> None:
+        # The norm is reduced over every rank, so all ranks record the same step and stop together in `check`.
+        self.first_bad.masked_fill_(~torch.isfinite(grad_norm) & (self.first_bad == 0), step)
+
+    def check(self, step: int) -> None:
+        bad = int(self.first_bad.item())
+        if bad:
+            last = f" (step {self.last_saved})" if self.last_saved is not None else ""
+            raise FloatingPointError(
+                f"non-finite loss/gradient at step {bad}, found at step {step} (checked on logged steps and before "
+                f"saves); nothing after the last good checkpoint{last} was saved. Resuming restarts from the newest "
+                f"complete checkpoint in {self.checkpoints}: lower optim.lr, raise optim.warmup_steps or check the "
+                f"data.")
+
+
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device='cuda' but no CUDA device is visible; use train.device=auto.")
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", local_rank % torch.cuda.device_count())  # srun --gpus-per-task=1: one device
     return torch.device("cpu")
 
 
@@ -155,7 +212,8 @@ def train(cfg: Config) -> list[float]:
 def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
     t_start = time.monotonic()
     device = pick_device(cfg.train.device, 0)
-    env = init_distributed(device.type, timeout_minutes=cfg.train.collective_timeout_minutes)
+    env = init_distributed(device.type, timeout_minutes=cfg.train.collective_timeout_minutes,
+                           run_dir=cfg.train.run_dir)
     # Before any work: a second live run in this run_dir is refused on every rank (see RunLock).
     on_exit.enter_context(RunLock.acquire(cfg.train.run_dir))
     device = pick_device(cfg.train.device, env.local_rank)
@@ -163,6 +221,8 @@ def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
     mesh = dims.build_mesh(device.type) if env.world_size > 1 else None
     dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0  # ranks of one model replica share data
     is_main = env.rank == 0
+    if is_main and (warning := kernel_warning(cfg.model, device.type)):
+        log.warning("%s", warning)
     run_dir = Path(cfg.train.run_dir)
     use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
@@ -188,16 +248,12 @@ def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
     # Stop signals (preemption, time limit) and the wall-time budget; per-rank step times; stall reports.
     job = JobControl(cfg, env, device=device, started=t_start, step=step)
 
-    flops = flops_per_token(cfg.model)
-    # Under document masking, also the FLOPs a document-masked kernel does: attention over each document's square.
-    # The count is linear in the span, so two counts (full span, none) give it for any batch.
-    flops_no_attention = flops_per_token(cfg.model, attention_span=0.0)
-    peak = peak_flops(device)
     logger = MetricsLogger(run_dir, enabled=is_main, start_step=step, total_steps=cfg.train.steps,
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
     tokens_per_step = cfg.train.global_batch * seq_len
+    throughput = Throughput(cfg, world_size=env.world_size, device=device)
+    non_finite = NonFiniteWatch(device, checkpoints=run_dir / "checkpoints", last_saved=step if resumed else None)
     losses, steps_this_run = [], 0
-    window_start, window_steps, window_span = time.monotonic(), 0, 0.0
     for part in model.parts:
         part.train()
     while step < cfg.train.steps:
@@ -205,48 +261,39 @@ def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
         # dropout's stream for this step: one per replica and stage, shared by its tp ranks (parallel/random.py)
         seed_streams(cfg.train.seed, mesh, step=step, device=device)
         micro_batches = [next(loader) for _ in range(grad_accum)]
-        if cfg.data.document_mask:  # from the position ids still on the host: no device sync
-            window_span += sum(attention_span(batch[2]) for batch in micro_batches) / grad_accum
+        # from the position ids still on the host: no device sync
+        span = sum(attention_span(b[2]) for b in micro_batches) / grad_accum if cfg.data.document_mask else 0.0
         micro_batches = [tuple(t.to(device, non_blocking=True) for t in batch) for batch in micro_batches]
-        loss, grad_norm = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, cfg.train.steps),
-                                     grad_clip=cfg.optim.grad_clip, autocast=autocast)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"non-finite loss/gradient at step {step} (loss {loss.item()}, grad norm {grad_norm.item()}); "
-                f"nothing was saved for it. Resuming restarts from the newest complete checkpoint in "
-                f"{run_dir / 'checkpoints'}: lower optim.lr, raise optim.warmup_steps or check the data.")
+        with job.timed(step):
+            loss, grad_norm = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, cfg.train.steps),
+                                         grad_clip=cfg.optim.grad_clip, autocast=autocast)
+        non_finite.update(step, grad_norm)  # on the device; read where the host syncs anyway, and before any save
         tokens_seen += tokens_per_step
         steps_this_run += 1
-        window_steps += 1
+        throughput.add_step(attention_span=span)
 
-        if step % cfg.log.interval == 0 or step == cfg.train.steps:
-            losses.append(mean_across_ranks(loss))  # a collective: only on logged steps, off the hot path
-            elapsed = time.monotonic() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed
-            achieved = tokens_per_s * flops / env.world_size  # FLOP/s per device
+        evaluating = cfg.train.eval_interval > 0 and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps)
+        logged = step % cfg.log.interval == 0 or step == cfg.train.steps or evaluating
+        if logged:  # host reads and collectives beyond the step's own: on logged steps only
+            non_finite.check(step)
+            losses.append(mean_across_ranks(loss))
             metrics = {"loss": losses[-1], "lr": lr_at(step, cfg.optim, cfg.train.steps),
-                       "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
-                       "tflops_per_gpu": achieved / 1e12, "mfu": achieved / peak if peak else None,
-                       "tokens_seen": tokens_seen, "epoch": loader.epoch, "skipped_shards": len(loader.skipped_shards),
+                       "grad_norm": grad_norm.item(), **throughput.read(), "tokens_seen": tokens_seen,
+                       "epoch": loader.epoch, "skipped_shards": len(loader.skipped_shards),
                        "memory_gb": peak_memory_gb(device)}
-            if cfg.data.document_mask:
-                span = window_span / window_steps
-                in_documents = flops_no_attention + (flops - flops_no_attention) * span / seq_len
-                achieved = tokens_per_s * in_documents / env.world_size
-                metrics.update(attention_span=span, tflops_per_gpu_documents=achieved / 1e12,
-                               mfu_documents=achieved / peak if peak else None)
-            if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
+            if evaluating:
                 batches = [tuple(t.to(device) for t in b) for b in val_loader.batches(cfg.train.eval_batches)]
                 val_loss = evaluate(model, batches, autocast)
                 metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             logger.log(step, metrics)
-            window_start, window_steps, window_span = time.monotonic(), 0, 0.0
 
         exiting = 0 < cfg.train.exit_after_steps <= steps_this_run
-        exiting |= job.should_stop(step)  # collective: every rank saves and stops at the same step
+        exiting |= job.should_stop(step, logged=logged)  # collective on logged and every train.sync_every steps
         if ckpt.due(step) or exiting or (step == cfg.train.steps and cfg.checkpoint.save_at_end):
+            non_finite.check(step)  # never a checkpoint of weights that a non-finite step has touched
             ckpt.save(step, model=model.parts, optimizer=optimizers,
                       state={"data": loader.state_dict(), "tokens_seen": tokens_seen})
+            non_finite.last_saved = step
         if exiting and step < cfg.train.steps:
             if is_main:
                 print(f"stopped after step {step} with a checkpoint; the same command resumes", flush=True)
