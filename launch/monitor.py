@@ -8,7 +8,7 @@ wait for it in collectives. What differs is what each rank does with that time:
   for its host (data loading, Python, a contended CPU). A rank whose GPU waits for its host holds up the others,
   whose GPUs meanwhile sit in collectives (busy, not idle). A GPU that is itself slow (throttled) is not singled out
   so: the collectives inside every step align all ranks' GPU step times; nvidia-smi or DCGM show its clocks.
-Each rank keeps its own times (`StepTimer`: two event records per step, read without a sync) and hands them over on
+Each rank keeps its own times (`StepTimer`: two event records per step, read on logged steps) and hands them over on
 logged steps only, in one all-gather; rank 0 writes them to `<run_dir>/step_times.jsonl` and warns of stragglers.
 
 A hang never finishes a step. When no step has finished for `stall_seconds` (set below the collective timeout, so
@@ -16,9 +16,9 @@ the report comes before the timeout kills the job), every rank publishes its las
 thread is and, from torch's flight recorder, the last collective it entered in each process group (through the
 process group's TCP store, which works while collectives are stuck), writes its flight-recorder trace under
 `<run_dir>/flight_recorder/` and dumps its Python stacks; rank 0 prints one table. A rank that has not entered a
-collective the others of its group have entered is the one that stalled; without a flight recorder, ranks waiting
-in a collective or in backward are victims and a rank anywhere else stalled (on gloo: NCCL's calls return at once,
-so there every rank waits in the project's own frames and only the flight recorder tells them apart).
+collective the others of its group have entered is the one that stalled. Without a flight recorder, ranks waiting
+in a collective or in backward are victims and a rank anywhere else stalled: that works on gloo, but NCCL's calls
+return at once, so there every rank waits in the project's own frames and only the flight recorder tells them apart.
 """
 
 from __future__ import annotations
