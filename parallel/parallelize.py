@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from parallel.data_parallel import apply_data_parallel
 from parallel.pipeline import build_schedule, make_stage, split_layers, stage_indices, virtual_stages
@@ -241,8 +241,10 @@ def _keep_shard(target: torch.Tensor | None, full: torch.Tensor) -> None:
     """Copy this process's part of the full tensor `full` into `target`: its local shard if a DTensor, all of it if
     a plain tensor; nothing if None (a parameter of another pipeline stage)."""
     if isinstance(target, DTensor):
-        # src_data_rank=None: every process holds `full`, so each cuts out its own shard without communicating
-        shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
-        target.to_local().copy_(shard.to_local())
-    elif target is not None:
+        # the block of `full` the local shard holds (DCP's description of it, _StridedShard included): copied from a
+        # view of `full`, so nothing beyond the full tensor is allocated
+        (chunk,) = target.__create_chunk_list__()
+        full = full[tuple(slice(offset, offset + size) for offset, size in zip(chunk.offsets, chunk.sizes))]
+        target = target.to_local()
+    if target is not None:
         target.copy_(full)
