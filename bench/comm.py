@@ -17,7 +17,9 @@ a = s·b·h·4 bytes, P = parameter bytes on the rank):
   TP        all-reduce = m·(4L + 2)·a: after the mixer and the MLP in forward, before them in backward, plus the
             embedding and LM head; + the loss's (+ RWKV-7's μ and LoRA down-projections: partial gradients).
   FSDP      all-gather = 2m·P, or P with reshard_after_forward off (kept gathered for the whole step);
-            reduce-scatter = P (last micro-step only).
+            reduce-scatter = m·P (every micro-step: gradients stay sharded), or P with
+            fsdp_reduce_every_micro_step off (once, after the last micro-step; unsharded until then).
+  HSDP      as FSDP over the dp_shard group; all-reduce = P/dp_shard over dp_replicate (once per step).
   DDP       all-reduce = P (last micro-step only).
   PP        send = recv = m·(a/t under SP)·(1 + carry) per stage boundary crossing, forward and backward.
 """
@@ -40,10 +42,12 @@ LAYOUTS = {  # name → (processes, parallel section)
     "tp2": (2, {"tp": 2, "sequence_parallel": False}),
     "dp2-fsdp": (2, {"dp": 2}),
     "dp2-fsdp-keep": (2, {"dp": 2, "reshard_after_forward": False}),
+    "dp2-fsdp-once": (2, {"dp": 2, "fsdp_reduce_every_micro_step": False}),
     "dp2-ddp": (2, {"dp": 2, "data_parallel": "ddp"}),
     "pp2-1f1b": (2, {"pp": 2}),
     "pp2-interleaved": (2, {"pp": 2, "pp_schedule": "interleaved_1f1b"}),
     "dp2-tp2-sp": (4, {"dp": 2, "tp": 2}),
+    "hsdp-r2s2": (4, {"dp_replicate": 2, "dp_shard": 2}),
 }
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "send", "recv", "broadcast")
 
@@ -105,21 +109,14 @@ def measure(arch: str, parallel: dict, model: dict, train: dict) -> dict:
     import torch.distributed as dist
 
     from parallel.mesh import ParallelDims
-    from parallel.parallelize import parallelize
     from pretrain.config import build_config
-    from pretrain.models import build_model
     from pretrain.optim import build_optimizer
-    from pretrain.train import train_step
+    from pretrain.train import build_parallel_model, train_step
 
     cfg = build_config({"model": {"arch": arch, **model}, "parallel": parallel, "train": train})
     dims = ParallelDims.from_config(cfg, dist.get_world_size())
     mesh = dims.build_mesh("cpu")
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        net = build_model(cfg.model)
-    net.to_empty(device="cpu")
-    net.init_weights()
-    net = parallelize(net, cfg, mesh, device=torch.device("cpu"))
+    net = build_parallel_model(cfg, mesh, device=torch.device("cpu"), param_dtype=None)
     optimizers = [build_optimizer(part, cfg.optim, torch.device("cpu")) for part in net.parts]
     per_rank = cfg.train.global_batch // dims.dp
     tokens = torch.randint(0, cfg.model.vocab_size, (per_rank, cfg.model.seq_len))
@@ -142,7 +139,7 @@ def analytic(cfg, dims, net, *, micro_batches: int) -> dict:
     from parallel.plans import CARRY_ARCHS
     from torch.distributed.tensor import DTensor
 
-    from launch.perfmodel import boundaries, dp_volume, pp_volume, tp_volume
+    from launch.perfmodel import boundaries, dp_volume, hsdp_replicate_volume, pp_volume, tp_volume
     m, p = micro_batches, cfg.parallel
     s, b, h, L = cfg.model.seq_len, cfg.train.micro_batch, cfg.model.d_model, cfg.model.n_layers
     out = Counter()
@@ -161,9 +158,14 @@ def analytic(cfg, dims, net, *, micro_batches: int) -> dict:
 
         def tp_local_count(module):  # this rank's tensor-parallel share of the parameters, FSDP shards undone
             return sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in module.parameters()) \
-                * (dims.dp if fsdp else 1)
-        add(dp_volume(sum(tp_local_count(part) for part in net.parts), units=1, micro_batches=m, fsdp=fsdp,
-                      reshard_after_forward=p.reshard_after_forward, gather_bytes=4, reduce_bytes=4))
+                * (dims.dp_shard if fsdp else 1)
+        params = sum(tp_local_count(part) for part in net.parts)
+        # a pipeline schedule accumulates a stage's micro-batches unsharded and reduces once, whatever the option
+        add(dp_volume(params, units=1, micro_batches=m, fsdp=fsdp, reshard_after_forward=p.reshard_after_forward,
+                      reduce_every_micro_step=p.fsdp_reduce_every_micro_step and dims.pp == 1, gather_bytes=4,
+                      reduce_bytes=4))
+        if dims.dp_replicate > 1:
+            add(hsdp_replicate_volume(params, units=1, dp_shard=dims.dp_shard, reduce_bytes=4))
     if dims.pp > 1:
         add(pp_volume(s=s, b=b, h=h, tp=dims.tp, micro_batches=m, boundaries=boundaries(0, dims.pp, virtual_stages(p)),
                       dtype_bytes=4, sequence_parallel=p.sequence_parallel, carry=cfg.model.arch in CARRY_ARCHS))

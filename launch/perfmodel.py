@@ -20,7 +20,8 @@ Inputs
         all-gather / reduce-scatter  (g−1)/g · n/β + (g−1)·α   (n = the gathered / scattered-from size)
         send             n/β + α
     The TP group uses the intra-node link when tp ≤ gpus_per_node; the DP and PP groups use the inter-node link
-    when they span nodes (mesh order (pp, dp, tp), tp innermost, ranks packed node by node).
+    when they span nodes (mesh order (pp, dp_replicate, dp_shard, tp), tp innermost, ranks packed node by node):
+    FSDP's gathers and reduce-scatters run over dp_shard, HSDP's all-reduce over dp_replicate.
   * Pipeline bubble: (p−1)/(v·m) of the pipelined work for 1F1B (v = 1) and interleaved 1F1B (v virtual stages,
     m micro-batches per step); zero_bubble is ASSUMED to leave 1/3 of that, (p−1)/(3·v·m), as ZB-H1 does in Qi et
     al. 2023 ("Zero Bubble Pipeline Parallelism") — torch's interleaved zero-bubble schedule splits the weight
@@ -30,9 +31,12 @@ Step time = compute + TP comm + PP comm + bubble + (1 − dp_overlap)·DP comm. 
 as exposed (on the critical path); DP communication overlaps backward by the cluster's `dp_overlap` (0 =
 conservative). Memory per GPU (the first pipeline stage, which holds most activations):
   * weights, gradients and AdamW states: 4 + 4 + 8 = 16 bytes per parameter (fp32 master weights, fp32
-    gradients, two fp32 moments), the stage's parameters split over tp and, under FSDP, over dp; FSDP adds the
-    gathered compute-dtype copies (two units in flight when resharding after forward, the whole stage when not)
-    and DDP under bf16 autocast the cast copies of the weights.
+    gradients, two fp32 moments), the stage's parameters split over tp and, under FSDP, over dp_shard (= dp
+    without HSDP) — except the gradients when FSDP accumulates them unsharded over m > 1 micro-steps
+    (parallel.fsdp_reduce_every_micro_step = false, and always under pp > 1, where torch's pipeline schedules
+    accumulate a stage's micro-batches unsharded): 4 bytes per parameter of the stage. FSDP adds the gathered
+    compute-dtype copies (two units in flight when resharding after forward, the whole stage when not) and DDP
+    under bf16 autocast the cast copies of the weights.
   * activations per block from Korthikanti et al. 2022 (DESIGN §5), generalised by counting saved tensors:
     none sbh(34 + 5as/h), TP sbh(10 + 24/t + 5as/(ht)), TP+SP sbh(34/t + 5as/(ht)), selective drops the 5as/h
     term, full keeps the block input 2sbh (÷t under SP), for the gpt preset (GeLU 4h, dropout, unfused attention)
@@ -124,7 +128,9 @@ class Layout:
     """One way to lay a run out on dp · tp · pp devices (the `parallel` and batch settings that matter here)."""
 
     dp: int = 1
-    """Data-parallel degree."""
+    """Data-parallel degree (dp_replicate × dp_shard)."""
+    dp_replicate: int = 1
+    """HSDP: replicas of the FSDP shards (all-reduced once per step); 1 = plain FSDP (or DDP) over dp."""
     tp: int = 1
     """Tensor-parallel degree."""
     pp: int = 1
@@ -135,6 +141,8 @@ class Layout:
     """fsdp | ddp."""
     reshard_after_forward: bool = True
     """FSDP: gather the weights again in backward."""
+    fsdp_reduce_every_micro_step: bool = True
+    """FSDP: reduce-scatter every micro-step (sharded gradients) rather than once per step (unsharded)."""
     pp_schedule: str = "1f1b"
     """1f1b | interleaved_1f1b | zero_bubble."""
     virtual_stages: int = 0
@@ -160,30 +168,48 @@ class Layout:
         return self.virtual_stages or (1 if self.pp_schedule == "1f1b" else 2)
 
     @property
+    def dp_shard(self) -> int:
+        """Ranks FSDP shards over: dp, or under HSDP dp / dp_replicate."""
+        return self.dp // self.dp_replicate
+
+    @property
     def micro_batches(self) -> int:
         """Micro-batches per step on one data-parallel rank."""
         return self.global_batch // (self.dp * self.micro_batch)
+
+    @property
+    def grads_sharded(self) -> bool:
+        """FSDP keeps the accumulating gradients sharded: it reduce-scatters every micro-step. Not under a pipeline:
+        torch's schedules accumulate a stage's micro-batches unsharded and reduce once."""
+        return (self.fsdp_reduce_every_micro_step and self.pp == 1) or self.micro_batches == 1
 
     @property
     def sp(self) -> bool:
         return self.sequence_parallel and self.tp > 1
 
     def label(self) -> str:
-        parts = [f"dp{self.dp}", f"tp{self.tp}" + ("sp" if self.sp else ""), f"pp{self.pp}"]
+        dp = f"dp{self.dp}" + (f"=r{self.dp_replicate}s{self.dp_shard}" if self.dp_replicate > 1 else "")
+        parts = [dp, f"tp{self.tp}" + ("sp" if self.sp else ""), f"pp{self.pp}"]
         if self.pp > 1:
             parts.append({"1f1b": "1f1b", "interleaved_1f1b": f"i1f1b-v{self.v}", "zero_bubble": f"zb-v{self.v}"}
                          [self.pp_schedule])
-        if self.dp > 1:
-            parts.append(self.data_parallel + ("" if self.data_parallel == "ddp" or self.reshard_after_forward
-                                               else "-noreshard"))
+        if self.dp > 1 and self.data_parallel == "ddp":
+            parts.append("ddp")
+        elif self.dp > 1:
+            parts.append(("hsdp" if self.dp_replicate > 1 else "fsdp") + ("" if self.reshard_after_forward
+                                                                        else "-noreshard")
+                         + ("" if self.fsdp_reduce_every_micro_step else "-reduce-once"))
         parts += [f"rc-{self.recompute}", f"mb{self.micro_batch}"]
         return " ".join(parts)
 
     @classmethod
     def from_config(cls, cfg: Config, world_size: int) -> Layout:
         p = cfg.parallel
-        return cls(dp=p.dp or world_size // (p.tp * p.pp), tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel,
-                   data_parallel=p.data_parallel, reshard_after_forward=p.reshard_after_forward,
+        dp = p.dp or world_size // (p.tp * p.pp)
+        return cls(dp=dp, dp_replicate=p.dp_split(dp)[0], tp=p.tp, pp=p.pp,
+                   sequence_parallel=p.sequence_parallel, data_parallel=p.data_parallel,
+                   reshard_after_forward=p.reshard_after_forward,
+                   fsdp_reduce_every_micro_step=p.fsdp_reduce_every_micro_step,
                    pp_schedule=p.pp_schedule, virtual_stages=p.virtual_stages, recompute=p.recompute,
                    micro_batch=cfg.train.micro_batch, global_batch=cfg.train.global_batch,
                    minisequence_chunks=p.minisequence_chunks)
@@ -277,18 +303,28 @@ def tp_volume(*, s: int, b: int, h: int, layers: int, ends: int, micro_batches: 
 
 
 def dp_volume(param_count: float, *, units: int, micro_batches: int, fsdp: bool, reshard_after_forward: bool,
-              gather_bytes: int, reduce_bytes: int) -> dict[str, tuple[int, float]]:
-    """Data parallelism over this rank's `param_count` (its tp/pp share, unsharded). FSDP: every unit gathers its
-    weights in each micro-step's forward and again in backward; without reshard_after_forward it gathers once per
-    step and keeps them (parallel.data_parallel.set_gradient_sync); gradients are reduce-scattered on the last
-    micro-step. DDP: gradients all-reduced on the last micro-step, one call per bucket."""
+              reduce_every_micro_step: bool = True, gather_bytes: int,
+              reduce_bytes: int) -> dict[str, tuple[int, float]]:
+    """Data parallelism over this rank's `param_count` (its tp/pp share, unsharded), on the group that shards it
+    (parallel.data_parallel.set_gradient_sync says when each happens). FSDP: every unit gathers its weights in
+    each micro-step's forward and again in backward; without reshard_after_forward it gathers once per step and
+    keeps them; gradients are reduce-scattered after every micro-step, or with `reduce_every_micro_step` off once,
+    after the last. DDP: gradients all-reduced on the last micro-step, one call per bucket."""
     m = micro_batches
     if fsdp:
         gathers = 2 * m if reshard_after_forward else 1
+        reduces = m if reduce_every_micro_step else 1
         return {"all_gather": (gathers * units, gathers * param_count * gather_bytes),
-                "reduce_scatter": (units, param_count * reduce_bytes)}
+                "reduce_scatter": (reduces * units, reduces * param_count * reduce_bytes)}
     nbytes = param_count * reduce_bytes
     return {"all_reduce": (max(1, math.ceil(nbytes / DDP_BUCKET_BYTES)), nbytes)}
+
+
+def hsdp_replicate_volume(param_count: float, *, units: int, dp_shard: int,
+                          reduce_bytes: int) -> dict[str, tuple[int, float]]:
+    """HSDP's replicas: each unit's reduce-scattered gradient shard (1/dp_shard of it) all-reduced over
+    dp_replicate once per step, after the last micro-step, whichever way the shards were accumulated."""
+    return {"all_reduce": (units, param_count * reduce_bytes / dp_shard)}
 
 
 def pp_volume(*, s: int, b: int, h: int, tp: int, micro_batches: int, boundaries: int, dtype_bytes: int,
@@ -411,7 +447,9 @@ def memory_breakdown(cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Cl
     t, p = layout.tp, layout.pp
     stage_params = rank_params(st, cfg, layout)
     if layout.dp > 1 and layout.data_parallel == "fsdp":
-        states = 16 * stage_params / layout.dp
+        states = 16 * stage_params / layout.dp_shard
+        if not layout.grads_sharded:
+            states += 4 * stage_params * (1 - 1 / layout.dp_shard)  # the gradients accumulate unsharded
         gathered = (stage_params if not layout.reshard_after_forward
                     else FSDP_PREFETCH_UNITS * st.layer_params / t) * cluster.dtype_bytes
     else:
@@ -503,12 +541,18 @@ def predict(model_cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Clust
         alpha, beta = cluster.link(d * t * p > g)  # neighbours are dp·tp ranks apart
         pp_s = volume_time(vol, group=2, alpha=alpha, beta=beta)
     if d > 1:
-        vol = dp_volume(rank_params(st, model_cfg, layout), units=L // p + 1, micro_batches=m,
-                        fsdp=layout.data_parallel == "fsdp",
-                        reshard_after_forward=layout.reshard_after_forward, gather_bytes=cluster.dtype_bytes,
+        params, units, shard = rank_params(st, model_cfg, layout), L // p + 1, layout.dp_shard
+        vol = dp_volume(params, units=units, micro_batches=m, fsdp=layout.data_parallel == "fsdp",
+                        reshard_after_forward=layout.reshard_after_forward,
+                        reduce_every_micro_step=layout.grads_sharded, gather_bytes=cluster.dtype_bytes,
                         reduce_bytes=4)
-        alpha, beta = cluster.link(d * t > g)
-        dp_s = (1 - cluster.dp_overlap) * volume_time(vol, group=d, alpha=alpha, beta=beta)
+        alpha, beta = cluster.link(shard * t > g)
+        dp_s = volume_time(vol, group=shard, alpha=alpha, beta=beta)
+        if layout.dp_replicate > 1:  # replicas are dp_shard · tp ranks apart
+            alpha, beta = cluster.link(d * t > g)
+            dp_s += volume_time(hsdp_replicate_volume(params, units=units, dp_shard=shard, reduce_bytes=4),
+                                group=layout.dp_replicate, alpha=alpha, beta=beta)
+        dp_s *= 1 - cluster.dp_overlap
     bubble = bubble_fraction(p, layout.v, m, layout.pp_schedule) * (compute + tp_s + pp_s)
     step = compute + tp_s + pp_s + bubble + dp_s
     mem = memory_breakdown(model_cfg, layout, seq_len, cluster)
@@ -602,15 +646,25 @@ def candidate_layouts(cfg: ModelConfig, seq_len: int, gpus: int, cluster: Cluste
                 continue
             schedules = [("1f1b", 1)] if pp == 1 else \
                 [("1f1b", 1)] + [(s, 2) for s in ("interleaved_1f1b", "zero_bubble") if cfg.n_layers % (2 * pp) == 0]
-            dps = [("fsdp", True)] if dp == 1 else [("fsdp", True), ("fsdp", False), ("ddp", True)]
+            # (mode, reshard_after_forward, reduce every micro-step, dp_replicate): FSDP both ways, and as HSDP
+            # sharded inside a node and replicated across nodes where dp spans nodes; DDP
+            dps = [("fsdp", True, True, 1)]
+            if dp > 1:
+                per_node = max(1, cluster.gpus_per_node // tp)
+                replicas = [1] + ([dp // per_node] if dp > per_node and dp % per_node == 0 else [])
+                dps = [("fsdp", reshard, every, r) for r in replicas for reshard in (True, False)
+                       for every in (True, False)] + [("ddp", True, True, 1)]
             for mb in micro_batches:
                 if (global_batch // dp) % mb or (global_batch // (dp * mb)) % pp:
                     continue
                 for schedule, v in schedules:
-                    for mode, reshard in dps:
+                    for mode, reshard, every, replicas in dps:
+                        if not every and (pp > 1 or global_batch // (dp * mb) == 1):
+                            continue  # the same layout: one micro-step, or a pipeline's own accumulation
                         for recompute in ("none", "selective", "full"):
-                            out.append(Layout(dp=dp, tp=tp, pp=pp, sequence_parallel=tp > 1, data_parallel=mode,
-                                              reshard_after_forward=reshard, pp_schedule=schedule,
+                            out.append(Layout(dp=dp, dp_replicate=replicas, tp=tp, pp=pp, sequence_parallel=tp > 1,
+                                              data_parallel=mode, reshard_after_forward=reshard,
+                                              fsdp_reduce_every_micro_step=every, pp_schedule=schedule,
                                               virtual_stages=v if pp > 1 else 0, recompute=recompute,
                                               micro_batch=mb, global_batch=global_batch))
     return out

@@ -16,13 +16,15 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, *, mode: str, reshard_after_forward: bool = True,
-                        param_dtype: torch.dtype | None = None) -> None:
-    """Wrap each block, then the whole `model`, for the 1-D data-parallel `mesh`, in place.
+                        reduce_every_micro_step: bool = True, param_dtype: torch.dtype | None = None) -> None:
+    """Wrap each block, then the whole `model`, for the data-parallel `mesh`, in place.
 
     mode: "fsdp" shards parameters, gradients and optimizer state over the ranks (each block gathers its
-    parameters just before use); "ddp" keeps whole replicas and all-reduces gradients. A block per unit lets
-    communication for one block overlap computation of another. `param_dtype` (e.g. bf16) is what forward and
-    backward compute in; gradients are reduced and parameters kept in float32.
+    parameters just before use); "ddp" keeps whole replicas and all-reduces gradients. A 2-D `mesh`
+    (dp_replicate, dp_shard) makes FSDP hybrid (HSDP): sharded over the second axis, replicated over the first.
+    A block per unit lets communication for one block overlap computation of another. `param_dtype` (e.g. bf16)
+    is what forward and backward compute in; gradients are reduced and parameters kept in float32.
+    `reduce_every_micro_step` (FSDP): see `set_gradient_sync`.
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
 
@@ -35,19 +37,31 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, *, mode: str, reshar
     for block in model.layers.values():
         wrap(block)
     wrap(model)  # the rest: embeddings, final norm, LM head
-    # read by set_gradient_sync: whoever keeps parameters gathered from forward to backward keeps them to the next
-    # micro-step too
+    # read by set_gradient_sync at every micro-step
     model.keep_gathered = mode == "fsdp" and not reshard_after_forward
+    model.reduce_every_micro_step = mode == "fsdp" and reduce_every_micro_step
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Whether the next backward reduces gradients over dp: only the last micro-step of an accumulation needs to
-    (the others accumulate locally). A no-op for a model without data parallelism.
+def set_gradient_sync(model: nn.Module, *, last_micro_step: bool) -> None:
+    """Set how the next backward reduces gradients over dp, given whether it is the optimizer step's last
+    micro-step. A no-op for a model without data parallelism.
+
+    FSDP by default reduce-scatters every micro-step's gradients at once, so each rank only ever accumulates
+    its shard (1/dp_shard of the model's fp32 gradients, plus the block being reduced); under HSDP the shards
+    are all-reduced over the replicas only after the last micro-step (FSDP keeps the partial sums sharded).
+    With `reduce_every_micro_step` off (and always for DDP) ranks accumulate whole unsharded gradients locally
+    and reduce once, after the last: 1/m of the gradient traffic for a full model of gradients per rank.
 
     With FSDP's reshard_after_forward off, parameters also stay gathered from one micro-step's backward to the
     next one's forward and are freed after the last: one all-gather per optimizer step instead of one per
-    micro-step (pipeline stages do the same for their micro-batches on their own)."""
-    if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
-        if getattr(model, "keep_gathered", False):
-            model.set_reshard_after_backward(enabled)
+    micro-step. Pipeline stages are not called here: torch's schedules keep their parameters gathered and their
+    gradients unsharded across a step's micro-batches on their own, and reduce once."""
+    if not isinstance(model, FSDPModule):
+        return
+    if getattr(model, "reduce_every_micro_step", False):
+        model.set_requires_gradient_sync(True)
+        model.set_requires_all_reduce(last_micro_step)
+    else:
+        model.set_requires_gradient_sync(last_micro_step)
+    if getattr(model, "keep_gathered", False):
+        model.set_reshard_after_backward(last_micro_step)

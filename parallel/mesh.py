@@ -1,8 +1,11 @@
-"""`ParallelDims(dp, pp, tp)`: the layout of the processes, its validation, and its named DeviceMesh.
+"""`ParallelDims(dp_replicate, dp_shard, pp, tp)`: the layout of the processes, its validation, and its named
+DeviceMesh.
 
-The mesh is (pp, dp, tp), tp innermost: consecutive ranks (one node, NVLink) share the tensor-parallel
-collectives that run in every layer, and pipeline neighbours, which only exchange activations, are the
-farthest apart.
+The mesh is (pp, dp_replicate, dp_shard, tp), tp innermost: consecutive ranks (one node, NVLink) share the
+tensor-parallel collectives that run in every layer, then FSDP's per-block all-gathers and reduce-scatters over
+dp_shard; HSDP's once-per-step all-reduce over dp_replicate crosses nodes, and pipeline neighbours, which only
+exchange activations, are the farthest apart. The two data-parallel axes are also flattened into one, "dp"
+(dp = dp_replicate · dp_shard): the axis the data loader, plain FSDP and DDP see.
 """
 
 from __future__ import annotations
@@ -15,21 +18,28 @@ from parallel.pipeline import SCHEDULES, split_layers, virtual_stages
 from pretrain.config import Config, ConfigError, validate_world
 from pretrain.models.common import mlp_hidden_size
 
-MESH_DIMS = ("pp", "dp", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    dp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
     pp: int = 1
     tp: int = 1
 
     @classmethod
     def from_config(cls, cfg: Config, world_size: int) -> ParallelDims:
         """The layout `cfg.parallel` asks for on `world_size` processes; ConfigError if it cannot run."""
-        dims = cls(dp=validate_world(cfg, world_size), pp=cfg.parallel.pp, tp=cfg.parallel.tp)
+        replicate, shard = cfg.parallel.dp_split(validate_world(cfg, world_size))
+        dims = cls(dp_replicate=replicate, dp_shard=shard, pp=cfg.parallel.pp, tp=cfg.parallel.tp)
         dims.validate(cfg)
         return dims
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: the model replicas' data shards (HSDP's replicas times its shards)."""
+        return self.dp_replicate * self.dp_shard
 
     @property
     def world_size(self) -> int:
@@ -71,5 +81,18 @@ class ParallelDims:
                               f"{micro_batches} micro-batches per step (it evaluates that many at a time).")
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The named mesh over every process (torch.distributed must be initialised)."""
-        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+        """The named mesh over every process, with the flattened "dp" axis (torch.distributed must be initialised)."""
+        mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+                                mesh_dim_names=MESH_DIMS)
+        # DeviceMesh has no public flatten in torch 2.13; `_flatten` registers "dp" on the root mesh, so
+        # mesh.get_group("dp") and mesh.get_local_rank("dp") address both axes as one (data_parallel_mesh gives it)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        return mesh
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP2 / DDP run over: the 1-D "dp" axis, or for HSDP the 2-D (dp_replicate, dp_shard) mesh, whose
+    first axis `fully_shard` replicates over and second it shards over."""
+    both = mesh["dp_replicate", "dp_shard"]
+    # the flattened axis as build_mesh registered it (slicing it from the root mesh is deprecated)
+    return both if mesh["dp_replicate"].size() > 1 else both._flatten("dp")

@@ -86,7 +86,11 @@ MODEL_PRESETS: dict[str, dict[str, typing.Any]] = {
 @dataclass
 class ParallelConfig:
     dp: int = 0
-    """Data-parallel degree; 0 = the processes left over after tp × pp (world size / (tp · pp))."""
+    """Data-parallel degree (= dp_replicate × dp_shard); 0 = the processes left over after tp × pp."""
+    dp_replicate: int = 0
+    """HSDP: replicas of the FSDP-sharded model (across nodes); 0 = dp / dp_shard, or 1 (plain FSDP) if both are 0."""
+    dp_shard: int = 0
+    """HSDP: processes one replica's FSDP shards span (inside a node); 0 = dp / dp_replicate."""
     tp: int = 1
     """Tensor-parallel degree: heads, feed-forward width and vocabulary split over this many processes."""
     pp: int = 1
@@ -99,6 +103,8 @@ class ParallelConfig:
     """The dp axis: fsdp (FSDP2, parameters and optimizer state sharded) | ddp (replicated, gradients all-reduced)."""
     reshard_after_forward: bool = True
     """FSDP: free gathered parameters after forward, gather again in backward (false: once per step, more memory)."""
+    fsdp_reduce_every_micro_step: bool = True
+    """FSDP: reduce-scatter gradients after each micro-step, so they stay sharded (false: unsharded, once per step)."""
     pp_schedule: str = "1f1b"
     """Pipeline schedule: 1f1b | interleaved_1f1b | zero_bubble (interleaved zero-bubble); micro-batches are train.micro_batch."""
     virtual_stages: int = 0
@@ -117,6 +123,12 @@ class ParallelConfig:
     """Full: recompute only blocks with layer index below this (the first n); 0 = no limit."""
     minisequence_chunks: int = 1
     """Mini-sequence (MsT): run each MLP and the LM head + loss in this many sequence chunks; 1 = off."""
+
+    def dp_split(self, dp: int) -> tuple[int, int]:
+        """(dp_replicate, dp_shard) of `dp` data-parallel processes: a 0 is dp divided by the other (both 0: 1 × dp).
+        `validate_world` checks that their product is dp."""
+        replicate = self.dp_replicate or (dp // self.dp_shard if self.dp_shard else 1)
+        return replicate, self.dp_shard or dp // max(replicate, 1)
 
 
 @dataclass
@@ -475,9 +487,15 @@ def validate(cfg: Config) -> None:
     if c.interval < 0 or c.keep_last < 0:
         raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0 (0 = off / keep all).")
     p = cfg.parallel
-    if p.tp < 1 or p.pp < 1 or p.dp < 0 or p.virtual_stages < 0:
-        raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, parallel.dp and parallel.virtual_stages >= 0 "
-                          f"(0 = automatic); got tp={p.tp}, pp={p.pp}, dp={p.dp}, virtual_stages={p.virtual_stages}.")
+    if p.tp < 1 or p.pp < 1 or min(p.dp, p.dp_replicate, p.dp_shard, p.virtual_stages) < 0:
+        raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, parallel.dp, parallel.dp_replicate, "
+                          f"parallel.dp_shard and parallel.virtual_stages >= 0 (0 = automatic); got tp={p.tp}, "
+                          f"pp={p.pp}, dp={p.dp}, dp_replicate={p.dp_replicate}, dp_shard={p.dp_shard}, "
+                          f"virtual_stages={p.virtual_stages}.")
+    if p.dp and p.dp_replicate and p.dp_shard and p.dp_replicate * p.dp_shard != p.dp:
+        raise ConfigError(f"parallel.dp_replicate × parallel.dp_shard = {p.dp_replicate} × {p.dp_shard} = "
+                          f"{p.dp_replicate * p.dp_shard} but parallel.dp={p.dp}; set one of them to 0 (derived "
+                          f"from the others) or make dp their product.")
     if p.pp_layers and not all(part.strip().isdigit() for part in p.pp_layers.split(",")):
         raise ConfigError(f"parallel.pp_layers='{p.pp_layers}' should be block counts separated by commas, e.g. '3,5'.")
     if p.recompute_first < 0:
@@ -501,6 +519,19 @@ def validate_world(cfg: Config, world_size: int) -> int:
         raise ConfigError(f"dp × tp × pp = {dp} × {p.tp} × {p.pp} = {dp * p.tp * p.pp} but {world_size} processes "
                           f"were started; set parallel.dp=0 (the processes left over) or start "
                           f"{dp * p.tp * p.pp} processes.")
+    replicate, shard = p.dp_split(dp)
+    if p.dp_replicate and p.dp_shard and replicate * shard != dp:
+        raise ConfigError(f"parallel.dp_replicate × parallel.dp_shard = {replicate} × {shard} = {replicate * shard} "
+                          f"but the data-parallel degree is dp = {dp}; set one of them to 0 (dp divided by the "
+                          f"other) or start {replicate * shard * p.tp * p.pp} processes.")
+    if replicate * shard != dp:
+        name, value = ("dp_replicate", p.dp_replicate) if p.dp_replicate else ("dp_shard", p.dp_shard)
+        raise ConfigError(f"parallel.{name}={value} does not divide the data-parallel degree dp = {dp}: HSDP needs "
+                          f"equal groups; pick a divisor of {dp}.")
+    if replicate > 1 and p.data_parallel != "fsdp":
+        raise ConfigError(f"dp_replicate = {replicate} asks for HSDP (FSDP shards replicated across groups), which "
+                          f"needs parallel.data_parallel='fsdp'; DDP replicates over all of dp already, so leave "
+                          f"parallel.dp_replicate and parallel.dp_shard at 0.")
     per_step = cfg.train.micro_batch * dp
     if cfg.train.global_batch % per_step:
         raise ConfigError(f"train.global_batch={cfg.train.global_batch} is not a multiple of micro_batch × dp "

@@ -64,7 +64,7 @@ def train_step(model: ParallelModel, optimizers, micro_batches, *, lr: float, gr
         module = model.parts[0]
         total = torch.zeros((), device=micro_batches[0][0].device)
         for i, batch in enumerate(micro_batches):
-            set_gradient_sync(module, i == len(micro_batches) - 1)  # reduce over dp once, after the last
+            set_gradient_sync(module, last_micro_step=i == len(micro_batches) - 1)  # how dp reduces this one
             tokens, inputs = model_inputs(batch)
             with autocast:
                 loss = module(tokens, **inputs) / len(micro_batches)

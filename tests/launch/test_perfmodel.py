@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from launch.perfmodel import (Cluster, Layout, activation_bytes_per_layer, bubble_fraction, calibrate,
-                              collective_time, main, memory_breakdown, model_stats, predict, suggest, validate)
+                              candidate_layouts, collective_time, main, memory_breakdown, model_stats, predict,
+                              rank_params, suggest, validate)
 from pretrain.config import build_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,6 +113,49 @@ def test_weights_and_optimizer_memory_shard():
     pp2 = memory_breakdown(cfg, Layout(pp=2, global_batch=8), 64, H100)["weights_grads_optimizer"]
     first_stage = st.layer_params * 2 + max(st.embed_params, st.head_params)
     assert pp2 == pytest.approx(16 * first_stage)
+
+
+def test_gradient_accumulation_counts_both_fsdp_modes():
+    """Reduce-scatter after every micro-step (sharded gradients): m times the gradient traffic of reducing once, whose
+    gradients accumulate unsharded (4 bytes per parameter more, less the shard). A pipeline always reduces once."""
+    cfg = build_config({"model": TINY}).model
+    P = model_stats(cfg, 64).params
+    every = Layout(dp=4, micro_batch=1, global_batch=16)  # 4 micro-steps
+    once = dataclasses.replace(every, fsdp_reduce_every_micro_step=False)
+    assert every.label() != once.label() and "reduce-once" in once.label()
+    mem = {layout: memory_breakdown(cfg, layout, 64, H100)["weights_grads_optimizer"] for layout in (every, once)}
+    assert mem[every] == pytest.approx(16 * P / 4)
+    assert mem[once] == pytest.approx(12 * P / 4 + 4 * P)
+    piped = Layout(dp=2, pp=2, micro_batch=1, global_batch=16)
+    first_stage = rank_params(model_stats(cfg, 64), cfg, piped)
+    assert memory_breakdown(cfg, piped, 64, H100)["weights_grads_optimizer"] == pytest.approx(12 * first_stage / 2
+                                                                                              + 4 * first_stage)
+    units, g, a, b = 4 + 1, 4, H100.intra_alpha, H100.intra_beta
+    gathers = 2 * 4 * units * (g - 1) * a + (g - 1) / g * 2 * 4 * P * 2 / b  # 2 per micro-step, bf16
+    for layout, reduces in ((every, 4), (once, 1)):
+        reduce_scatter = reduces * units * (g - 1) * a + (g - 1) / g * reduces * P * 4 / b  # fp32
+        assert predict(cfg, layout, 64, H100).breakdown_s["dp_comm"] == pytest.approx(gathers + reduce_scatter)
+
+
+def test_hsdp_shards_inside_a_node_and_all_reduces_across_nodes():
+    cfg = build_config({"model": TINY}).model
+    st = model_stats(cfg, 64)
+    P = st.params
+    hsdp = Layout(dp=16, dp_replicate=2, micro_batch=1, global_batch=64)  # 8-way shards on each of 2 nodes, m = 4
+    assert hsdp.dp_shard == 8 and hsdp.label().startswith("dp16=r2s8") and "hsdp" in hsdp.label()
+    assert memory_breakdown(cfg, hsdp, 64, H100)["weights_grads_optimizer"] == pytest.approx(16 * P / 8)
+    units, m = 4 + 1, 4
+    shard = 2 * m * units * 7 * H100.intra_alpha + 7 / 8 * 2 * m * P * 2 / H100.intra_beta \
+        + m * units * 7 * H100.intra_alpha + 7 / 8 * m * P * 4 / H100.intra_beta
+    replicas = units * 2 * H100.inter_alpha + 2 * 1 / 2 * P * 4 / 8 / H100.inter_beta
+    assert predict(cfg, hsdp, 64, H100).breakdown_s["dp_comm"] == pytest.approx(shard + replicas)
+    layouts = candidate_layouts(cfg, 64, 16, H100, 64)
+    assert {(c.dp_replicate, c.fsdp_reduce_every_micro_step) for c in layouts if c.tp == 1 and c.pp == 1
+            and c.data_parallel == "fsdp"} == {(1, True), (1, False), (2, True), (2, False)}
+    run = build_config({"model": TINY, "parallel": {"dp_replicate": 2, "fsdp_reduce_every_micro_step": False}})
+    from_run = Layout.from_config(run, 4)
+    assert (from_run.dp, from_run.dp_replicate, from_run.dp_shard, from_run.fsdp_reduce_every_micro_step) == \
+        (4, 2, 2, False)
 
 
 def test_suggestions_fit_use_every_gpu_and_are_sorted():

@@ -17,7 +17,19 @@ def config(parallel=None, model=None, train=None):
 
 def test_dp_fills_the_world_and_the_mesh_is_named():
     dims = ParallelDims.from_config(config({"tp": 2, "pp": 2}), 8)
-    assert dims == ParallelDims(dp=2, pp=2, tp=2) and dims.world_size == 8
+    assert dims == ParallelDims(dp_shard=2, pp=2, tp=2) and dims.dp == 2 and dims.world_size == 8
+
+
+@pytest.mark.parametrize("parallel, world, replicate, shard", [
+    ({"dp_replicate": 2}, 8, 2, 4),  # dp_shard = dp / dp_replicate
+    ({"dp_replicate": 2, "dp_shard": 2, "tp": 2}, 8, 2, 2),
+    ({"dp": 4, "dp_shard": 4}, 4, 1, 4),
+    ({"dp_shard": 2}, 8, 4, 2),  # dp_replicate = dp / dp_shard: a study's node count sets the replicas
+    ({"dp_replicate": 4, "dp_shard": 1}, 4, 4, 1),  # FSDP2's HSDP with one rank per shard group: replication
+])
+def test_hsdp_splits_dp_into_replicas_of_shards(parallel, world, replicate, shard):
+    dims = ParallelDims.from_config(config(parallel, train={"global_batch": 32}), world)
+    assert (dims.dp_replicate, dims.dp_shard, dims.dp) == (replicate, shard, replicate * shard)
 
 
 @pytest.mark.parametrize("parallel, model, train, world, message", [
@@ -34,6 +46,11 @@ def test_dp_fills_the_world_and_the_mesh_is_named():
     ({"pp": 2}, {"tie_embeddings": True}, {}, 2, r"untie them"),
     ({"pp": 2}, {}, {"eval_interval": 10, "eval_batches": 3}, 2, r"eval_batches=3 must be a multiple"),
     ({"virtual_stages": 2}, {}, {}, 1, r"need parallel.pp > 1"),
+    ({"dp_replicate": 3}, {}, {"global_batch": 12}, 4, r"dp_replicate=3 does not divide the data-parallel degree"),
+    ({"dp_shard": 3}, {}, {"global_batch": 12}, 4, r"dp_shard=3 does not divide the data-parallel degree dp = 4"),
+    ({"dp_replicate": 2, "dp_shard": 4}, {}, {}, 4, r"2 × 4 = 8 but the data-parallel degree is dp = 4.* start 8"),
+    ({"dp_replicate": 2, "data_parallel": "ddp"}, {}, {}, 4, r"HSDP .* needs parallel.data_parallel='fsdp'"),
+    ({"dp_shard": 2, "data_parallel": "ddp"}, {}, {}, 4, r"dp_replicate = 2 asks for HSDP"),
 ])
 def test_impossible_layouts(parallel, model, train, world, message):
     with pytest.raises(ConfigError, match=message):
@@ -45,6 +62,8 @@ def test_impossible_layouts(parallel, model, train, world, message):
     ({"pp_schedule": "gpipe"}, r"parallel.pp_schedule='gpipe' is not one of"),
     ({"tp": 0}, r"parallel.tp and parallel.pp must be >= 1"),
     ({"pp_layers": "2;2"}, r"block counts separated by commas"),
+    ({"dp_replicate": -1}, r"parallel.dp, parallel.dp_replicate, parallel.dp_shard .* >= 0"),
+    ({"dp": 4, "dp_replicate": 2, "dp_shard": 4}, r"2 × 4 = 8 but parallel.dp=4"),
 ])
 def test_config_rejects_bad_parallel_fields(parallel, message):
     with pytest.raises(ConfigError, match=message):
