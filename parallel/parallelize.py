@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from parallel.data_parallel import apply_data_parallel
+from parallel.mesh import data_parallel_mesh
 from parallel.pipeline import build_schedule, make_stage, split_layers, stage_indices, virtual_stages
 from parallel.minisequence import apply_minisequence
 from parallel.plans import CARRY_ARCHS, tp_plan
@@ -29,7 +30,7 @@ class ParallelModel:
     parts: list[nn.Module]
     """This process's model: the whole of it, or its pipeline stages in stage order."""
     mesh: DeviceMesh | None = None
-    """The (pp, dp, tp) mesh; None for a single process."""
+    """The (pp, dp_replicate, dp_shard, tp) mesh, with dp flattened (parallel.mesh); None for a single process."""
     schedule: object | None = None
     """The pipeline schedule when pp > 1: it runs every micro-batch's forward and backward."""
     microbatches: int = 1
@@ -138,7 +139,8 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
             for block in model.layers.values():
                 block.compile()
         return ParallelModel([model])
-    pp, dp, tp = (mesh[name].size() for name in ("pp", "dp", "tp"))
+    dp_mesh = data_parallel_mesh(mesh)
+    pp, dp, tp = mesh["pp"].size(), dp_mesh.size(), mesh["tp"].size()
     # 1. Pipeline split first, on meta copies of the model (no memory): every later step then touches only the
     #    modules this process keeps, and each stage holds only its parts when it is materialised in 6.
     parts, indices = [_meta_copy(model)], [0]
@@ -169,8 +171,9 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
                 block.compile()
         # 5. Data parallelism last: it shards or replicates the final parameters, DTensors included.
         if dp > 1:
-            apply_data_parallel(part, mesh["dp"], mode=p.data_parallel, param_dtype=param_dtype,
-                                reshard_after_forward=p.reshard_after_forward)
+            apply_data_parallel(part, dp_mesh, mode=p.data_parallel, param_dtype=param_dtype,
+                                reshard_after_forward=p.reshard_after_forward,
+                                reduce_every_micro_step=p.fsdp_reduce_every_micro_step)
     # 6. Only now is memory allocated: this process's shards, holding the initial (or the given) weights.
     materialize(parts, model, device=device)
     if pp == 1:
