@@ -21,6 +21,7 @@ from parallel.random import apply_dropout_rng
 from parallel.recompute import apply_recompute, apply_sp_regather, recompute_modules
 from parallel.tensor import apply_tp, reduce_partial_grads
 from pretrain.config import Config, ParallelConfig
+from pretrain.models.common import InitStep
 
 
 @dataclass
@@ -227,10 +228,10 @@ def materialize(parts: list[nn.Module], source: nn.Module, *, device: torch.devi
             _keep_shard(targets.get(name), full)
         return
     for name, init in source.init_steps():
-        _run_init_step(source.get_submodule(name), name, init, targets, device=device)
+        _run_init_step(source.get_submodule(name), init, name=name, targets=targets, device=device)
 
 
-def _run_init_step(module: nn.Module, name: str, init, targets: dict[str, torch.Tensor], *,
+def _run_init_step(module: nn.Module, init: InitStep, *, name: str, targets: dict[str, torch.Tensor],
                    device: torch.device) -> None:
     """One init step on a copy of `module` (meta) whose own parameters are full size on `device`; keep the shards.
     The copy is freed on return, before the next step allocates its own."""
