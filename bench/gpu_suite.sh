@@ -13,10 +13,11 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 site=$(mktemp -d)
 trap 'rm -rf "$site"' EXIT
-if compgen -G ".whl/*.whl" >/dev/null; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+wheels=${WHEELS:-.whl}  # WHEELS=none: use the packages installed here (the wheels are for the GPU image's Python)
+if compgen -G "$wheels/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl
 else
-    echo "gpu_suite.sh: no wheels in .whl/ (make gpu-wheels); using the packages installed here" >&2
+    echo "gpu_suite.sh: no wheels in $wheels/ (make gpu-wheels); using the packages installed here" >&2
 fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$python" bench/gpu_suite.py --results-root "$root" "$@" 2>&1 | tee "$root/suite.log"

@@ -402,8 +402,10 @@ class Loader:
             if self._batches is None:
                 dataset = _RankBatches(self._spec, first=self.consumed, dp_rank=self.dp_rank, dp_size=self.dp_size,
                                        micro_batch=self.micro_batch, boundaries=self.boundaries)
-                self._batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None,
-                                                                 num_workers=self.num_workers, prefetch_factor=4))
+                # its own generator: the workers' base seed must not be drawn from torch's default one, which
+                # dropout's per-step streams own (parallel/random.py; resume is bitwise only if nothing else draws)
+                self._batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                                                 prefetch_factor=4, generator=torch.Generator()))
             rows, skipped = next(self._batches)
             self._skipped_in_workers.update(skipped)
             batch = split_rows(rows)

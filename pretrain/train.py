@@ -93,8 +93,9 @@ def evaluate(model: ParallelModel, batches, autocast) -> float:
 
 
 class Throughput:
-    """Tokens/s, TFLOP/s and MFU per device over the steps since the last read, by the host's clock: read on a logged
-    step after its loss has come to the host, so the window's device work is done."""
+    """Tokens/s, TFLOP/s and MFU per device over the steps since the last restart, by the host's clock: read on a
+    logged step after its loss has come to the host, so the window's device work is done; restarted after the step's
+    validation, so evaluation time counts in no window."""
 
     def __init__(self, cfg: Config, *, world_size: int, device: torch.device):
         self.seq_len, self.world_size = cfg.model.seq_len, world_size
@@ -122,8 +123,10 @@ class Throughput:
             achieved = tokens_per_s * in_documents / self.world_size
             metrics.update(attention_span=span, tflops_per_gpu_documents=achieved / 1e12,
                            mfu_documents=achieved / self.peak if self.peak else None)
-        self.start, self.steps, self.span = time.monotonic(), 0, 0.0
         return metrics
+
+    def restart(self) -> None:
+        self.start, self.steps, self.span = time.monotonic(), 0, 0.0
 
 
 class NonFiniteWatch:
@@ -286,6 +289,7 @@ def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
                 val_loss = evaluate(model, batches, autocast)
                 metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             logger.log(step, metrics)
+            throughput.restart()
 
         exiting = 0 < cfg.train.exit_after_steps <= steps_this_run
         exiting |= job.should_stop(step, logged=logged)  # collective on logged and every train.sync_every steps

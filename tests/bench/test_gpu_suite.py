@@ -26,7 +26,8 @@ def _rows(results: dict, part: str, **match) -> list[dict]:
 
 @pytest.mark.slow
 def test_smoke_run_writes_measured_results_and_report(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    # WHEELS=none: `make gpu-wheels` may have left wheels for the GPU image's Python in .whl/
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "WHEELS": "none"}
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), str(tmp_path), "--smoke", "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

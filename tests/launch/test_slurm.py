@@ -86,8 +86,8 @@ def test_usr2_checkpoints_requeues_resumes_and_matches_uninterrupted(slurm_clust
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     assert wait_for_end(job_id, run_dir) == "COMPLETED", log_of(run_dir, job_id)
     log = log_of(run_dir, job_id)
-    # the signal reaches the two ranks at slightly different times: one or both may have it when they agree
-    m = re.search(r"stopping after step (\d+) \(SIGUSR2 on rank\(s\) \[(0|1|0, 1)\]\)", log)
+    # the ranks agree on a stop every train.sync_every steps, whichever of them the signal reached first
+    m = re.search(r"stopping after step (\d+) \(SIGUSR2 received\)", log)
     assert m, log
     stopped = int(m.group(1))
     assert stopped < STEPS, "the signal arrived after training had finished; nothing was preempted"

@@ -119,3 +119,12 @@ def test_cli_help_and_config_errors():
     bad = subprocess.run([sys.executable, "-m", "pretrain.train", "--optim.lrr=1"], capture_output=True,
                          text=True, cwd=REPO, env=env)
     assert bad.returncode != 0 and "Did you mean 'lr'" in bad.stderr
+
+
+def test_exact_resume_with_dataloader_workers_and_dropout(corpus, tmp_path):
+    """Starting DataLoader workers must not draw from the generator dropout's per-step streams use."""
+    tree = dict(model={"dropout": 0.1}, data={"num_workers": 1}, train={"steps": 6})
+    straight = run(tiny(corpus, tmp_path / "a", **tree))
+    first = run(tiny(corpus, tmp_path / "b", **{**tree, "train": {"steps": 6, "exit_after_steps": 3}}))
+    second = run(tiny(corpus, tmp_path / "b", **tree))
+    assert first + second == straight
