@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
-import importlib
+import importlib.util
 import json
 import math
 import sys
@@ -391,12 +391,10 @@ def build_config(file_values: dict | None = None, cli_values: dict | None = None
 
 @functools.cache
 def fla_available() -> bool:
-    """Whether fla-core's ops import (triton with them): what model.attn_impl 'fla', and 'auto' on CUDA, run."""
-    try:
-        importlib.import_module("fla.ops")
-    except Exception:  # a missing package, or a triton that cannot load: either way no kernels
-        return False
-    return True
+    """Whether fla-core (what model.attn_impl 'fla', and 'auto' on CUDA, run) is installed. Found without importing it,
+    which would import torch and triton: config code stays light (`python -m launch submit` validates configs on
+    login nodes). A package that is there but cannot load still fails at the first kernel call, saying why."""
+    return importlib.util.find_spec("fla") is not None
 
 
 def kernel_warning(m: ModelConfig, device_type: str) -> str | None:
