@@ -250,9 +250,11 @@ def _train(cfg: Config, on_exit: contextlib.ExitStack) -> list[float]:
         tokens_seen = resumed["state"]["tokens_seen"]
     # Stop signals (preemption, time limit) and the wall-time budget; per-rank step times; stall reports.
     job = JobControl(cfg, env, device=device, started=t_start, step=step)
+    on_exit.callback(job.monitor.close)  # on an error too: the stall watchdog must not outlive the run
 
     logger = MetricsLogger(run_dir, enabled=is_main, start_step=step, total_steps=cfg.train.steps,
                            tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
+    on_exit.callback(logger.close)  # flushed also when training stops with an error
     tokens_per_step = cfg.train.global_batch * seq_len
     throughput = Throughput(cfg, world_size=env.world_size, device=device)
     non_finite = NonFiniteWatch(device, checkpoints=run_dir / "checkpoints", last_saved=step if resumed else None)
