@@ -20,8 +20,9 @@ REGISTRY = {
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Build and initialise the architecture `cfg.arch`.
 
-    Under `torch.device("meta")` nothing is allocated; call `model.to_empty(device=...)` and then
-    `model.init_weights()` to materialise it (the training loop does this).
+    Under `torch.device("meta")` nothing is allocated. The training loop materialises such a model with
+    `pretrain.train.build_parallel_model` (each process only its shards); a plain `model.to_empty(device=...)` unties
+    tied embeddings (re-tie `lm_head.weight = tok_emb.weight` before `model.init_weights()`).
     """
     if cfg.arch not in REGISTRY:
         raise ValueError(f"model.arch='{cfg.arch}' has no implementation; available: {', '.join(REGISTRY)}")
