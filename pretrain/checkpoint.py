@@ -45,6 +45,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import crc32c
@@ -642,7 +643,10 @@ class Checkpointer:
         self.run_config = json.loads(json.dumps(run_config))
         self.async_save = bool(getattr(cfg, "async_save", False))
         # DCP's background collectives get a gloo group of their own, so they never interleave with training's.
-        self._group = dist.new_group(backend="gloo") if self.async_save and dist.is_initialized() else None
+        # Its timeout is the run's collective timeout (torch's default of 30 minutes otherwise).
+        minutes = self.run_config.get("train", {}).get("collective_timeout_minutes")
+        self._group = (dist.new_group(backend="gloo", timeout=timedelta(minutes=minutes) if minutes else None)
+                       if self.async_save and dist.is_initialized() else None)
         self._stager: DefaultStager | None = None  # keeps its host buffers from one save to the next
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: _Save | None = None  # async: the save being written

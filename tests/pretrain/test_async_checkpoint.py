@@ -105,8 +105,15 @@ def test_cuda_async_save_is_a_snapshot(tmp_path):
 
 # --------------------------------------------------------------------------- SIGKILL during the background write
 
+def _say(line: str) -> None:
+    """One line in one write: the background writer thread and the training thread both report, and print's separate
+    writes of the text and its newline could interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _hang(moment: str):
-    print(f"HUNG {moment}", flush=True)
+    _say(f"HUNG {moment}")
     threading.Event().wait()
 
 
@@ -140,7 +147,7 @@ def _async_save_then_die(run_dir: str, moment: str) -> None:
         m.os.rename = lambda a, b: _hang(moment) if Path(a).name.startswith(".tmp-step") else real_rename(a, b)
     ck.save(2, model=model, optimizer=opt, state={"tokens": 48})
     train(model, opt, 2)  # the save above returned before its files were written
-    print("TRAINED", flush=True)
+    _say("TRAINED")
     threading.Event().wait()
 
 
