@@ -17,7 +17,6 @@ Conventions inside a tensor-parallel model (Megatron's, expressed with DTensor):
 
 from __future__ import annotations
 
-import copy
 from fnmatch import fnmatch
 from functools import partial
 
@@ -123,9 +122,8 @@ class ReplicatedDocumentMask(ParallelStyle):
 
         def forward_with_replicated_mask(*args, docs=None, **kwargs):
             if docs is not None:
-                replicated = DTensor.from_local(docs.continues, device_mesh, [Replicate()], run_check=False)
-                docs = copy.copy(docs)
-                docs.__dict__["continues"] = replicated  # the cached property's slot: the copy keeps every other form
+                docs = docs.with_continues(DTensor.from_local(docs.continues, device_mesh, [Replicate()],
+                                                              run_check=False))
             return forward(*args, docs=docs, **kwargs)
 
         module.forward = forward_with_replicated_mask

@@ -9,6 +9,7 @@ them (on GPU, `cu_seqlens` costs one host read per forward, not one per layer).
 
 from __future__ import annotations
 
+import copy
 from functools import cached_property
 
 import torch
@@ -132,6 +133,13 @@ class DocumentMask:
             self._by_key[key] = create_block_mask(document_causal, B, None, T, past_len + T,
                                                   device=self.starts.device, _compile=self.starts.is_cuda)
         return self._by_key[key]
+
+    def with_continues(self, continues: torch.Tensor) -> DocumentMask:
+        """A copy whose `continues` is the given tensor: the same values in another layout (a replicated DTensor under
+        tensor parallelism, where token shifts multiply their DTensor input by it); every other form is shared."""
+        other = copy.copy(self)
+        other.__dict__["continues"] = continues  # the cached property's slot
+        return other
 
     def slice(self, start: int, stop: int) -> DocumentMask:
         """The mask of steps start … stop − 1 (a piece of the sequence, e.g. a mini-sequence chunk)."""
