@@ -802,8 +802,8 @@ def longest_series(suite: Suite, arch: str, *, recompute: str, mst: int, deadlin
         trials.append(row)
         return row["status"] == "ok"
 
-    result = {"capacity_gib": round(capacity / GIB, 3), "trials": trials, "longest_ok": None, "first_failed": None,
-              "predicted": None}
+    result = {"capacity_gib": round(capacity / GIB, 3), "capacity_bytes": capacity, "trials": trials,
+              "longest_ok": None, "first_failed": None, "predicted": None}
     trial(s.granularity)  # creates the optimizer states, so that every later trial's peak includes them
     trials.clear()
     if not all(trial(length) for length in s.probe_lens):
