@@ -61,6 +61,14 @@ def global_batch(step: int, cfg, documents: bool = False) -> tuple[torch.Tensor,
     return seq[:, :-1], labels, position_ids
 
 
+def local_micro_batches(batch: tuple[torch.Tensor, ...], cfg, *, dp_rank: int, dp: int) -> list[tuple]:
+    """This data-parallel rank's rows of a global batch, cut into the step's micro-batches."""
+    B = len(batch[0])
+    local = [t[dp_rank * B // dp:(dp_rank + 1) * B // dp] for t in batch]
+    micro = cfg.train.micro_batch
+    return [tuple(t[i:i + micro] for t in local) for i in range(0, len(local[0]), micro)]
+
+
 def build(cfg, mesh):
     """The training loop's model (this rank's share, initialised from the seed) and its optimizers."""
     model = build_parallel_model(cfg, mesh, device=torch.device("cpu"), param_dtype=None)
@@ -96,11 +104,7 @@ def train_layouts(archs, parallel: dict, train: dict | None = None, steps: int =
             first = resumed["step"] + 1 if resumed else 1
         losses = []
         for step in range(first, (stop_after or steps) + 1):
-            batch = global_batch(step, cfg, documents)
-            B = len(batch[0])
-            local = [t[dp_rank * B // dims.dp:(dp_rank + 1) * B // dims.dp] for t in batch]
-            micro = cfg.train.micro_batch
-            micro_batches = [tuple(t[i:i + micro] for t in local) for i in range(0, len(local[0]), micro)]
+            micro_batches = local_micro_batches(global_batch(step, cfg, documents), cfg, dp_rank=dp_rank, dp=dims.dp)
             loss, _ = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, steps),
                                  grad_clip=cfg.optim.grad_clip, autocast=torch.autocast("cpu", enabled=False))
             losses.append(mean_across_ranks(loss))

@@ -38,7 +38,7 @@ from pretrain.config import build_config
 from pretrain.optim import lr_at
 from pretrain.train import mean_across_ranks, seed_everything, train, train_step
 from tests.dist import run_distributed
-from tests.parallel.layouts import TOLERANCE, build, full_params, global_batch
+from tests.parallel.layouts import TOLERANCE, build, full_params, global_batch, local_micro_batches
 
 GPT = {"preset": "gpt", "d_model": 32, "n_layers": 4, "n_heads": 4, "vocab_size": 67, "seq_len": 16}
 STEPS = 2
@@ -136,11 +136,7 @@ def train_gpt(parallel: dict, *, train_overrides: dict | None = None, replay=Non
         for step in range(1, steps + 1):
             if not before:
                 seed_streams(cfg.train.seed, mesh, step=step, device=torch.device("cpu"))  # as pretrain.train does
-            batch = global_batch(step, cfg)
-            B = len(batch[0])
-            local = [t[dp_rank * B // dims.dp:(dp_rank + 1) * B // dims.dp] for t in batch]
-            micro = cfg.train.micro_batch
-            micro_batches = [tuple(t[i:i + micro] for t in local) for i in range(0, len(local[0]), micro)]
+            micro_batches = local_micro_batches(global_batch(step, cfg), cfg, dp_rank=dp_rank, dp=dims.dp)
             loss, _ = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, steps),
                                  grad_clip=cfg.optim.grad_clip, autocast=torch.autocast("cpu", enabled=False))
             losses.append(mean_across_ranks(loss))
