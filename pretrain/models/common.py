@@ -3,13 +3,16 @@
 A sequence mixer is any module with `forward(x, carry=None, *, docs=None) -> (y, carry)`. `carry` is a tensor a
 mixer may hand to the blocks after it (RWKV-7's first-layer value); mixers that need nothing pass it through.
 `docs` is the batch's `DocumentMask` under document masking (None otherwise): nothing may cross a document start.
-Feed-forwards take it too (RWKV-7's channel mix shifts tokens). Mixers derive their local head count from tensor
+Feed-forwards take it too (RWKV-7's channel mix shifts tokens). For inference, mixers and feed-forwards also take
+`cache=` (a `LayerCache`, passed only when the model is given an `InferenceCache`): they continue the sequence held
+there and store what the next call needs. Mixers derive their local head count from tensor
 shapes, never from the config, so column-sharded projections under tensor parallelism just work.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator
 
@@ -56,8 +59,9 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(d_model, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor, docs: DocumentMask | None = None) -> torch.Tensor:
-        # docs: unused, every token is transformed on its own
+    def forward(self, x: torch.Tensor, docs: DocumentMask | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        # docs, cache: unused, every token is transformed on its own
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -69,8 +73,9 @@ class GeluMLP(nn.Module):
         self.up_proj = nn.Linear(d_model, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor, docs: DocumentMask | None = None) -> torch.Tensor:
-        # docs: unused, every token is transformed on its own
+    def forward(self, x: torch.Tensor, docs: DocumentMask | None = None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        # docs, cache: unused, every token is transformed on its own
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 
@@ -97,13 +102,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
-def shift_tokens(x: torch.Tensor, docs: DocumentMask | None = None) -> torch.Tensor:
-    """x_{t−1} for each step t of x (B, T, ...), zero at t = 0 and, under document masking, at each document start."""
-    prev = F.pad(x, (0, 0) * (x.ndim - 2) + (1, -1))  # (B, T, ...): x one step later in time
+def shift_tokens(x: torch.Tensor, docs: DocumentMask | None = None, *,
+                 previous: torch.Tensor | None = None) -> torch.Tensor:
+    """x_{t−1} for each step t of x (B, T, ...), zero at t = 0 and, under document masking, at each document start.
+    `previous` (B, 1, ...), where given, is the step before t = 0 (an inference cache's last one) instead of zero."""
+    if previous is None:
+        prev = F.pad(x, (0, 0) * (x.ndim - 2) + (1, -1))  # (B, T, ...): x one step later in time
+    else:
+        prev = torch.cat([previous, x[:, :-1]], dim=1)  # (B, T, ...)
     if docs is None:
         return prev
     keep = docs.continues.view(*docs.shape, *(1,) * (x.ndim - 2))  # (B, T, 1, ...)
     return prev * keep.to(prev.dtype)
+
+
+@dataclass(eq=False)
+class LayerCache:
+    """One layer's inference state: what its mixer and feed-forward keep between calls, by name, in `tensors` (keys
+    and values, a recurrent state, a token shift's last input; each with the batch first), and `steps`, the number of
+    steps the sequence had before the current call (positions continue from it)."""
+
+    steps: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def append(self, name: str, new: torch.Tensor) -> torch.Tensor:
+        """`tensors[name]` followed by `new` along time (dim 1), stored back and returned (just `new` at first)."""
+        past = self.tensors.get(name)
+        self.tensors[name] = new if past is None else torch.cat([past, new], dim=1)
+        return self.tensors[name]
+
+
+class InferenceCache:
+    """What `model(tokens, cache=cache)` needs to continue the sequences it has seen so far: one `LayerCache` per
+    layer and `steps`, the number of steps seen. Start empty; each call appends its T steps to every row."""
+
+    def __init__(self):
+        self.steps = 0
+        self.layers: dict[str, LayerCache] = {}
+
+    def layer(self, name: str) -> LayerCache:
+        """Layer `name`'s cache, told how many steps came before the current call."""
+        entry = self.layers.setdefault(name, LayerCache())
+        entry.steps = self.steps
+        return entry
 
 
 class Block(nn.Module):
@@ -117,10 +158,13 @@ class Block(nn.Module):
         self.mlp = mlp
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs: DocumentMask | None = None):
-        y, carry = self.mixer(self.attn_norm(x), carry, docs=docs)
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs: DocumentMask | None = None,
+                cache: LayerCache | None = None):
+        # the cache goes only where given, so training calls (and any wrapper of mixer or mlp) stay as they were
+        state = {} if cache is None else {"cache": cache}
+        y, carry = self.mixer(self.attn_norm(x), carry, docs=docs, **state)
         x = x + self.dropout(y)  # (B, T, d)
-        x = x + self.dropout(self.mlp(self.mlp_norm(x), docs=docs))
+        x = x + self.dropout(self.mlp(self.mlp_norm(x), docs=docs, **state))
         return x, carry
 
 
@@ -141,7 +185,9 @@ class LanguageModel(nn.Module):
     without ever materialising the full logits. `position_ids` (B, T), counting from 0 at each document's first
     token, turn on document masking: no information crosses a position with id 0, and positional encodings use
     the ids. Submodules may be None (pipeline stages drop the embedding or the head), in which case `tokens` is
-    already a hidden state or the hidden state is returned.
+    already a hidden state or the hidden state is returned. `cache` (an `InferenceCache`, for generation) makes the
+    call continue the sequences the cache holds: `tokens` are the next steps of every row, positions continue from
+    `cache.steps`, and the cache is updated in place (keys and values, recurrent states, token shifts).
     """
 
     def __init__(self, cfg: ModelConfig, make_mixer: Callable[[int], nn.Module] | None = None, *,
@@ -164,7 +210,9 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache: InferenceCache | None = None) -> torch.Tensor:
+        if cache is not None and position_ids is not None:
+            raise ValueError("an inference cache continues whole rows; it takes no position_ids (document masking)")
         # built once per forward: the layers share its derived forms (masks, varlen boundaries)
         docs = None if position_ids is None else DocumentMask.from_position_ids(position_ids)
         if self.tok_emb is None:  # a later pipeline stage: the input is already the hidden state
@@ -172,11 +220,17 @@ class LanguageModel(nn.Module):
         else:
             h = self.tok_emb(tokens)  # (B, T, d)
             if self.pos_emb is not None:
-                h = h + self.pos_emb(self.learned_positions(h.shape[1], position_ids, h.device))
+                offset = 0 if cache is None else cache.steps
+                h = h + self.pos_emb(self.learned_positions(h.shape[1], position_ids, h.device, offset=offset))
             h = self.emb_dropout(h)
         carry = None
-        for block in self.layers.values():
-            h, carry = block(h, carry, docs=docs)
+        for name, block in self.layers.items():
+            if cache is None:
+                h, carry = block(h, carry, docs=docs)
+            else:
+                h, carry = block(h, carry, docs=docs, cache=cache.layer(name))
+        if cache is not None:
+            cache.steps += h.shape[1]
         if self.lm_head is None:
             return h
         h = self.norm(h)
@@ -184,15 +238,16 @@ class LanguageModel(nn.Module):
             return self.lm_head(h)  # (B, T, V)
         return self.loss(h, labels)
 
-    def learned_positions(self, T: int, position_ids: torch.Tensor | None, device) -> torch.Tensor:
-        """Rows of the learned position table for T steps: 0 … T − 1, or the in-document ids. A document longer than
-        the table (model.seq_len) has ids past its end, since a window's first token continues its document's count;
-        those steps share the table's last row."""
+    def learned_positions(self, T: int, position_ids: torch.Tensor | None, device, *,
+                          offset: int = 0) -> torch.Tensor:
+        """Rows of the learned position table for T steps: offset … offset + T − 1 (offset: the steps an inference
+        cache has seen), or the in-document ids. A document longer than the table (model.seq_len) has ids past its
+        end, since a window's first token continues its document's count; those steps share the table's last row."""
         if position_ids is None:
-            if T > self.cfg.seq_len:
-                raise ValueError(f"sequence of {T} tokens exceeds the learned position table "
+            if offset + T > self.cfg.seq_len:
+                raise ValueError(f"sequence of {offset + T} tokens exceeds the learned position table "
                                  f"(model.seq_len={self.cfg.seq_len})")
-            return torch.arange(T, device=device)  # (T,)
+            return torch.arange(offset, offset + T, device=device)  # (T,)
         return position_ids.clamp(max=self.cfg.seq_len - 1)  # (B, T)
 
     def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

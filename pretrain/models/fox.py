@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.models.common import LanguageModel
+from pretrain.models.common import LanguageModel, LayerCache
 from pretrain.models.transformer import Attention
 from pretrain.ops.forgetting import forgetting_attention
 
@@ -37,10 +37,22 @@ class ForgettingAttention(Attention):
         self.fgate_proj = nn.Linear(cfg.d_model, cfg.n_heads, bias=True)
 
     def attend(self, q, k, v, x, docs=None):
+        return forgetting_attention(q, k, v, self.log_forget(x), impl=self.impl, docs=docs)  # (B, T, H, D)
+
+    def attend_cached(self, q, k, v, x, cache: LayerCache):
+        """Inference: the T new queries attend to the cached keys, values and log forget gates and the new ones
+        (the op's `past`; the extended triple goes back into the cache)."""
+        names = ("k", "v", "log_f")
+        past = tuple(cache.tensors[n] for n in names) if "k" in cache.tensors else None
+        o, extended = forgetting_attention(q, k, v, self.log_forget(x), past=past, output_past=True, impl=self.impl)
+        cache.tensors.update(zip(names, extended))
+        return o  # (B, T, H, D)
+
+    def log_forget(self, x: torch.Tensor) -> torch.Tensor:
+        """log σ(forget gate) (B, T, H) of the mixer's input x (B, T, d), in fp32 (or wider): the op sums it over
+        the whole sequence."""
         logit = self.fgate_proj(x)  # (B, T, H)
-        # fp32 (or wider): the op sums log f over the whole sequence
-        log_f = F.logsigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))  # (B, T, H)
-        return forgetting_attention(q, k, v, log_f, impl=self.impl, docs=docs)  # (B, T, H, D)
+        return F.logsigmoid(logit.to(torch.promote_types(logit.dtype, torch.float32)))  # (B, T, H)
 
 
 def build_fox(cfg: ModelConfig) -> LanguageModel:

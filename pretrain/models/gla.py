@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.models.common import LanguageModel
+from pretrain.models.common import LanguageModel, LayerCache
 from pretrain.models.transformer import HeadRMSNorm
 from pretrain.ops.gla import gla
 
@@ -76,7 +76,8 @@ class GatedLinearAttention(nn.Module):
         self.o_norm = HeadRMSNorm(d, cfg.norm_eps)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs=None):
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs=None,
+                cache: LayerCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk), H = local heads
         k = self.k_proj(x).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk)
@@ -84,7 +85,11 @@ class GatedLinearAttention(nn.Module):
         # the log decay is formed in fp32 (or wider): under bf16 autocast logsigmoid(·)/16 loses small values
         gk = at_least_fp32(self.gk_proj(x)).view(B, T, -1, self.head_k_dim)  # (B, T, H, Dk)
         g = F.logsigmoid(gk) / GATE_NORMALIZER  # (B, T, H, Dk): log decay
-        o = self.attend(q, k, v, g, docs)  # (B, T, H, Dv)
+        if cache is None:
+            o = self.attend(q, k, v, g, docs)  # (B, T, H, Dv)
+        else:  # inference: continue from the cached state (B, H, Dk, Dv), constant cost per token
+            o, cache.tensors["state"] = gla(q, k, v, g, impl=self.impl, initial_state=cache.tensors.get("state"),
+                                            output_final_state=True)
         o = self.o_norm(o) * F.silu(self.g_proj(x)).view_as(o)  # (B, T, H, Dv)
         return self.o_proj(o.flatten(2)), carry
 

@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.models.common import (Block, LanguageModel, init_by_steps, make_norm, mlp_hidden_size,
-                                    orthogonal_weight, shift_tokens, zero_weight)
+from pretrain.models.common import (Block, LanguageModel, LayerCache, init_by_steps, make_norm,
+                                    mlp_hidden_size, orthogonal_weight, shift_tokens, zero_weight)
 from pretrain.models.gla import LowRank, at_least_fp32, linear_mixer_impl, reject_rope
 from pretrain.ops.rwkv7 import rwkv7
 
@@ -48,10 +48,15 @@ def lora_rank(d_model: int, factor: float) -> int:
     return max(32, round(factor * math.sqrt(d_model) / 32) * 32)
 
 
-def token_shift(x: torch.Tensor, docs=None) -> torch.Tensor:
+def token_shift(x: torch.Tensor, docs=None, *, cache: LayerCache | None = None, name: str = "") -> torch.Tensor:
     """δ_t = x_{t−1} − x_t with x_{−1} = 0 (and 0 before each document start), for x (B, T, d) holding the whole
-    sequence."""
-    return shift_tokens(x, docs) - x  # (B, T, d)
+    sequence. With an inference cache, x_{−1} is the cache's `name` entry (the previous call's last step), and x's
+    last step is stored there for the next call."""
+    if cache is None:
+        return shift_tokens(x, docs) - x  # (B, T, d)
+    previous = cache.tensors.get(name)  # (B, 1, d) or None at the first call
+    cache.tensors[name] = x[:, -1:].clone()
+    return shift_tokens(x, previous=previous) - x  # (B, T, d)
 
 
 class HeadGroupNorm(nn.Module):
@@ -93,10 +98,11 @@ class RWKV7TimeMix(nn.Module):
         self.o_norm = HeadGroupNorm(d, GROUP_NORM_EPS)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None = None, *, docs=None):
+    def forward(self, x: torch.Tensor, v_first: torch.Tensor | None = None, *, docs=None,
+                cache: LayerCache | None = None):
         B, T, _ = x.shape
         D = self.head_dim
-        delta = token_shift(x, docs)  # (B, T, d)
+        delta = token_shift(x, docs, cache=cache, name="time_shift")  # (B, T, d)
         xr, xw, xk, xv, xa, xg = (torch.addcmul(x, delta, getattr(self, f"mu_{n}")) for n in MIXED_INPUTS)
         r = self.r_proj(xr).view(B, T, -1, D)  # (B, T, H, D), H = local heads
         # fp32 log decay: its cumulative sums inside the op span whole chunks
@@ -114,7 +120,11 @@ class RWKV7TimeMix(nn.Module):
         kk = F.normalize((k * self.k_k).view(B, T, -1, D), dim=-1)  # (B, T, H, D): κ̂, unit length per head
         k = k * (1 + (a - 1) * self.k_a)  # (B, T, H·D)
         k, v, a = (t.view(B, T, -1, D) for t in (k, v, a))  # (B, T, H, D) each
-        o = self.attend(r, w, k, v, -kk, kk * a, docs)  # (B, T, H, D)
+        if cache is None:
+            o = self.attend(r, w, k, v, -kk, kk * a, docs)  # (B, T, H, D)
+        else:  # inference: continue from the cached state (B, H, D, D), constant cost per token
+            o, cache.tensors["state"] = rwkv7(r, w, k, v, -kk, kk * a, impl=self.impl,
+                                              initial_state=cache.tensors.get("state"), output_final_state=True)
         bonus = (r * k * self.r_k.view(-1, D)).sum(-1, keepdim=True) * v  # (B, T, H, D): the current token's own term
         o = self.o_norm(o) + bonus  # (B, T, H, D)
         return self.o_proj(o.flatten(2) * g), v_first
@@ -191,8 +201,8 @@ class RWKV7ChannelMix(nn.Module):
         self.up_proj = nn.Linear(d, mlp_hidden_size(cfg), bias=False)
         self.down_proj = nn.Linear(mlp_hidden_size(cfg), d, bias=False)
 
-    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
-        h = torch.addcmul(x, token_shift(x, docs), self.mu_k)  # (B, T, d)
+    def forward(self, x: torch.Tensor, docs=None, cache: LayerCache | None = None) -> torch.Tensor:
+        h = torch.addcmul(x, token_shift(x, docs, cache=cache, name="channel_shift"), self.mu_k)  # (B, T, d)
         return self.down_proj(F.relu(self.up_proj(h)).square())
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -236,10 +246,11 @@ class RWKV7Block(Block):
         super().__init__(mixer, mlp, cfg)
         self.emb_norm = make_norm(cfg) if first else None
 
-    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs=None):
+    def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs=None,
+                cache: LayerCache | None = None):
         if self.emb_norm is not None:
             x = self.emb_norm(x)  # (B, T, d)
-        x, carry = super().forward(x, carry, docs=docs)
+        x, carry = super().forward(x, carry, docs=docs, cache=cache)
         return x, _HandOn.apply(carry)  # (B, T, d), the first layer's values (B, T, H·D)
 
 
