@@ -30,7 +30,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "transformer"
-    """Architecture: transformer | fox | gla | rwkv7."""
+    """Architecture: transformer | fox | gla | rwkv7 | hybrid (each layer's mixer from model.mixers)."""
+    mixers: str = ""
+    """Hybrid only: each layer's mixer, comma-separated, NAME*K repeats (e.g. 'gla*3,transformer'), repeated to n_layers."""
     preset: str = ""
     """Named bundle of defaults applied before the file and command line: '' or 'gpt' (Korthikanti et al. GPT)."""
     d_model: int = 256
@@ -73,7 +75,8 @@ class ModelConfig:
     def __post_init__(self):
         # Resolved here, not in the loader, so a ModelConfig made directly in Python means the same thing.
         if self.pos == "auto":  # FoX, GLA and RWKV-7 take order from their gates / recurrence
-            self.pos = "rope" if self.arch == "transformer" else "none"
+            softmax = self.arch == "transformer" or (self.arch == "hybrid" and "transformer" in _pattern_names(self))
+            self.pos = "rope" if softmax else "none"  # a hybrid: rotary in its transformer layers only
 
 
 MODEL_PRESETS: dict[str, dict[str, typing.Any]] = {
@@ -249,9 +252,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# The sequence mixers a layer can have (model.arch of a pure model, the names in model.mixers).
+MIXER_NAMES = ("transformer", "fox", "gla", "rwkv7")
+
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 CHOICES = {
-    "model.arch": ("transformer", "fox", "gla", "rwkv7"),
+    "model.arch": (*MIXER_NAMES, "hybrid"),
     "model.preset": ("", *MODEL_PRESETS),
     "model.norm": ("rmsnorm", "layernorm"),
     "model.mlp": ("swiglu", "gelu"),
@@ -274,6 +280,70 @@ ATTN_IMPLS = {
     "gla": ("auto", "torch", "fla"),
     "rwkv7": ("auto", "torch", "fla"),
 }
+
+
+def _pattern_names(m: ModelConfig) -> set[str]:
+    """The names model.mixers mentions, read leniently (validation happens in `layer_mixers`)."""
+    return {part.partition("*")[0].strip() for part in m.mixers.split(",")}
+
+
+def layer_mixers(m: ModelConfig) -> list[str]:
+    """The sequence mixer of each of the model.n_layers layers: model.arch for a pure model; for model.arch='hybrid'
+    the model.mixers pattern ('NAME' or 'NAME*K' entries) expanded and repeated to n_layers. ConfigError on an
+    unknown name, a bad count or a pattern whose length does not divide n_layers."""
+    if m.arch != "hybrid":
+        return [m.arch] * m.n_layers
+    if not m.mixers.strip():
+        raise ConfigError("model.arch='hybrid' needs model.mixers, each layer's mixer: e.g. 'gla*3,transformer' "
+                          "(three GLA layers, then softmax attention, repeated to model.n_layers).")
+    pattern: list[str] = []
+    for part in m.mixers.split(","):
+        name, star, count = (piece.strip() for piece in part.partition("*"))
+        if name not in MIXER_NAMES:
+            raise ConfigError(f"model.mixers='{m.mixers}': '{name}' is not a mixer.{_suggest(name, MIXER_NAMES)} "
+                              f"Mixers: {', '.join(MIXER_NAMES)}.")
+        if star and not (count.isdigit() and int(count) > 0):
+            raise ConfigError(f"model.mixers='{m.mixers}': '{part.strip()}' should repeat its mixer a positive whole "
+                              f"number of times, e.g. '{name}*3'.")
+        pattern += [name] * (int(count) if star else 1)
+    if m.n_layers % len(pattern):
+        multiples = range(len(pattern), 4 * len(pattern) + 1, len(pattern))
+        raise ConfigError(f"model.mixers='{m.mixers}' names {len(pattern)} layers, which does not repeat to "
+                          f"model.n_layers={m.n_layers}; give a pattern whose length divides n_layers, or set "
+                          f"n_layers to a multiple of {len(pattern)} (e.g. {', '.join(map(str, multiples))}).")
+    return pattern * (m.n_layers // len(pattern))
+
+
+def layer_config(m: ModelConfig, layer: int) -> ModelConfig:
+    """The config a pure model of layer `layer`'s mixer would have: `m` itself for a pure model; for a hybrid, `m`
+    with that mixer as model.arch and the positions it takes (rotary only in transformer layers; learned positions
+    live in the shared embedding, so every layer just sees model.pos='learned'; none stays none)."""
+    if m.arch != "hybrid":
+        return m
+    mixer = layer_mixers(m)[layer]
+    pos = "none" if m.pos == "rope" and mixer != "transformer" else m.pos
+    return dataclasses.replace(m, arch=mixer, mixers="", pos=pos)
+
+
+def check_mixers(m: ModelConfig) -> None:
+    """ConfigError if model.mixers is malformed, set without model.arch='hybrid', or another model option conflicts
+    with one of the mixers present (model.attn_impl must run every one of them; model.pos='rope' needs a transformer
+    layer)."""
+    if m.mixers.strip() and m.arch != "hybrid":
+        raise ConfigError(f"model.mixers='{m.mixers}' is read only by model.arch='hybrid'; set model.arch='hybrid', "
+                          f"or leave model.mixers empty for a pure {m.arch} model.")
+    present = set(layer_mixers(m))
+    for mixer in sorted(present):
+        if m.attn_impl not in ATTN_IMPLS[mixer]:
+            common = [impl for impl in ATTN_IMPLS[mixer] if all(impl in ATTN_IMPLS[other] for other in present)]
+            raise ConfigError(f"model.attn_impl='{m.attn_impl}' is not available for {mixer}"
+                              + (f", a layer of model.mixers='{m.mixers}'; use one every mixer runs: "
+                                 f"{', '.join(common)}." if m.arch == "hybrid"
+                                 else f"; use one of {', '.join(ATTN_IMPLS[mixer])}."))
+    if m.pos == "rope" and "transformer" not in present:
+        raise ConfigError(f"model.pos='rope' is for transformer layers; "
+                          f"{m.mixers if m.arch == 'hybrid' else m.arch} takes order from its gates "
+                          f"(use model.pos=auto or none).")
 
 
 def _section_class(name: str) -> type:
@@ -399,8 +469,9 @@ def fla_available() -> bool:
 
 def kernel_warning(m: ModelConfig, device_type: str) -> str | None:
     """Why model.attn_impl=auto runs slower on `device_type` than it could (fla-core missing on CUDA), or None."""
-    if device_type == "cuda" and m.attn_impl == "auto" and "fla" in ATTN_IMPLS[m.arch] and not fla_available():
-        return (f"model.attn_impl=auto: fla-core does not import, so {m.arch} runs the project's PyTorch ops on "
+    fla_mixers = sorted(mixer for mixer in set(layer_mixers(m)) if "fla" in ATTN_IMPLS[mixer])
+    if device_type == "cuda" and m.attn_impl == "auto" and fla_mixers and not fla_available():
+        return (f"model.attn_impl=auto: fla-core does not import, so {', '.join(fla_mixers)} runs the project's PyTorch ops on "
                 f"CUDA instead of fla's Triton kernels; install them: pip install -e '.[gpu]'")
     return None
 
@@ -449,16 +520,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}.")
     if m.mlp_ratio <= 0:
         raise ConfigError(f"model.mlp_ratio must be positive, got {m.mlp_ratio}.")
-    if m.attn_impl not in ATTN_IMPLS[m.arch]:
-        raise ConfigError(f"model.attn_impl='{m.attn_impl}' is not available for {m.arch}; "
-                          f"use one of {', '.join(ATTN_IMPLS[m.arch])}.")
+    check_mixers(m)
     if m.attn_impl == "fla" and not fla_available():
         raise ConfigError("model.attn_impl='fla' needs fla-core (flash-linear-attention's Triton kernels), which does "
                           "not import here: pip install -e '.[gpu]', or use model.attn_impl=auto (fla where it "
                           "imports, else the PyTorch ops).")
-    if m.pos == "rope" and m.arch != "transformer":
-        raise ConfigError(f"model.pos='rope' is for the transformer; {m.arch} takes order from its gates "
-                          f"(use model.pos=auto or none).")
     if o.lr <= 0 or not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]; got {o.lr}, {o.min_lr_ratio}.")
     if o.warmup_steps < 0 or o.warmup_steps >= t.steps:

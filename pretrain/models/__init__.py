@@ -14,11 +14,13 @@ REGISTRY = {
     "fox": "pretrain.models.fox:build_fox",
     "gla": "pretrain.models.gla:build_gla",
     "rwkv7": "pretrain.models.rwkv7:build_rwkv7",
+    "hybrid": "pretrain.models.hybrid:build_hybrid",  # any pattern of the above mixers (model.mixers)
 }
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """Build and initialise the architecture `cfg.arch`.
+    """Build and initialise the architecture `cfg.arch` (for 'hybrid', the mixers of `cfg.mixers`; ConfigError on a
+    pattern or option it cannot build).
 
     Under `torch.device("meta")` nothing is allocated. The training loop materialises such a model with
     `pretrain.train.build_parallel_model` (each process only its shards); a plain `model.to_empty(device=...)` unties

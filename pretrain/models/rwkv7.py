@@ -6,7 +6,8 @@ Time mix (the sequence mixer), per token with δ = shift(x) − x and x_□ = x 
 
     r = x_r W_r,  k = x_k W_k,  v = x_v W_v
     w = −e^{−½} σ(w₀ + tanh(x_w W₁) W₂)          log decay, so the decay e^w lies in (0.545, 1)
-    v ← v + (v_first − v) σ(v₀ + x_v V₁ V₂)       value residual from layer 0 (layers > 0)
+    v ← v + (v_first − v) σ(v₀ + x_v V₁ V₂)       value residual from layer 0 (layers > 0; in a hybrid, from
+                                                   its first RWKV-7 layer)
     a = σ(a₀ + x_a A₁ A₂),  g = σ(x_g G₁) G₂
     κ̂ = L2norm_head(k ⊙ k_k),  k ← k ⊙ (1 + (a − 1) ⊙ k_a)
     S_t = Diag(e^{w_t}) S_{t−1} − (κ̂_t ⊙ a_t)(κ̂_tᵀ S_{t−1}) + k_tᵀ v_t,  o_t = r_t S_t
@@ -74,7 +75,10 @@ class HeadGroupNorm(nn.Module):
 
 
 class RWKV7TimeMix(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, *, gives_values: bool | None = None):
+        """Layer `layer` of cfg.n_layers (its depth shapes the init). `gives_values`: whether this is the first RWKV-7
+        layer, whose values every later one mixes in (the value residual); None means layer 0, as in a pure model
+        (a hybrid's first RWKV-7 layer may sit deeper)."""
         super().__init__()
         reject_rope(cfg)
         d = cfg.d_model
@@ -90,7 +94,8 @@ class RWKV7TimeMix(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.w_lora = LowRank(d, lora_rank(d, 2.5), d, activation="tanh")  # bias: w₀
         self.a_lora = LowRank(d, lora_rank(d, 2.5), d)  # bias: a₀
-        self.v_lora = LowRank(d, lora_rank(d, 1.7), d) if layer > 0 else None  # bias: v₀
+        gives_values = layer == 0 if gives_values is None else gives_values
+        self.v_lora = None if gives_values else LowRank(d, lora_rank(d, 1.7), d)  # bias: v₀
         self.g_lora = LowRank(d, lora_rank(d, 5.0), d, activation="sigmoid", bias=False)
         self.k_k = nn.Parameter(torch.empty(d))
         self.k_a = nn.Parameter(torch.empty(d))
