@@ -1,0 +1,513 @@
+"""Context parallelism (CP): every sequence split over the N ranks of a cp group, through every layer.
+
+Layout ("zigzag"). A row of T steps (T divisible by 2N) is cut into 2N chunks of Tc = T / (2N) steps; cp rank r
+holds global chunks r and 2N−1−r, concatenated in that order, as its local sequence of T_loc = 2·Tc steps. Under
+causal attention chunk c has c + ½ chunks of work, so every rank gets (r + ½) + (2N−1−r + ½) = 2N chunks' worth:
+the same work on every rank. The linear mixers use the same layout, so one model can mix both kinds of layer.
+`ContextShard` holds the group and does the cutting (`split`, `gather`, `positions`).
+
+Mechanisms.
+- Softmax and forget-gate (FoX) attention: ring attention (`ring_attention`). Each rank keeps its queries; the
+  key/value blocks (with the global document ids of their steps and, for FoX, their global cumulative log
+  forget values c_j) travel the ring with async P2P, the next transfer posted before the current block is
+  computed. A (query chunk, key chunk) pair is skipped when the key chunk is later, fully visible when earlier,
+  causal on the diagonal, and masked where global document ids differ. Partial results merge online through
+  their running max and sum (their log-sum-exp). The backward is a custom autograd Function that recomputes
+  each block's probabilities from (q, k_j, v_j, o, lse) with the flash-attention formulas; the dK/dV (and dc_j)
+  accumulators travel the ring behind their blocks and reach home after N hops. FoX's c is the global prefix
+  sum of log f: a per-chunk cumsum plus an offset from an exclusive scan of chunk totals in global chunk order
+  (one differentiable all-gather of (B, H) totals per chunk, so the offsets' gradients reach earlier chunks'
+  gates on other ranks). The tile loops run in fp32 (fp64 stays fp64); c stays fp64 and each tile subtracts a
+  nearby reference before rounding, as `pretrain.ops.forgetting_attention` does. Memory is bounded by tiling
+  queries (`block_q` queries × one key chunk per tile).
+- GLA and RWKV-7: state passing (`gla_context`, `rwkv7_context`). The local (B, T_loc) is viewed as (2B, Tc)
+  rows, one per chunk, so one op call runs both chunks. A chunk's final state is affine in its initial one,
+  S_out = M·S_in + S_loc (GLA: M = Diag(e^{Σg}) per key channel; RWKV-7: M = A_Tc…A_1 with A_t = Diag(e^{w_t}) +
+  b_t a_tᵀ, K×K per head; a document start inside the chunk makes M = 0). The op itself gives S_loc and M in one
+  call: values [v | 0] with initial state [0 | I] (GLA: [0 | 1], its M being diagonal) return [S_loc | M] as
+  the final state, under the op's own document semantics. One all-gather of these over cp, then every rank
+  chains S_in(c) = M(c−1)·S_in(c−1) + S_loc(c−1), S_in(0) = 0, over the 2N chunks in global order in fp32 (or
+  wider) and reruns the op from its chunks' true initial states for the output. The rerun (not a closed-form
+  correction) keeps one code path for both mixers and both backends and lets the op's own autograd carry the
+  initial state's gradient back through the chain to the earlier chunks.
+- Token shifts (`previous_steps`): a one-token halo: one small all-gather of every rank's two chunk ends.
+
+Costs per layer per rank (elements; B rows, H heads, D head dim, K×V states).
+- Ring attention: forward (N−1)·2·B·T_loc·H·D (k and v pass N−1 hops; FoX adds (N−1)·B·T_loc·H fp64 c values),
+  backward about twice that (k and v again, plus the dK/dV accumulators' N hops). Compute is causal
+  attention's own, split evenly.
+- State passing: one all-gather of 2 chunk states [S_loc | M] per rank, 2·B·H·K·(V+1) (GLA) or
+  2·B·H·K·(V+K) (RWKV-7) elements from every rank, and its reduce in backward; the op runs twice (the first
+  call with K (RWKV-7) or 1 (GLA) more value columns). The chain is 2N small matmuls, the same on every rank.
+- Document ids: one all-gather of (B, 2) start counts per call.
+
+Devices. Every collective runs on gloo and NCCL alike (reduce-scatter where the backend has it, else all-reduce
+and a slice). The ring's tile loop is the torch path everywhere for now, CUDA included (no fused kernel
+returning the log-sum-exp is wired in yet); the linear mixers' calls take `impl` and so use fla's kernels on
+CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Shard
+
+from pretrain.ops import DocumentMask, gla, rwkv7
+from pretrain.ops.documents import check_docs
+
+
+@dataclass(frozen=True)
+class ContextShard:
+    """This process's place in the cp group: which two zigzag chunks of every sequence it holds."""
+
+    group: dist.ProcessGroup
+    """the cp process group"""
+    rank: int
+    """this process's rank in the group"""
+    size: int
+    """N, the number of cp ranks"""
+
+    @classmethod
+    def from_group(cls, group: dist.ProcessGroup) -> ContextShard:
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        """Global indices of the two chunks this rank holds, in local order."""
+        return self.rank, 2 * self.size - 1 - self.rank
+
+    def chunk_len(self, T: int) -> int:
+        """Tc = T / (2N) for a full sequence of T steps; ValueError when T is not divisible by 2N."""
+        n = 2 * self.size
+        if T % n:
+            raise ValueError(f"context parallelism cuts a sequence of T = {T} steps into 2N = {n} chunks "
+                             f"(N = {self.size} cp ranks); T must be divisible by 2N = {n}")
+        return T // n
+
+    def split(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The full sequence along dim → this rank's local one (chunks r and 2N−1−r), a copy."""
+        Tc = self.chunk_len(x.shape[dim])
+        first, second = self.chunks
+        return torch.cat((x.narrow(dim, first * Tc, Tc), x.narrow(dim, second * Tc, Tc)), dim)
+
+    def gather(self, x_local: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's local sequence → the full one, all-gathered over cp (no autograd: eval and tests)."""
+        parts = [torch.empty_like(x_local) for _ in range(self.size)]
+        dist.all_gather(parts, x_local.contiguous(), group=self.group)
+        halves = [p.chunk(2, dim) for p in parts]  # rank s: (chunk s, chunk 2N−1−s)
+        ordered = [h[0] for h in halves] + [h[1] for h in reversed(halves)]
+        return torch.cat(ordered, dim)
+
+    def positions(self, T: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """(T_loc,) int64: the global step index of each local step of a T-step sequence."""
+        Tc = self.chunk_len(T)
+        return torch.cat([torch.arange(c * Tc, (c + 1) * Tc, device=device) for c in self.chunks])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Differentiable collectives
+
+
+class _AllGather(torch.autograd.Function):
+    """x → (N, *x.shape) stacked over the group; backward: the summed gradient's slice of this rank (every rank
+    used the gathered tensor, so each slot's gradient is the sum over ranks)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        n = dist.get_world_size(group)
+        if dist.get_backend(group) == "gloo":
+            parts = [torch.empty_like(x) for _ in range(n)]
+            dist.all_gather(parts, x, group=group)
+            return torch.stack(parts)
+        out = x.new_empty(n, *x.shape)
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        group = ctx.group
+        grad = grad.contiguous()
+        if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter
+            grad = grad.clone()
+            dist.all_reduce(grad, group=group)
+            return grad[dist.get_rank(group)], None
+        out = grad.new_empty(grad.shape[1:])
+        dist.reduce_scatter_tensor(out, grad, group=group)
+        return out, None
+
+
+def _all_gather(x: torch.Tensor, shard: ContextShard) -> torch.Tensor:
+    if shard.size == 1:
+        return x.unsqueeze(0)
+    return _AllGather.apply(x, shard.group)
+
+
+def _in_global_order(per_rank: torch.Tensor) -> torch.Tensor:
+    """(N, 2, ...) per rank and local chunk → (2N, ...) in global chunk order (chunk c < N is rank c's first,
+    chunk c ≥ N rank 2N−1−c's second)."""
+    return torch.cat((per_rank[:, 0], per_rank[:, 1].flip(0)))
+
+
+def _exclusive_cumsum(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    c = x.cumsum(dim)
+    return torch.cat((torch.zeros_like(c.narrow(dim, 0, 1)), c.narrow(dim, 0, c.shape[dim] - 1)), dim)
+
+
+def _check_local_len(T_loc: int, shard: ContextShard, op: str) -> int:
+    if T_loc % 2 or T_loc == 0:
+        raise ValueError(f"{op}: the local sequence holds two equal chunks, so T_loc must be even and positive; "
+                         f"got T_loc = {T_loc} (cut the full sequence with ContextShard.split)")
+    return T_loc // 2
+
+
+def _global_doc_ids(docs: DocumentMask, shard: ContextShard) -> torch.Tensor:
+    """(B, T_loc) int64: each local step's document index over the whole row (equal ids = one document)."""
+    B, T_loc = docs.shape
+    per_chunk = docs.starts.long().reshape(B, 2, T_loc // 2)  # (B, 2, Tc)
+    counts = per_chunk.sum(-1).transpose(0, 1).contiguous()  # (2, B)
+    if shard.size == 1:
+        gathered = counts.unsqueeze(0)
+    else:
+        parts = [torch.empty_like(counts) for _ in range(shard.size)]
+        dist.all_gather(parts, counts, group=shard.group)
+        gathered = torch.stack(parts)  # (N, 2, B)
+    offsets = _exclusive_cumsum(_in_global_order(gathered))  # (2N, B)  starts before each chunk
+    mine = offsets[list(shard.chunks)].transpose(0, 1)  # (B, 2)
+    return (per_chunk.cumsum(-1) + mine[..., None]).view(B, T_loc)  # (B, T_loc)
+
+
+def _global_log_forget_cumsum(log_f: torch.Tensor, shard: ContextShard) -> torch.Tensor:
+    """c = cumsum of log f over the whole row, at the local steps: (B, T_loc, H) → (B, H, T_loc) float64,
+    differentiable (the offsets' gradients reach the earlier chunks' gates through the all-gather)."""
+    B, T_loc, H = log_f.shape
+    local = log_f.to(torch.float64).transpose(1, 2).unflatten(-1, (2, T_loc // 2)).cumsum(-1)  # (B, H, 2, Tc)
+    totals = local[..., -1].permute(2, 0, 1)  # (2, B, H)
+    offsets = _exclusive_cumsum(_in_global_order(_all_gather(totals, shard)))  # (2N, B, H)
+    mine = offsets[list(shard.chunks)].permute(1, 2, 0)  # (B, H, 2)
+    return (local + mine[..., None]).flatten(-2)  # (B, H, T_loc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ring attention
+
+
+class _Ring:
+    """Async P2P to the next cp rank and from the previous one (global ranks resolved once)."""
+
+    def __init__(self, shard: ContextShard):
+        self.group = shard.group
+        self.next = dist.get_global_rank(shard.group, (shard.rank + 1) % shard.size)
+        self.prev = dist.get_global_rank(shard.group, (shard.rank - 1) % shard.size)
+
+    def shift(self, tensors, *, tag: int):
+        """Post sends of tensors to the next rank and receives of same-shaped ones from the previous;
+        returns (receive buffers, requests to wait on)."""
+        ops, received = [], []
+        for i, t in enumerate(tensors):
+            buf = torch.empty_like(t)
+            ops.append(dist.P2POp(dist.isend, t, self.next, self.group, tag=tag + i))
+            ops.append(dist.P2POp(dist.irecv, buf, self.prev, self.group, tag=tag + i))
+            received.append(buf)
+        return received, dist.batch_isend_irecv(ops)
+
+
+def _wait(requests) -> None:
+    for req in requests:
+        req.wait()
+
+
+def _block_pairs(q_chunks, k_chunks, Tc):
+    """(query offset, key offset, causal) for the visible (query chunk, key chunk) pairs of two local sequences
+    given their global chunk indices; a later key chunk is invisible."""
+    for qi, qc in enumerate(q_chunks):
+        for ki, kc in enumerate(k_chunks):
+            if kc <= qc:
+                yield qi * Tc, ki * Tc, kc == qc
+
+
+def _tile_logits(qs, k, c_q, c_k, doc_q, doc_k, causal_from):
+    """Scaled q·k (+ c_i − c_j) of one tile, −inf where hidden. qs (B, H, bq, D), k (B, H, bk, D); c_q (B, H, bq),
+    c_k (B, H, bk) float64 or None; doc_q (B, bq), doc_k (B, bk) or None; causal_from: the query tile's first
+    step within a diagonal block (keys after a query are hidden), or None for a fully visible block."""
+    s = qs @ k.transpose(-1, -2)  # (B, H, bq, bk)
+    if c_q is not None:
+        ref = c_q[..., :1]  # (B, H, 1)  differences taken near the tile so fp32 keeps them
+        s = s + ((c_q - ref).to(s.dtype)[..., :, None] - (c_k - ref).to(s.dtype)[..., None, :])
+    hidden = None
+    if causal_from is not None:
+        qpos = torch.arange(causal_from, causal_from + s.shape[-2], device=s.device)
+        hidden = torch.arange(s.shape[-1], device=s.device)[None, :] > qpos[:, None]  # (bq, bk)
+    if doc_q is not None:
+        cross = doc_q[:, None, :, None] != doc_k[:, None, None, :]  # (B, 1, bq, bk)
+        hidden = cross if hidden is None else hidden | cross
+    return s if hidden is None else s.masked_fill(hidden, float("-inf"))
+
+
+def _tiles(Tc: int, block_q: int, causal: bool):
+    """(query tile start, end, key end) within one block pair: a diagonal tile needs keys up to its last query."""
+    for i0 in range(0, Tc, block_q):
+        i1 = min(i0 + block_q, Tc)
+        yield i0, i1, (i1 if causal else Tc)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, c, doc, shard, scale, block_q):
+        # q, k (B, H, T_loc, D), v (B, H, T_loc, Dv) in the compute dtype; c (B, H, T_loc) float64 or None;
+        # doc (B, T_loc) global document ids or None
+        B, H, T_loc, _ = q.shape
+        Tc = T_loc // 2
+        ring = _Ring(shard) if shard.size > 1 else None
+        qs = q * scale
+        m = q.new_full((B, H, T_loc), float("-inf"))  # running max of the logits
+        den = q.new_zeros(B, H, T_loc)  # running Σ exp(logit − m)
+        acc = q.new_zeros(B, H, T_loc, v.shape[-1])  # running Σ exp(logit − m) v
+        block = [t for t in (k, v, c, doc) if t is not None]
+        for step in range(shard.size):
+            src = (shard.rank - step) % shard.size
+            if step < shard.size - 1:  # the next block is on its way while this one is computed
+                incoming, requests = ring.shift(block, tag=0)
+            k_b, v_b = block[0], block[1]
+            c_b = block[2] if c is not None else None
+            doc_b = block[-1] if doc is not None else None
+            src_chunks = (src, 2 * shard.size - 1 - src)
+            for q0, k0, causal in _block_pairs(shard.chunks, src_chunks, Tc):
+                for i0, i1, kn in _tiles(Tc, block_q, causal):
+                    rows = slice(q0 + i0, q0 + i1)
+                    keys = slice(k0, k0 + kn)
+                    s = _tile_logits(qs[..., rows, :], k_b[..., keys, :],
+                                     None if c is None else c[..., rows], None if c is None else c_b[..., keys],
+                                     None if doc is None else doc[:, rows], None if doc is None else doc_b[:, keys],
+                                     i0 if causal else None)  # (B, H, bq, bk)
+                    m_old = m[..., rows]
+                    m_new = torch.maximum(m_old, s.amax(-1))  # (B, H, bq)
+                    # a row that has seen no visible key yet keeps m = −inf: subtract 0 there, never −inf − −inf
+                    m_ref = m_new.masked_fill(m_new.isneginf(), 0.0)
+                    p = (s - m_ref[..., None]).exp()  # (B, H, bq, bk)
+                    rescale = (m_old - m_ref).exp()
+                    den[..., rows] = den[..., rows] * rescale + p.sum(-1)
+                    acc[..., rows, :] = acc[..., rows, :] * rescale[..., None] + p @ v_b[..., keys, :]
+                    m[..., rows] = m_new
+            if step < shard.size - 1:
+                _wait(requests)
+                block = incoming
+        # every query sees its own key (the diagonal block, step 0), so den > 0
+        o = acc / den[..., None]  # (B, H, T_loc, Dv)
+        lse = m + den.log()  # (B, H, T_loc)
+        ctx.save_for_backward(q, k, v, c, doc, o, lse)
+        ctx.config = (shard, scale, block_q)
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, c, doc, o, lse = ctx.saved_tensors
+        shard, scale, block_q = ctx.config
+        B, H, T_loc, D = q.shape
+        Dv = v.shape[-1]
+        Tc = T_loc // 2
+        ring = _Ring(shard) if shard.size > 1 else None
+        do = do.contiguous()
+        qs = q * scale
+        delta = (do * o).sum(-1)  # (B, H, T_loc)  Σ_j p_ij dp_ij
+        dq = torch.zeros_like(q)
+        width = D + Dv + (c is not None)  # one buffer travels for dk | dv | dc
+        block = [t for t in (k, v, c, doc) if t is not None]
+        grad_requests = grad_incoming = None
+        for step in range(shard.size):
+            src = (shard.rank - step) % shard.size
+            if step < shard.size - 1:
+                incoming, requests = ring.shift(block, tag=0)
+            k_b, v_b = block[0], block[1]
+            c_b = block[2] if c is not None else None
+            doc_b = block[-1] if doc is not None else None
+            part = q.new_zeros(B, H, T_loc, width)  # this rank's share of the block's dk | dv | dc
+            dk, dv = part[..., :D], part[..., D:D + Dv]
+            src_chunks = (src, 2 * shard.size - 1 - src)
+            for q0, k0, causal in _block_pairs(shard.chunks, src_chunks, Tc):
+                for i0, i1, kn in _tiles(Tc, block_q, causal):
+                    rows = slice(q0 + i0, q0 + i1)
+                    keys = slice(k0, k0 + kn)
+                    s = _tile_logits(qs[..., rows, :], k_b[..., keys, :],
+                                     None if c is None else c[..., rows], None if c is None else c_b[..., keys],
+                                     None if doc is None else doc[:, rows], None if doc is None else doc_b[:, keys],
+                                     i0 if causal else None)  # (B, H, bq, bk)
+                    p = (s - lse[..., rows, None]).exp()  # (B, H, bq, bk)
+                    do_i = do[..., rows, :]
+                    dv[..., keys, :] += p.transpose(-1, -2) @ do_i
+                    ds = p * (do_i @ v_b[..., keys, :].transpose(-1, -2) - delta[..., rows, None])
+                    dq[..., rows, :] += ds @ k_b[..., keys, :]
+                    dk[..., keys, :] += ds.transpose(-1, -2) @ qs[..., rows, :]
+                    if c is not None:
+                        # the logit has +c_i − c_j; the +c_i part sums ds over a whole softmax row, exactly 0
+                        part[..., keys, -1] -= ds.sum(-2)
+            if step == 0:
+                total = part
+            else:  # the block's accumulator, from the ranks it visited before, arrives behind it
+                _wait(grad_requests)
+                total = grad_incoming + part
+            if shard.size > 1:
+                (grad_incoming,), grad_requests = ring.shift([total], tag=16)
+            if step < shard.size - 1:
+                _wait(requests)
+                block = incoming
+        if shard.size > 1:  # after N hops this rank's own block's accumulator is home
+            _wait(grad_requests)
+            total = grad_incoming
+        dk, dv = total[..., :D], total[..., D:D + Dv]
+        dc = None if c is None else total[..., -1].to(c.dtype)
+        return dq * scale, dk, dv, dc, None, None, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, shard: ContextShard,
+                   docs: DocumentMask | None = None, log_f: torch.Tensor | None = None, scale: float | None = None,
+                   block_q: int = 256) -> torch.Tensor:
+    """Causal softmax attention (log_f None) or forgetting attention (logits + c_i − c_j, c = cumsum log_f over
+    the whole sequence) over a sequence split zigzag over the cp group; equals `causal_attention` /
+    `forgetting_attention` on the whole sequence, then `shard.split`.
+
+    q, k: [B, T_loc, H, D]; v: [B, T_loc, H, Dv]; log_f: [B, T_loc, H]; docs: the local (B, T_loc) mask whose
+    starts are the real document starts. scale defaults to D^-0.5. block_q: queries per tile (memory bound).
+    Returns [B, T_loc, H, Dv] in q's dtype.
+    """
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"ring_attention wants q, k as [B, T_loc, H, D] and v as [B, T_loc, H, Dv]; got "
+                         f"{list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if log_f is not None and tuple(log_f.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"ring_attention wants log_f as [B, T_loc, H] = {list(q.shape[:3])}; got "
+                         f"{list(log_f.shape)}")
+    if block_q <= 0:
+        raise ValueError(f"ring_attention: block_q must be positive; got {block_q}")
+    _check_local_len(q.shape[1], shard, "ring_attention")
+    doc = None
+    if docs is not None:
+        check_docs(docs, q, "ring_attention")
+        doc = _global_doc_ids(docs, shard)  # (B, T_loc)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dt = torch.promote_types(q.dtype, torch.float32)  # bf16/fp16 computed in fp32, fp64 stays fp64
+    c = None if log_f is None else _global_log_forget_cumsum(log_f, shard)  # (B, H, T_loc)
+    qh, kh, vh = (x.to(dt).transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, T_loc, ·)
+    o = _RingAttention.apply(qh, kh, vh, c, doc, shard, scale, block_q)  # (B, H, T_loc, Dv)
+    return o.transpose(1, 2).to(q.dtype)  # (B, T_loc, H, Dv)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# State passing
+
+
+def _as_chunk_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2·Tc, ...) → (2B, Tc, ...): row j·B + b is row b's local chunk j."""
+    B, T_loc = x.shape[:2]
+    return x.unflatten(1, (2, T_loc // 2)).transpose(0, 1).flatten(0, 1)
+
+
+def _from_chunk_rows(x: torch.Tensor) -> torch.Tensor:
+    """(2B, Tc, ...) → (B, 2·Tc, ...), undoing `_as_chunk_rows`."""
+    return x.unflatten(0, (2, x.shape[0] // 2)).transpose(0, 1).flatten(1, 2)
+
+
+def chain_states(s_loc: torch.Tensor, trans: torch.Tensor, *, diagonal: bool) -> torch.Tensor:
+    """Initial states of consecutive chunks from their zero-state final states and transitions:
+    S_in(0) = 0, S_in(c) = M(c−1)·S_in(c−1) + S_loc(c−1).
+
+    s_loc: (C, ..., K, V); trans: (C, ..., K, K), or (C, ..., K) with diagonal=True (M = Diag(trans)).
+    Returns (C, ..., K, V) in s_loc's dtype.
+    """
+    state = torch.zeros_like(s_loc[0])
+    entering = []
+    for c in range(s_loc.shape[0]):
+        entering.append(state)
+        state = (trans[c][..., None] * state if diagonal else trans[c] @ state) + s_loc[c]
+    return torch.stack(entering)
+
+
+def _state_passing(op, inputs, v, *, shard, docs, transition_cols, diagonal, op_kwargs):
+    """Run op (gla or rwkv7) over the zigzag-local sequence with the states of all earlier chunks.
+
+    inputs: the op's [B, T_loc, H, ·] arguments with v replaced by None (its slot); transition_cols: how many
+    value columns carry the transition (1 for a diagonal one, K for a full K×K one)."""
+    B, T_loc, H = v.shape[:3]
+    _check_local_len(T_loc, shard, op.__name__)
+    V = v.shape[-1]
+    K = inputs[0].shape[-1]
+    rows = [None if x is None else _as_chunk_rows(x) for x in inputs]  # (2B, Tc, H, ·)
+    v_rows = _as_chunk_rows(v)  # (2B, Tc, H, V)
+    row_docs = None
+    if docs is not None:
+        check_docs(docs, v, op.__name__)
+        row_docs = DocumentMask(_as_chunk_rows(docs.starts))  # (2B, Tc)
+
+    # [v | 0] from [0 | I]: the final state is [S_loc | M], both from the op's own recurrence and masking
+    v_ext = torch.cat((v_rows, v_rows.new_zeros(*v_rows.shape[:3], transition_cols)), -1)  # (2B, Tc, H, V+n)
+    eye = torch.ones(K, 1) if diagonal else torch.eye(K)
+    h0 = torch.cat((torch.zeros(K, V), eye), -1).to(device=v.device, dtype=torch.promote_types(v.dtype,
+                                                                                                torch.float32))
+    h0 = h0.expand(2 * B, H, K, V + transition_cols)
+    call = [v_ext if x is None else x for x in rows]
+    _, final = op(*call, initial_state=h0, output_final_state=True, docs=row_docs, **op_kwargs)  # (2B, H, K, V+n)
+    dt = torch.promote_types(final.dtype, torch.float32)
+    final = final.to(dt).unflatten(0, (2, B))  # (2, B, H, K, V+n)
+    every = _in_global_order(_all_gather(final, shard))  # (2N, B, H, K, V+n)
+    s_loc, trans = every[..., :V], every[..., V:]
+    if diagonal:
+        trans = trans.squeeze(-1)  # (2N, B, H, K)
+    entering = chain_states(s_loc, trans, diagonal=diagonal)[list(shard.chunks)]  # (2, B, H, K, V)
+
+    call = [v_rows if x is None else x for x in rows]
+    o = op(*call, initial_state=entering.flatten(0, 1), docs=row_docs, **op_kwargs)  # (2B, Tc, H, V)
+    return _from_chunk_rows(o)  # (B, T_loc, H, V)
+
+
+def gla_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, shard: ContextShard,
+                docs: DocumentMask | None = None, scale: float | None = None, impl: str = "auto") -> torch.Tensor:
+    """`pretrain.ops.gla` over a sequence split zigzag over the cp group (state passing); equals the op on the
+    whole sequence, then `shard.split`. q, k, g: [B, T_loc, H, K]; v: [B, T_loc, H, V]; docs: local (B, T_loc)."""
+    return _state_passing(gla, (q, k, None, g), v, shard=shard, docs=docs, transition_cols=1, diagonal=True,
+                          op_kwargs=dict(scale=scale, impl=impl))
+
+
+def rwkv7_context(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                  b: torch.Tensor, *, shard: ContextShard, docs: DocumentMask | None = None,
+                  impl: str = "auto") -> torch.Tensor:
+    """`pretrain.ops.rwkv7` over a sequence split zigzag over the cp group (state passing); equals the op on the
+    whole sequence, then `shard.split`. r, w, k, a, b: [B, T_loc, H, K]; v: [B, T_loc, H, V]."""
+    return _state_passing(rwkv7, (r, w, k, None, a, b), v, shard=shard, docs=docs, transition_cols=r.shape[-1],
+                          diagonal=False, op_kwargs=dict(impl=impl))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Token shift halo
+
+
+def previous_steps(x: torch.Tensor, *, shard: ContextShard) -> torch.Tensor:
+    """x_{t−1} at every local step of a zigzag-local x (B, T_loc, ...), zero at global step 0: the whole-sequence
+    `shift_tokens(x)` (without docs), then split. The caller applies its own document "continues" mask.
+
+    A DTensor x (tensor parallelism: Replicate, or Shard on a trailing dim) is shifted on its local tensor and
+    comes back as a DTensor with the same spec."""
+    if isinstance(x, DTensor):
+        if any(isinstance(p, Shard) and p.dim % x.ndim in (0, 1) for p in x.placements):
+            raise ValueError(f"previous_steps shifts along the sequence (dim 1), so x may not be sharded on "
+                             f"dims 0 or 1 over tp; got placements {x.placements}")
+        shifted = previous_steps(x.to_local(), shard=shard)
+        return DTensor.from_local(shifted, x.device_mesh, x.placements, run_check=False, shape=x.shape,
+                                  stride=x.stride())
+    Tc = _check_local_len(x.shape[1], shard, "previous_steps")
+    ends = torch.stack((x[:, Tc - 1], x[:, -1]))  # (2, B, ...)  the last step of each local chunk
+    every = _all_gather(ends, shard)  # (N, 2, B, ...)
+    r, n = shard.rank, shard.size
+    # local step 0 is global chunk r's first: its previous step ends chunk r − 1 (rank r − 1's first chunk)
+    first = torch.zeros_like(x[:, 0]) if r == 0 else every[r - 1, 0]
+    # local step Tc is chunk 2N−1−r's first: chunk 2N−2−r is rank r + 1's second chunk, or for r = N − 1 this
+    # rank's own first chunk
+    second = every[r, 0] if r == n - 1 else every[r + 1, 1]
+    return torch.cat((first.unsqueeze(1), x[:, :Tc - 1], second.unsqueeze(1), x[:, Tc:-1]), 1)
+
+
+__all__ = ["ContextShard", "chain_states", "gla_context", "previous_steps", "ring_attention", "rwkv7_context"]

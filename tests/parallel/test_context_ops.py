@@ -1,0 +1,229 @@
+"""Context-parallel kernels equal the single-process ops on the whole sequence (float64, gloo).
+
+Every rank makes the same seeded full inputs, runs the op on the whole sequence (the reference: its output and
+the gradients of a random-weighted sum w.r.t. every input), then the CP function on its zigzag shard; the CP
+output and input gradients must equal the reference's, split, within 1e-10.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.context import ContextShard, chain_states, gla_context, previous_steps, ring_attention, \
+    rwkv7_context
+from pretrain.models.common import shift_tokens
+from pretrain.ops import DocumentMask, causal_attention, forgetting_attention, gla, rwkv7
+from tests.dist import run_distributed
+
+TOL = 1e-10
+B, T, H = 2, 32, 2
+
+# document starts per row (global step 0 always counts); with T = 32 and cp = 2 the chunks are 8 steps:
+# row 0: 3 inside chunk 0, 16 at a chunk boundary that is rank 1's seam, 24 at rank 0's seam, 29 inside;
+# row 1: the document 12 … 25 spans chunks 1, 2 and 3 (both ranks).
+DOC_STARTS = ((0, 3, 16, 24, 29), (0, 12, 26))
+
+
+def _starts(T_full: int) -> torch.Tensor:
+    starts = torch.zeros(B, T_full, dtype=torch.bool)
+    for row, steps in enumerate(DOC_STARTS):
+        starts[row, [s for s in steps if s < T_full]] = True
+    return starts
+
+
+def _compare(reference_fn, context_fn, inputs, *, docs: bool, seed: int = 0) -> dict:
+    """Max abs differences between the CP function on the shard and the reference on the whole sequence."""
+    shard = ContextShard.from_group(dist.group.WORLD)
+    full = [x.clone().requires_grad_() for x in inputs]
+    starts = _starts(inputs[0].shape[1]) if docs else None
+    ref = reference_fn(*full, docs=None if starts is None else DocumentMask(starts))
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=ref.dtype)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), full)
+
+    local = [shard.split(x.detach()).requires_grad_() for x in inputs]
+    local_docs = None if starts is None else DocumentMask(shard.split(starts))
+    out = context_fn(*local, shard=shard, docs=local_docs)
+    grads = torch.autograd.grad((out * shard.split(weight)).sum(), local)
+    errors = {"output": (out - shard.split(ref)).abs().max().item()}
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        errors[f"grad{i}"] = (g - shard.split(rg)).abs().max().item()
+    return errors
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _attention_case(kind: str, docs: bool, T_full: int = T):
+    D, Dv = 8, 12
+    q, k, v = _randn(B, T_full, H, D, seed=1), _randn(B, T_full, H, D, seed=2), _randn(B, T_full, H, Dv, seed=3)
+    if kind == "softmax":
+        def reference(q, k, v, *, docs):
+            return causal_attention(q, k, v, impl="unfused", docs=docs)
+
+        def context(q, k, v, *, shard, docs):
+            return ring_attention(q, k, v, shard=shard, docs=docs, block_q=3)  # tiles that do not divide Tc
+        return _compare(reference, context, (q, k, v), docs=docs)
+    # "fox" mild forgetting, "fox-strong" log f ≈ −4 per step
+    shift = -4.0 if kind == "fox-strong" else 2.0
+    log_f = F.logsigmoid(_randn(B, T_full, H, seed=4) * 2 + shift)
+
+    def reference(q, k, v, log_f, *, docs):
+        return forgetting_attention(q, k, v, log_f, impl="torch", docs=docs)
+
+    def context(q, k, v, log_f, *, shard, docs):
+        return ring_attention(q, k, v, shard=shard, docs=docs, log_f=log_f)
+    return _compare(reference, context, (q, k, v, log_f), docs=docs)
+
+
+def _gla_case(docs: bool, T_full: int = T):
+    K, V = 8, 12  # K ≠ V: catches a transposed state
+    q, k, v = _randn(B, T_full, H, K, seed=5), _randn(B, T_full, H, K, seed=6), _randn(B, T_full, H, V, seed=7)
+    g = F.logsigmoid(_randn(B, T_full, H, K, seed=8)) / 4
+
+    def reference(q, k, v, g, *, docs):
+        return gla(q, k, v, g, impl="torch", docs=docs)
+
+    def context(q, k, v, g, *, shard, docs):
+        return gla_context(q, k, v, g, shard=shard, docs=docs, impl="torch")
+    return _compare(reference, context, (q, k, v, g), docs=docs)
+
+
+def _rwkv7_inputs(T_full: int, K: int = 8, V: int = 8):
+    r, k, v = _randn(B, T_full, H, K, seed=9), _randn(B, T_full, H, K, seed=10), _randn(B, T_full, H, V, seed=11)
+    w = -0.6 * torch.sigmoid(_randn(B, T_full, H, K, seed=12))  # log decay, RWKV-7's range
+    kappa = F.normalize(_randn(B, T_full, H, K, seed=13), dim=-1)
+    alpha = torch.sigmoid(_randn(B, T_full, H, K, seed=14))
+    return r, w, k, v, -kappa, kappa * alpha  # a = −κ̂, b = κ̂ ⊙ α as in the layer
+
+
+def _rwkv7_case(docs: bool, T_full: int = T):
+    def reference(r, w, k, v, a, b, *, docs):
+        return rwkv7(r, w, k, v, a, b, impl="torch", docs=docs)
+
+    def context(r, w, k, v, a, b, *, shard, docs):
+        return rwkv7_context(r, w, k, v, a, b, shard=shard, docs=docs, impl="torch")
+    return _compare(reference, context, _rwkv7_inputs(T_full), docs=docs)
+
+
+def _shift_case(docs: bool):
+    x = _randn(B, T, 3, 5, seed=15)  # any trailing shape
+
+    def reference(x, *, docs):
+        return shift_tokens(x)
+
+    def context(x, *, shard, docs):
+        return previous_steps(x, shard=shard)
+    return _compare(reference, context, (x,), docs=False)
+
+
+CASES = {
+    "softmax": lambda docs: _attention_case("softmax", docs),
+    "fox": lambda docs: _attention_case("fox", docs),
+    "fox-strong": lambda docs: _attention_case("fox-strong", docs),
+    "gla": _gla_case,
+    "rwkv7": _rwkv7_case,
+    "shift": _shift_case,  # no documents: the caller multiplies by its own "continues" mask
+}
+
+
+def _run_cases(names, docs_options):
+    return {f"{name}{'-docs' if docs else ''}": CASES[name](docs) for name in names for docs in docs_options
+            if name != "shift" or not docs}
+
+
+def _assert_close(results):
+    for rank, per_case in enumerate(results):
+        for case, errors in per_case.items():
+            for what, err in errors.items():
+                assert err < TOL, f"rank {rank} {case} {what}: max |CP − reference| = {err:.3g}"
+
+
+@pytest.mark.parametrize("names", [("softmax", "fox", "fox-strong"), ("gla", "rwkv7", "shift")],
+                         ids=["ring", "state"])
+def test_cp2_equals_one_process(names):
+    _assert_close(run_distributed(_run_cases, 2, names, (False, True)))
+
+
+@pytest.mark.slow
+def test_cp4_equals_one_process():
+    _assert_close(run_distributed(_run_cases, 4, ("softmax", "fox", "gla", "rwkv7", "shift"),
+                                  (False, True)))
+
+
+def _shard_round_trip():
+    shard = ContextShard.from_group(dist.group.WORLD)
+    N, r = shard.size, shard.rank
+    x = torch.arange(2 * 16 * 3).view(2, 16, 3)  # (B, T, C): T = 16 is divisible by 2N for N = 2, 4
+    local = shard.split(x)
+    Tc = 16 // (2 * N)
+    positions = shard.positions(16, "cpu")
+    assert shard.chunks == (r, 2 * N - 1 - r)
+    assert torch.equal(positions, torch.cat((torch.arange(r * Tc, (r + 1) * Tc),
+                                             torch.arange((2 * N - 1 - r) * Tc, (2 * N - r) * Tc))))
+    assert torch.equal(local, x[:, positions])
+    assert torch.equal(shard.gather(local), x)
+    assert torch.equal(shard.gather(shard.split(x.transpose(0, 1), dim=0), dim=0), x.transpose(0, 1))
+    for bad in (x[:, :15], x[:, :2 * N + 1]):
+        with pytest.raises(ValueError, match=rf"T = {bad.shape[1]}.*N = {N}.*2N = {2 * N}"):
+            shard.split(bad)
+    with pytest.raises(ValueError, match=r"divisible by 2N"):
+        shard.positions(15, "cpu")
+    return True
+
+
+def test_shard_split_gather_positions():
+    assert all(run_distributed(_shard_round_trip, 2))
+
+
+def test_shard_errors_without_processes():
+    shard = ContextShard(group=None, rank=1, size=3)
+    assert shard.chunks == (1, 4)
+    assert torch.equal(shard.positions(12, "cpu"), torch.tensor([2, 3, 8, 9]))
+    with pytest.raises(ValueError, match=r"T = 16 .*N = 3.*2N = 6"):
+        shard.split(torch.zeros(1, 16))
+
+
+def _sequential_rwkv7_states(r, w, k, v, a, b, bounds):
+    """Step-by-step fp64 recurrence of DESIGN.md; the state entering each step in bounds."""
+    S = torch.zeros(r.shape[0], r.shape[2], r.shape[3], v.shape[3], dtype=torch.float64)  # (B, H, K, V)
+    entering = []
+    for t in range(r.shape[1]):
+        if t in bounds:
+            entering.append(S.clone())
+        aS = torch.einsum("bhk,bhkv->bhv", a[:, t], S)
+        S = w[:, t].exp()[..., None] * S + b[:, t][..., None] * aS[..., None, :] \
+            + k[:, t][..., None] * v[:, t][..., None, :]
+    return torch.stack(entering)
+
+
+@pytest.mark.parametrize("K, V", [(8, 8), (4, 12)])
+def test_chain_matches_a_sequential_recurrence(K, V):
+    """The chained merge over chunks, fed each chunk's (S_loc, M) from the op run with [v | 0] and initial state
+    [0 | I], gives the sequential recurrence's states at the chunk boundaries: checks M's orientation too."""
+    T_full, n_chunks = 32, 4
+    Tc = T_full // n_chunks
+    r, w, k, v, a, b = _rwkv7_inputs(T_full, K, V)
+    # a stronger low-rank term than the layer's (b ⊙ a up to 4 per channel), so a transposed M would show
+    b = b * 4
+    rows = [x.unflatten(1, (n_chunks, Tc)).transpose(0, 1).flatten(0, 1) for x in (r, w, k, v, a, b)]  # (n·B, Tc, H, ·)
+    v_ext = torch.cat((rows[3], torch.zeros(*rows[3].shape[:3], K, dtype=torch.float64)), -1)
+    h0 = torch.cat((torch.zeros(K, V, dtype=torch.float64), torch.eye(K, dtype=torch.float64)), -1)
+    _, final = rwkv7(rows[0], rows[1], rows[2], v_ext, rows[4], rows[5], impl="torch", output_final_state=True,
+                     initial_state=h0.expand(n_chunks * B, H, K, V + K))
+    final = final.unflatten(0, (n_chunks, B))  # (n, B, H, K, V+K)
+    chained = chain_states(final[..., :V], final[..., V:], diagonal=False)
+    expected = _sequential_rwkv7_states(r, w, k, v, a, b, {c * Tc for c in range(n_chunks)})
+    assert (chained - expected).abs().max() < TOL
+    # and GLA's diagonal transition: b = 0 reduces RWKV-7 to GLA (scale 1, o from S_t)
+    zero = torch.zeros_like(b)
+    expected_gla = _sequential_rwkv7_states(r, w, k, v, zero, zero, {c * Tc for c in range(n_chunks)})
+    _, final = gla(rows[0], rows[2], torch.cat((rows[3], torch.zeros(*rows[3].shape[:3], 1, dtype=torch.float64)),
+                                                -1), rows[1], impl="torch", output_final_state=True,
+                   initial_state=torch.cat((torch.zeros(K, V, dtype=torch.float64),
+                                            torch.ones(K, 1, dtype=torch.float64)), -1).expand(n_chunks * B, H, K,
+                                                                                             V + 1))
+    final = final.unflatten(0, (n_chunks, B))
+    chained = chain_states(final[..., :V], final[..., V], diagonal=True)
+    assert (chained - expected_gla).abs().max() < TOL
