@@ -13,12 +13,12 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
 
 from parallel.tensor import (AllReduceInputGradient, HeadSharded, ReplicatedDocumentMask, ReplicatedParams,
                              VocabParallelEmbedding)
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, layer_config, layer_mixers
 
 Plan = dict[str, tuple[ParallelStyle, ...]]
 
-# Architectures whose blocks hand a tensor on to later blocks (RWKV-7's first-layer values): it crosses
-# pipeline stages next to the hidden state.
+# Mixers whose blocks hand a tensor on to later blocks (RWKV-7's first-layer values): from the first such layer on,
+# it crosses pipeline stages next to the hidden state (parallel.pipeline.stage_carries).
 CARRY_ARCHS = ("rwkv7",)
 
 
@@ -36,7 +36,7 @@ def _attention(cfg: ModelConfig) -> Plan:
 def _gla(cfg: ModelConfig) -> Plan:
     plan = {name: (ColwiseParallel(),) for name in ("q_proj", "k_proj", "v_proj", "g_proj", "gk_proj.up")}
     plan["gk_proj.down"] = (ReplicatedParams(),)
-    plan["o_norm"] = (HeadSharded("weight"),)
+    plan["o_norm"] = (ReplicatedParams(local_views=True),)  # one scale per channel, shared by all heads
     return plan
 
 
@@ -56,7 +56,8 @@ MIXERS = {"transformer": _attention, "fox": _attention, "gla": _gla, "rwkv7": _r
 
 
 def tp_plan(cfg: ModelConfig, *, sequence_parallel: bool) -> Plan:
-    """The plan for `cfg.arch`; patterns that name no module (a pipeline stage's missing parts) are skipped."""
+    """The plan for `cfg.arch` (a hybrid: each layer's mixer's); patterns that name no module (a pipeline stage's
+    missing parts, the first RWKV-7 layer's value-residual LoRA) are skipped."""
     # The residual stream's layout, and the style of the norms that run on it.
     residual = Shard(1) if sequence_parallel else Replicate()
     norm = SequenceParallel() if sequence_parallel else ReplicatedParams()
@@ -90,10 +91,16 @@ def tp_plan(cfg: ModelConfig, *, sequence_parallel: bool) -> Plan:
         "lm_head": (ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False),
                     *(() if sequence_parallel else (whole_sequence(1),))),
     }
-    if cfg.arch == "rwkv7":
-        # the channel mix's own token-shift mixing
-        plan["layers.*.mlp"] += (ReplicatedParams("mu_k"), ReplicatedDocumentMask())
-    for name, styles in MIXERS[cfg.arch](cfg).items():
-        key = f"layers.*.mixer.{name}".rstrip(".")
-        plan[key] = plan.get(key, ()) + styles
+    # A pure model: one pattern for every layer (`*`). A hybrid: each layer's own mixer plan under its index, built
+    # from its pure-model view (`layer_config`), so layer i is laid out as in a pure model of its mixer.
+    mixers = layer_mixers(cfg)
+    layers = {"*": 0} if cfg.arch != "hybrid" else {str(i): i for i in range(cfg.n_layers)}
+    for key, index in layers.items():
+        if mixers[index] == "rwkv7":
+            # the channel mix's own token-shift mixing
+            mlp = f"layers.{key}.mlp"
+            plan[mlp] = plan.get(mlp, ()) + (ReplicatedParams("mu_k"), ReplicatedDocumentMask())
+        for name, styles in MIXERS[mixers[index]](layer_config(cfg, index)).items():
+            pattern = f"layers.{key}.mixer.{name}".rstrip(".")
+            plan[pattern] = plan.get(pattern, ()) + styles
     return plan

@@ -37,17 +37,27 @@ class ReplicatedParams(ParallelStyle):
     For weights applied to a replicated activation ahead of column-parallel projections. Each rank
     back-propagates only its heads through them, so their gradients come out `Partial` (a sum over the TP
     ranks); FSDP reduces them with the rest, otherwise `reduce_partial_grads` does.
+
+    With `local_views=True` the module sees them as local tensors during its forward (as `HeadSharded` does), for
+    parameters applied to the local heads' activations (GLA's output-norm scale, shared by all heads): their local
+    gradients are marked `Partial` too.
     """
 
-    def __init__(self, *names: str):
+    def __init__(self, *names: str, local_views: bool = False):
         super().__init__()
         self.names = names
+        self.local_views = local_views
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        replicated = []
         for name, param in list(module.named_parameters(recurse=False)):
             if not self.names or name in self.names:
                 dtensor = distribute_tensor(param.data, device_mesh, [Replicate()], src_data_rank=self.src_data_rank)
                 module.register_parameter(name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+                replicated.append(name)
+        if self.local_views:
+            module.register_forward_pre_hook(partial(_put_local_views, replicated, grad_placements=(Partial(),)))
+            module.register_forward_hook(partial(_drop_local_views, replicated))
         return module
 
 
@@ -146,9 +156,9 @@ def _all_reduce_gradient_of_input(module, args):
     return (DTensor.from_local(x.to_local(), x.device_mesh, x.placements, run_check=False), *args[1:])
 
 
-def _put_local_views(names, module, args) -> None:
+def _put_local_views(names, module, args, *, grad_placements=None) -> None:
     for name in names:
-        module.__dict__[name] = module._parameters[name].to_local()
+        module.__dict__[name] = module._parameters[name].to_local(grad_placements=grad_placements)
 
 
 def _drop_local_views(names, module, args, output) -> None:

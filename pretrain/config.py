@@ -32,7 +32,7 @@ class ModelConfig:
     arch: str = "transformer"
     """Architecture: transformer | fox | gla | rwkv7 | hybrid (each layer's mixer from model.mixers)."""
     mixers: str = ""
-    """Hybrid only: each layer's mixer, comma-separated, NAME*K repeats (e.g. 'gla*3,transformer'), repeated to n_layers."""
+    """Hybrid: each layer's mixer, comma-separated, NAME*K repeats (e.g. 'gla*3,transformer'), repeated to n_layers."""
     preset: str = ""
     """Named bundle of defaults applied before the file and command line: '' or 'gpt' (Korthikanti et al. GPT)."""
     d_model: int = 256
@@ -89,7 +89,7 @@ MODEL_PRESETS: dict[str, dict[str, typing.Any]] = {
 @dataclass
 class ParallelConfig:
     dp: int = 0
-    """Data-parallel degree (= dp_replicate × dp_shard); 0 = the processes left over after tp × pp."""
+    """Data-parallel degree (= dp_replicate × dp_shard); 0 = the processes left over after tp × pp × cp."""
     dp_replicate: int = 0
     """HSDP: replicas of the FSDP-sharded model (across nodes); 0 = dp / dp_shard, or 1 (plain FSDP) if both are 0."""
     dp_shard: int = 0
@@ -98,6 +98,8 @@ class ParallelConfig:
     """Tensor-parallel degree: heads, feed-forward width and vocabulary split over this many processes."""
     pp: int = 1
     """Pipeline-parallel degree: the blocks split into stages over this many processes."""
+    cp: int = 1
+    """Context-parallel degree: every sequence split over this many ranks through every layer."""
     sequence_parallel: bool = True
     """With tp > 1: norms, dropout and residuals run on sequence shards (Megatron-style sequence parallelism)."""
     sp_regather: bool = False
@@ -168,6 +170,8 @@ class OptimConfig:
     """WSD only: the fraction of train.steps spent in the final linear decay."""
     weight_decay: float = 0.1
     """Decoupled weight decay on matrices (never on norms, biases or embeddings)."""
+    rwkv7_reference_groups: bool = True
+    """RWKV-7: BlinkDL's param groups (2× lr on w₀; decay only matrices outside the LoRAs, embedding and head too)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -471,8 +475,8 @@ def kernel_warning(m: ModelConfig, device_type: str) -> str | None:
     """Why model.attn_impl=auto runs slower on `device_type` than it could (fla-core missing on CUDA), or None."""
     fla_mixers = sorted(mixer for mixer in set(layer_mixers(m)) if "fla" in ATTN_IMPLS[mixer])
     if device_type == "cuda" and m.attn_impl == "auto" and fla_mixers and not fla_available():
-        return (f"model.attn_impl=auto: fla-core does not import, so {', '.join(fla_mixers)} runs the project's PyTorch ops on "
-                f"CUDA instead of fla's Triton kernels; install them: pip install -e '.[gpu]'")
+        return (f"model.attn_impl=auto: fla-core does not import, so {', '.join(fla_mixers)} runs the project's "
+                f"PyTorch ops on CUDA instead of fla's Triton kernels; install them: pip install -e '.[gpu]'")
     return None
 
 
@@ -569,25 +573,52 @@ def validate(cfg: Config) -> None:
                           f"got {p.recompute_every}, {p.minisequence_chunks}.")
     if p.recompute_modules and p.recompute != "selective":
         raise ConfigError(f"parallel.recompute_modules='{p.recompute_modules}' needs parallel.recompute=selective.")
+    _validate_context_parallel(cfg)
+
+
+def _validate_context_parallel(cfg: Config) -> None:
+    """parallel.cp: what context parallelism (parallel/context.py, parallel/context_model.py) can split."""
+    m, p = cfg.model, cfg.parallel
+    if p.cp < 1:
+        raise ConfigError(f"parallel.cp must be >= 1 (1 = off), got {p.cp}.")
+    if p.cp == 1:
+        return
+    if m.seq_len % (2 * p.cp):
+        raise ConfigError(f"model.seq_len={m.seq_len} is not divisible by 2 × parallel.cp = {2 * p.cp}: context "
+                          f"parallelism cuts each sequence into 2·cp chunks (rank r keeps chunks r and 2·cp−1−r, "
+                          f"which balances causal work); pick a seq_len that is a multiple of {2 * p.cp}.")
+    if m.dropout > 0 and m.arch == "transformer":
+        raise ConfigError(f"model.dropout={m.dropout} also drops softmax-attention probabilities, which ring attention "
+                          f"(parallel.cp={p.cp}) does not do; set model.dropout=0 or parallel.cp=1.")
+    if p.tp > 1 and p.sequence_parallel and (m.seq_len // p.cp) % p.tp:
+        raise ConfigError(f"each context-parallel rank holds seq_len / cp = {m.seq_len} / {p.cp} = {m.seq_len // p.cp} "
+                          f"steps, not divisible by parallel.tp={p.tp} for sequence parallelism; pick a seq_len that "
+                          f"is a multiple of {2 * p.cp * p.tp} or set parallel.sequence_parallel=false.")
+    if p.compile:
+        raise ConfigError(f"parallel.compile with parallel.cp={p.cp} is not supported yet (the ring's send/recv and the "
+                          f"state scan are untested inside compiled blocks); set parallel.compile=false.")
 
 
 def validate_world(cfg: Config, world_size: int) -> int:
     """Check the layout against the number of processes; return the data-parallel degree.
     (`parallel.mesh.ParallelDims.from_config` adds the checks that depend on the model.)"""
     p = cfg.parallel
-    if world_size % (p.tp * p.pp):
-        raise ConfigError(f"tp × pp = {p.tp} × {p.pp} = {p.tp * p.pp} does not divide the {world_size} processes "
-                          f"started; start a multiple of {p.tp * p.pp} processes or change parallel.tp / parallel.pp.")
-    dp = p.dp or world_size // (p.tp * p.pp)
-    if dp * p.tp * p.pp != world_size:
-        raise ConfigError(f"dp × tp × pp = {dp} × {p.tp} × {p.pp} = {dp * p.tp * p.pp} but {world_size} processes "
+    # the world is dp × pp × cp × tp; cp is named in the messages only where it is on
+    names, sizes = ("tp × pp", f"{p.tp} × {p.pp}") if p.cp == 1 else ("tp × pp × cp", f"{p.tp} × {p.pp} × {p.cp}")
+    model_parallel = p.tp * p.pp * p.cp
+    if world_size % model_parallel:
+        raise ConfigError(f"{names} = {sizes} = {model_parallel} does not divide the {world_size} processes started; "
+                          f"start a multiple of {model_parallel} processes or change parallel.{names.replace(' × ', ' / parallel.')}.")
+    dp = p.dp or world_size // model_parallel
+    if dp * model_parallel != world_size:
+        raise ConfigError(f"dp × {names} = {dp} × {sizes} = {dp * model_parallel} but {world_size} processes "
                           f"were started; set parallel.dp=0 (the processes left over) or start "
-                          f"{dp * p.tp * p.pp} processes.")
+                          f"{dp * model_parallel} processes.")
     replicate, shard = p.dp_split(dp)
     if p.dp_replicate and p.dp_shard and replicate * shard != dp:
         raise ConfigError(f"parallel.dp_replicate × parallel.dp_shard = {replicate} × {shard} = {replicate * shard} "
                           f"but the data-parallel degree is dp = {dp}; set one of them to 0 (dp divided by the "
-                          f"other) or start {replicate * shard * p.tp * p.pp} processes.")
+                          f"other) or start {replicate * shard * model_parallel} processes.")
     if replicate * shard != dp:
         name, value = ("dp_replicate", p.dp_replicate) if p.dp_replicate else ("dp_shard", p.dp_shard)
         raise ConfigError(f"parallel.{name}={value} does not divide the data-parallel degree dp = {dp}: HSDP needs "

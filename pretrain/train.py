@@ -56,7 +56,7 @@ def train_step(model: ParallelModel, optimizers, micro_batches, *, lr: float, gr
     on this rank, grad norm)."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # pretrain.optim's per-group factor (RWKV-7's w₀: 2×)
     if model.schedule is not None:  # pipeline: the schedule runs every micro-batch's forward and backward
         with autocast:
             total = model.pipeline_step(micro_batches)

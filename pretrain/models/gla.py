@@ -5,8 +5,8 @@
     S_t = Diag(α_t) S_{t−1} + k_tᵀ v_t,  o_t = q_t S_t / √D_k
     y = W_o (RMSNorm_head(o) ⊙ SiLU(x W_g))
 
-The per-head output norm has one scale per head and channel (size d, sharded with the heads under tensor
-parallelism) where fla shares one of size d/H across heads; they agree at initialisation. Projections have no
+The per-head output norm has one scale per channel shared by all heads (size d/H, as fla's `g_norm_swish_gate`),
+so a trained model exports to fla as it is; under tensor parallelism it is replicated. Projections have no
 biases (as in fla), so `model.bias` only reaches the norms of the shared block; `model.pos` must not be 'rope'
 (the recurrence carries order itself; 'learned' positions still go through the shared embedding).
 """
@@ -73,7 +73,7 @@ class GatedLinearAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.gk_proj = LowRank(d, GATE_RANK, key_dim, bias=True)
         self.g_proj = nn.Linear(d, d, bias=False)
-        self.o_norm = HeadRMSNorm(d, cfg.norm_eps)
+        self.o_norm = HeadRMSNorm(self.head_v_dim, cfg.norm_eps)  # one scale per channel, shared by the heads
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, carry: torch.Tensor | None = None, *, docs=None,

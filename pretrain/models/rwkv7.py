@@ -21,7 +21,8 @@ size H·D and w₀, a₀, v₀ are the biases of the LoRA up-projections, so all
 on the (replicated) input channels. The first block also normalises the embeddings (the reference's ln0), as
 `layers.0.emb_norm`. Projections have no biases (as in the reference); `model.bias` only reaches the norms.
 The token shift is a plain function of the whole (B, T, d) sequence: under sequence parallelism it must run
-after the all-gather. Not ported: the reference's L2Wrap logit penalty and its 2× learning rate on w₀.
+after the all-gather. Not ported: the reference's L2Wrap logit penalty (its param groups, 2× learning rate on
+w₀ included, are pretrain.optim's `rwkv7_reference_groups`).
 """
 
 from __future__ import annotations

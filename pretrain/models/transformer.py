@@ -18,8 +18,13 @@ from pretrain.ops import causal_attention
 from pretrain.ops.documents import DocumentMask
 
 
+# The Pro block's QK-norm eps: fixed, as in the FoX reference, whatever model.norm_eps says.
+QK_NORM_EPS = 1e-5
+
+
 class HeadRMSNorm(nn.Module):
-    """RMSNorm over each head's channels with a separate scale per head and channel (weight of size H·D).
+    """RMSNorm over each head's channels (the last dim of x (B, T, H, D)) with a scale per head and channel (weight
+    of size H·D) or one per channel shared by the heads (size D).
 
     The head count comes from the weight's size, so a weight sharded with its heads under tensor
     parallelism normalises the local heads.
@@ -65,8 +70,8 @@ class Attention(nn.Module):
         if cfg.pro:
             self.k_shift_proj = nn.Linear(d, cfg.n_heads, bias=False)
             self.v_shift_proj = nn.Linear(d, cfg.n_heads, bias=False)
-            self.q_norm = HeadRMSNorm(d, cfg.norm_eps)
-            self.k_norm = HeadRMSNorm(d, cfg.norm_eps)
+            self.q_norm = HeadRMSNorm(d, QK_NORM_EPS)
+            self.k_norm = HeadRMSNorm(d, QK_NORM_EPS)
             self.o_norm = HeadRMSNorm(d, cfg.norm_eps)
             self.g_proj = nn.Linear(d, d, bias=False)
 

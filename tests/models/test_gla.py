@@ -25,9 +25,10 @@ def test_labels_give_cross_entropy_of_logits():
 
 
 def closed_form_params(m: ModelConfig) -> int:
-    """From the config alone: GLA (keys d/2, values d, rank-16 gate with bias, per-head output RMSNorm of size d)."""
+    """From the config alone: GLA (keys d/2, values d, rank-16 gate with bias, output RMSNorm of size d/H shared by
+    the heads)."""
     d, V, L = m.d_model, m.vocab_size, m.n_layers
-    mixer = 2 * d * (d // 2) + 3 * d * d + (d * 16 + 16 * (d // 2) + d // 2) + d
+    mixer = 2 * d * (d // 2) + 3 * d * d + (d * 16 + 16 * (d // 2) + d // 2) + d // m.n_heads
     mlp = 3 * d * contract.closed_form_hidden(m)
     norm = contract.closed_form_norm(m)
     return V * d * (1 if m.tie_embeddings else 2) + L * (mixer + mlp + 2 * norm) + norm
@@ -65,7 +66,7 @@ def test_recurrence_matches_token_by_token_definition():
         alpha = torch.sigmoid(gate).pow(1 / 16).view(2, H, Dk)  # log α = logsigmoid(·) / 16
         S = alpha[..., None] * S + k[..., :, None] * v[..., None, :]
         o = torch.einsum("bhk,bhkv->bhv", q, S) / math.sqrt(Dk)
-        o = o / o.pow(2).mean(-1, keepdim=True).add(cfg.norm_eps).sqrt() * W["o_norm.weight"].view(H, Dv)
+        o = o / o.pow(2).mean(-1, keepdim=True).add(cfg.norm_eps).sqrt() * W["o_norm.weight"]  # (Dv,): shared by the heads
         o = o.flatten(1) * F.silu(xt @ W["g_proj.weight"].T)
         outs.append(o @ W["o_proj.weight"].T)
     torch.testing.assert_close(layer(x)[0], torch.stack(outs, 1), rtol=1e-10, atol=1e-10)
@@ -82,11 +83,11 @@ def test_heads_shard_from_shapes():
 
     def shard(name, p, h0, h1):
         key_side = name.startswith(("q_proj", "k_proj", "gk_proj.up"))
-        if name.startswith(("q_proj", "k_proj", "gk_proj.up", "v_proj", "g_proj", "o_norm")):
+        if name.startswith(("q_proj", "k_proj", "gk_proj.up", "v_proj", "g_proj")):
             return p[h0 * Dk:h1 * Dk] if key_side else p[h0 * Dv:h1 * Dv]
         if name == "o_proj.weight":
             return p[:, h0 * Dv:h1 * Dv]
-        return None  # the gate's low-rank down-projection acts on the whole input
+        return None  # the gate's low-rank down-projection acts on the whole input; o_norm's scale is shared
 
     contract.assert_head_shards_sum_to_whole(layer, layer(x)[0], shard, lambda part, h0, h1: part(x)[0])
 

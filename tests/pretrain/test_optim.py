@@ -1,4 +1,7 @@
+import contextlib
+
 import pytest
+import torch
 
 from pretrain.config import OptimConfig, build_config
 from pretrain.models import build_model
@@ -38,3 +41,62 @@ def test_wsd_schedule_holds_then_decays_linearly():
 def test_constant_schedule():
     cfg = OptimConfig(lr=2.0, warmup_steps=0, schedule="constant")
     assert lr_at(1, cfg, 100) == lr_at(100, cfg, 100) == 2.0
+
+
+def rwkv7_model(**model):
+    cfg = build_config({}, {"model": {"arch": "rwkv7", "d_model": 64, "n_heads": 2, "n_layers": 2, "vocab_size": 64,
+                                      "seq_len": 16, "norm": "layernorm", "bias": True,
+                                      "mlp_ratio": 4.0, **model}})
+    return cfg, build_model(cfg.model)
+
+
+def group_names(model, groups) -> list[set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{names[id(p)] for p in g["params"]} for g in groups]
+
+
+def test_rwkv7_reference_groups_follow_blinkdl():
+    """BlinkDL's configure_optimizers: 2× lr on w₀ (no decay); decay on matrices but the LoRAs' (w1, w2, a1, …),
+    embedding and head included; everything else (vectors, LoRA matrices, a₀, v₀, norms) at 1× without decay."""
+    cfg, model = rwkv7_model()
+    decay, no_decay, w0 = param_groups(model, 0.1, rwkv7_reference=True)
+    decayed, plain, doubled = group_names(model, (decay, no_decay, w0))
+    assert (decay["weight_decay"], decay["lr_scale"]) == (0.1, 1.0)
+    assert (no_decay["weight_decay"], no_decay["lr_scale"]) == (0.0, 1.0)
+    assert (w0["weight_decay"], w0["lr_scale"]) == (0.0, 2.0)
+    assert doubled == {"layers.0.mixer.w_lora.up.bias", "layers.1.mixer.w_lora.up.bias"}
+    assert decayed == {"tok_emb.weight", "lm_head.weight"} | {
+        f"layers.{i}.{m}.weight" for i in range(2)
+        for m in ("mixer.r_proj", "mixer.k_proj", "mixer.v_proj", "mixer.o_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert {"layers.1.mixer.w_lora.down.weight", "layers.1.mixer.g_lora.up.weight", "layers.1.mixer.a_lora.up.bias",
+            "layers.1.mixer.v_lora.up.bias", "layers.0.mixer.mu_r", "layers.0.mixer.k_k", "layers.0.mixer.r_k",
+            "layers.0.mixer.o_norm.weight", "layers.0.emb_norm.weight", "layers.1.mlp.mu_k", "norm.bias"} <= plain
+    assert len(decayed) + len(plain) + len(doubled) == len(list(model.parameters()))
+
+
+def test_rwkv7_reference_groups_are_the_default_and_switchable():
+    from pretrain.optim import build_optimizer
+    cfg, model = rwkv7_model()
+    scales = [g["lr_scale"] for g in build_optimizer(model, cfg.optim, torch.device("cpu")).param_groups]
+    assert scales == [1.0, 1.0, 2.0]
+    cfg.optim.rwkv7_reference_groups = False
+    assert len(build_optimizer(model, cfg.optim, torch.device("cpu")).param_groups) == 2
+
+
+def test_lr_scale_survives_the_training_steps_lr():
+    """train_step sets each group's lr from the schedule times the group's lr_scale: w₀ trains at 2×."""
+    from parallel.parallelize import ParallelModel
+    from pretrain.optim import build_optimizer
+    from pretrain.train import train_step
+    cfg, model = rwkv7_model()
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    w0 = model.layers["1"].mixer.w_lora.up.bias
+    before = w0.detach().clone()
+    train_step(ParallelModel(parts=[model]), [optimizer], [(tokens[:, :-1], tokens[:, 1:])], lr=0.25, grad_clip=0.0,
+               autocast=contextlib.nullcontext())
+    lrs = {g["lr_scale"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {1.0: 0.25, 2.0: 0.5}
+    # Adam's first step moves each entry by lr · sign(g) (bias-corrected, no decay on w₀): 2 × 0.25
+    moved = (w0.detach() - before).abs()
+    assert torch.allclose(moved[moved > 0], torch.tensor(0.5), rtol=1e-3)
