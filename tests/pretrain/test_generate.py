@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from data.prepare import prepare
+from data.tokenizer import ByteTokenizer
 from pretrain.config import build_config
+from pretrain.generate import find_checkpoint, generate, load_model, load_run_tokenizer, next_token, parse_args
 from pretrain.models import build_model
 from pretrain.models.common import InferenceCache
+from pretrain.train import train
 
 TINY = dict(d_model=32, n_layers=3, n_heads=2, vocab_size=61, seq_len=64, mlp_multiple_of=8)
 ARCHS = {
@@ -72,3 +80,97 @@ def test_cache_rejects_document_masking_and_learned_positions_past_the_table():
     model(torch.zeros(1, TINY["seq_len"] - 2, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="learned position table"):
         model(tokens, cache=cache)
+
+
+# ------------------------------------------------------------------ python -m pretrain.generate on a trained run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("stdlib")
+    prepare(["stdlib"], out, max_bytes=200_000, quiet=True)
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=["transformer", "rwkv7"])
+def trained_run(request, corpus, tmp_path_factory) -> Path:
+    """A run directory after 30 training steps of a tiny model on real text, with its final checkpoint."""
+    run_dir = tmp_path_factory.mktemp(f"run-{request.param}")
+    arch = {"transformer": {"arch": "transformer", "pro": True}, "rwkv7": {"arch": "rwkv7"}}[request.param]
+    train(build_config({}, {
+        "model": {**arch, "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 64},
+        "data": {"path": corpus},
+        "optim": {"lr": 1e-2, "warmup_steps": 5},
+        "train": {"steps": 30, "global_batch": 4, "micro_batch": 4, "run_dir": str(run_dir), "eval_interval": 0},
+        "checkpoint": {"interval": 0},
+        "log": {"interval": 5, "progress": False, "tensorboard": False},
+    }))
+    return run_dir
+
+
+def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding the slow way: the whole prefix through the model (no cache) for every new token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_with_the_cache_equals_recomputing_the_prefix(trained_run):
+    checkpoint = find_checkpoint(trained_run)
+    assert checkpoint.name == "step_00000030"
+    model = load_model(checkpoint, dtype=torch.float64)
+    tokenizer = load_run_tokenizer(checkpoint)
+    prompt = [tokenizer.eos_id] + tokenizer.encode("def main(")
+    cached = generate(model, prompt, max_new_tokens=30)  # no eos_id: all 30 tokens
+    assert cached == recompute_greedy(model, prompt, 30)
+
+
+def test_sampling_is_reproducible_per_seed_and_top_k_1_is_greedy(trained_run):
+    model = load_model(find_checkpoint(trained_run))
+    prompt = [256] + list(b"import ")
+
+    def sample(seed, **kw):
+        return generate(model, prompt, max_new_tokens=20, temperature=1.0,
+                        generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    assert sample(3, top_k=1) == generate(model, prompt, max_new_tokens=20)
+    assert sample(4, top_p=1e-6) == generate(model, prompt, max_new_tokens=20)  # the nucleus is the top token
+
+
+def test_top_k_and_top_p_keep_only_the_likely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen_k = {int(next_token(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(s)))
+              for s in range(200)}
+    seen_p = {int(next_token(logits, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(s)))
+              for s in range(200)}
+    assert seen_k == {0, 1}
+    assert seen_p == {0, 1, 2}  # 0.5 + 0.3 < 0.9, so the third token is still needed
+
+
+def test_cli_generates_and_explains_its_options(trained_run):
+    env_run = [sys.executable, "-m", "pretrain.generate"]
+    out = subprocess.run([*env_run, str(trained_run), "--prompt", "def ", "--max-new-tokens", "12"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    model = load_model(find_checkpoint(trained_run))
+    expected = generate(model, [256] + list(b"def "), max_new_tokens=12, eos_id=256)
+    assert out.stdout == ByteTokenizer().decode(expected) + "\n"
+
+
+def test_cli_explains_its_options_and_rejects_bad_ones(tmp_path):
+    helped = subprocess.run([sys.executable, "-m", "pretrain.generate", "--help"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    for option in ("--prompt", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--device",
+                   "--dtype", "--tokenizer"):
+        assert option in helped.stdout
+    with pytest.raises(SystemExit):
+        parse_args([str(tmp_path), "--prompt", "x", "--top-p", "0"])
+    missing = subprocess.run([sys.executable, "-m", "pretrain.generate", str(tmp_path), "--prompt", "x"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert missing.returncode == 1 and "no loadable checkpoint" in missing.stderr

@@ -1,0 +1,231 @@
+"""Text generation from a checkpoint: `python -m pretrain.generate CHECKPOINT --prompt TEXT [options]`.
+
+The prompt is run once through the model (prefill) into an `InferenceCache`, then each new token is one step
+through the cache: Transformer and FoX keep keys and values (FoX also its forget gates), GLA and RWKV-7 their
+recurrent state, so a token costs the same at any position for the linear mixers. Temperature 0 is greedy (the
+argmax); otherwise tokens are sampled, after top-k and top-p (nucleus) filtering, from a generator seeded with
+`--seed`, so a seed gives the same text every time on the same device.
+
+Loading (also used by `pretrain.evaluate`): CHECKPOINT is a run directory (its `checkpoints/latest`, or the newest
+complete checkpoint), its `checkpoints/` directory or one `step_<N>` directory. The model is rebuilt from the
+config stored in the checkpoint and only its weights are read (DCP reshards them from whatever layout saved them,
+tp/pp/FSDP, onto this one process; the optimizer state is never read). The tokenizer is the run's
+`data.tokenizer` ('byte' or a tokenizer.json / .tiktoken path, which `--tokenizer` replaces if the file moved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+
+from data.tokenizer import load_tokenizer
+from pretrain.checkpoint import CheckpointError, _inspect, _SafeLoadPlanner, _SafeReader
+from pretrain.config import ConfigError, build_config
+from pretrain.models import build_model
+from pretrain.models.common import InferenceCache
+
+log = logging.getLogger("pretrain.generate")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The `step_<N>` directory that `path` names: itself, or in a run directory / its `checkpoints/` the one
+    `latest` names, else the newest complete one. CheckpointError says why none can be loaded."""
+    path = Path(path).expanduser()
+    if (path / "meta.json").is_file():
+        candidates = [path]
+    else:
+        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        if not directory.is_dir():
+            raise CheckpointError(f"{path} is neither a run directory, its checkpoints/ directory nor a checkpoint")
+        steps = sorted((p for p in directory.glob("step_*") if p.is_dir()), reverse=True)
+        latest = directory / "latest"
+        if latest.is_file() and (directory / latest.read_text().strip()) in steps:
+            first = directory / latest.read_text().strip()
+            steps = [first] + [p for p in steps if p != first]
+        candidates = steps
+    reasons = []
+    for candidate in candidates:
+        reason, _ = _inspect(candidate)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate.name}: {reason}")
+    raise CheckpointError(f"no loadable checkpoint in {path}" + (f" ({'; '.join(reasons)})" if reasons else ""))
+
+
+def checkpoint_config(checkpoint: Path) -> dict:
+    """The run config (a dict of sections) stored in a checkpoint's meta.json."""
+    return json.loads((checkpoint / "meta.json").read_text())["config"]
+
+
+def load_model(checkpoint: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               attn_impl: str | None = None) -> nn.Module:
+    """The model of a checkpoint (`find_checkpoint`'s) on `device` in `dtype`, in eval mode, with the checkpoint's
+    weights. `attn_impl` replaces the run's model.attn_impl (None: keep it, except that 'fla', which needs CUDA,
+    becomes 'auto' on a CPU)."""
+    device = torch.device(device)
+    model_values = dict(checkpoint_config(checkpoint)["model"])
+    if attn_impl is not None:
+        model_values["attn_impl"] = attn_impl
+    elif device.type != "cuda" and model_values.get("attn_impl") == "fla":
+        model_values["attn_impl"] = "auto"
+    cfg = build_config({}, {"model": model_values}).model
+    with torch.device("meta"):  # no random initialisation: every weight comes from the checkpoint
+        model = build_model(cfg)
+    model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty unties them
+        model.lm_head.weight = model.tok_emb.weight
+    state = {"model": model.state_dict()}  # the checkpoint's keys: "model.<parameter name>"
+    dcp.load(state, storage_reader=_SafeReader(checkpoint), planner=_SafeLoadPlanner())
+    return model.to(dtype).eval()
+
+
+def load_run_tokenizer(checkpoint: Path, override: str | None = None):
+    """The tokenizer the run trained with (its data.tokenizer), or `override`; a tokenizer.json's EOS token comes
+    from the run's data manifest where that is still readable."""
+    data = checkpoint_config(checkpoint).get("data", {})
+    spec = override or data.get("tokenizer", "byte")
+    if spec == "byte":
+        return load_tokenizer("byte")
+    eos_token = None
+    manifest = Path(data.get("path", "")) / "manifest.json"
+    if manifest.is_file():
+        eos_token = json.loads(manifest.read_text()).get("tokenizer", {}).get("eos_token")
+    return load_tokenizer(spec, eos_token)
+
+
+def next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row from its logits (B, V): the argmax at temperature 0, else a sample of
+    softmax(logits / temperature) restricted to the top_k most likely tokens (0: all) and to the smallest set of
+    most likely tokens whose probability reaches top_p (1: all). Returns (B,) int64."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ranked, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        probs = ranked.softmax(dim=-1)
+        mass_above = probs.cumsum(dim=-1) - probs  # (B, V): probability of the tokens ranked higher
+        drop_ranked = mass_above >= top_p  # the most likely token has 0 above it and always stays
+        logits = logits.masked_fill(drop_ranked.scatter(-1, order, drop_ranked), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.no_grad()
+def decode(model: nn.Module, prompt: torch.Tensor, *, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield up to max_new_tokens next tokens (B,) for the rows of `prompt` (B, T): one prefill of the prompt into
+    an inference cache, then one cached step per token. The caller decides when to stop (EOS, stop strings)."""
+    cache = InferenceCache()
+    logits = model(prompt, cache=cache)[:, -1]  # (B, V): only the last position predicts the next token
+    for i in range(max_new_tokens):
+        token = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (B,)
+        yield token
+        if i + 1 < max_new_tokens:
+            logits = model(token[:, None], cache=cache)[:, -1]  # (B, V)
+
+
+def check_length(model: nn.Module, prompt_len: int, max_new_tokens: int) -> None:
+    """Learned positions end at the table's size (model.seq_len): refuse a generation that would run past it."""
+    cfg = model.cfg
+    if cfg.pos == "learned" and prompt_len + max_new_tokens > cfg.seq_len + 1:
+        raise ValueError(f"the prompt ({prompt_len} tokens) and --max-new-tokens {max_new_tokens} exceed the "
+                         f"learned position table of {cfg.seq_len} positions (model.seq_len); lower "
+                         f"--max-new-tokens to {max(cfg.seq_len + 1 - prompt_len, 0)} or shorten the prompt")
+
+
+def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, eos_id: int | None = None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> list[int]:
+    """The tokens that follow `prompt` (ids), up to max_new_tokens, ending before the first `eos_id`."""
+    check_length(model, len(prompt), max_new_tokens)
+    device = next(model.parameters()).device
+    out = []
+    for token in decode(model, torch.tensor([prompt], device=device), max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator):
+        token = int(token)  # a host read per token, to stop at EOS
+        if token == eos_id:
+            break
+        out.append(token)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.generate",
+        description="Continue a prompt with a trained model, using its inference cache (key/value cache for the "
+                    "Transformer and FoX, recurrent state for GLA and RWKV-7). Prints the continuation; timings go "
+                    "to stderr.")
+    p.add_argument("checkpoint", help="a run directory (its latest checkpoint), its checkpoints/ directory, or one "
+                                      "checkpoints/step_<N> directory")
+    p.add_argument("--prompt", required=True, help="the text to continue; it is encoded after an end-of-document "
+                                                   "token, as documents start in the training stream")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200); "
+                                                                   "generation stops earlier at end-of-document")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (default): greedy, always the most likely token; > 0: sample from softmax(logits / T)")
+    p.add_argument("--top-k", type=int, default=0, help="sample only among the K most likely tokens (0, default: "
+                                                        "no limit; 1 is greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample only among the most likely tokens whose "
+                                                            "probabilities sum to P (nucleus sampling; default 1: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0): the same "
+                                                       "seed gives the same text")
+    p.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights and activations (default fp32)")
+    p.add_argument("--tokenizer", default=None, help="the run's tokenizer file, if it moved since training "
+                                                     "(default: the run's data.tokenizer)")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        p.error(f"--top-k must be >= 0 (0 = no limit), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    device = resolve_device(args.device)
+    try:
+        checkpoint = find_checkpoint(args.checkpoint)
+        model = load_model(checkpoint, device=device, dtype=DTYPES[args.dtype])
+        tokenizer = load_run_tokenizer(checkpoint, args.tokenizer)
+        prompt = [tokenizer.eos_id] + tokenizer.encode(args.prompt)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        start = time.perf_counter()
+        out = generate(model, prompt, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    log.info("%s: %d prompt tokens, %d generated in %.2f s", checkpoint, len(prompt), len(out), seconds)
+    print(tokenizer.decode(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
