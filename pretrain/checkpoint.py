@@ -59,7 +59,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.storage import WriteResult
 
 logger = logging.getLogger(__name__)
@@ -822,7 +823,9 @@ class Checkpointer:
         `_set_aside`); "auto" → the newest checkpoint that loads, None if the run directory has none, and
         CheckpointError if it has some but none loads; a path → that checkpoint (CheckpointError if it is
         incomplete or corrupt). Loads model and optimizer in place, restores this rank's RNG states and
-        returns {"step": int, "state": dict (as JSON gave it back), "path": str}."""
+        returns {"step": int, "state": dict (as JSON gave it back), "path": str}. A weights-only checkpoint
+        (`save_weights`, written by `python -m pretrain.export --from`) loads the model alone and returns None:
+        training starts from those weights at step 0 with a fresh optimizer and data position."""
         self.wait()
         resume = str(self.cfg.resume)
         if resume == "none":
@@ -839,15 +842,23 @@ class Checkpointer:
             if reason is None:
                 self._check_config(path, found["meta"])
                 reason = _verify_files(path, found["meta"]["files"])
+            weights_only = reason is None and found["meta"].get("weights_only", False)
             if reason is None:
                 error = None
                 try:
-                    self._load_into(path, parts, has_rng=_rank() in found["rng_ranks"])
+                    if weights_only:
+                        _load_weights_into(path, parts)
+                    else:
+                        self._load_into(path, parts, has_rng=_rank() in found["rng_ranks"])
                 except (Exception, CheckpointException) as e:  # any failure to read the files: corrupt
                     error = _describe(e)
                 errors = _gather(error)
                 if any(e is not None for e in errors):
                     reason = f"reading it failed: {_by_message(errors)}"
+            if reason is None and weights_only:
+                if _rank() == 0:
+                    logger.info("starting from the weights of %s (step 0, fresh optimizer)", path)
+                return None
             if reason is None:
                 if _rank() == 0:
                     logger.info("resumed from checkpoint %s (step %d)", path, found["meta"]["step"])
@@ -927,6 +938,36 @@ class Checkpointer:
             _set_rng_state(json.loads(sd["rng"][_rng_key(_rank())]))
         else:  # the run was resumed with more ranks than it was saved with
             logger.warning("%s has no RNG states for rank %d; keeping this rank's current ones", path, _rank())
+
+
+def _load_weights_into(path: Path, parts) -> None:
+    """The model weights of a weights-only checkpoint into every part (DCP reshards them to its layout)."""
+    for module, _ in parts:
+        sd = {"model": get_model_state_dict(module, options=_SD_OPTIONS)}
+        dcp.load(sd, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner())
+        set_model_state_dict(module, sd["model"], options=_SD_OPTIONS)
+
+
+def save_weights(run_dir: str | os.PathLike, model: nn.Module, *, run_config: dict) -> Path:
+    """One process, no process group: publish a plain model's weights alone as ``<run_dir>/checkpoints/step_00000000``
+    (meta.json says "weights_only"), which `Checkpointer.load` starts a run from (auto or explicit resume) with a
+    fresh optimizer at step 0. Refuses a run directory that already has checkpoints."""
+    directory = Path(run_dir) / "checkpoints"
+    final = directory / f"step_{0:08d}"
+    if directory.is_dir() and any(_STEP_DIR.fullmatch(p.name) for p in directory.iterdir()):
+        raise CheckpointError(f"{directory} already has checkpoints; write the weights into a new run directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    writer = _Writer(tmp)
+    dcp.save({"model": model.state_dict()}, storage_writer=writer, no_dist=True)
+    meta = {"format": FORMAT_VERSION, "step": 0, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": 1,
+            "torch": torch.__version__, "config": json.loads(json.dumps(run_config)), "state": {},
+            "weights_only": True, "files": writer.checksums, "complete": True}
+    _write_text(tmp / "meta.json", json.dumps(meta))
+    os.rename(tmp, final)
+    _fsync_dir(directory)
+    _write_text(directory / "latest", final.name + "\n")
+    return final
 
 
 def _read_meta(path: Path) -> dict:

@@ -1,0 +1,284 @@
+"""pretrain.export against the libraries that load its files: HF transformers (Llama, GPT-2), fla (GLA, FoX, RWKV-7)
+and BlinkDL's rwkv package (x070). Every parameter is perturbed randomly first, so parts that start at zero or one
+are checked too; logits must agree within TOL relative to their scale (fp32, CPU). The measured differences are
+printed (`pytest -s`).
+
+fla's model classes run Triton kernels: on CPU they run under TRITON_INTERPRET=1 with the bridges of
+tests/ops/fla_interpret.py, which must be in place before triton is imported, so those checks run in a fresh process
+(`python -m tests.pretrain.test_export fla DIR`, this file's main).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import build_config, load_config
+from pretrain.export import ExportError, format_for, import_model, import_run, load_checkpoint_model, write
+from pretrain.models import build_model
+
+REPO = Path(__file__).resolve().parents[2]
+TOL = 1e-4  # max |ours − theirs| / max |ours|
+VOCAB, T = 97, 24
+
+
+def tiny(arch: str = "transformer", **model):
+    tree = {"arch": arch, "d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB, "seq_len": 32, **model}
+    if "preset" in model:
+        tree.pop("arch")
+    return build_config({}, {"model": tree}).model
+
+
+RWKV7 = dict(norm="layernorm", bias=True, mlp_ratio=4.0)
+
+
+def perturbed_model(cfg, seed: int = 0):
+    """The model of `cfg` with every parameter moved randomly (zero-initialised output projections included)."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def tokens(seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return ((ours - theirs).abs().max() / ours.abs().max()).item()
+
+
+def report(target: str, error: float) -> None:
+    print(f"\n[export] {target}: max |logits difference| / max |logits| = {error:.2e}")
+    assert error < TOL, f"{target}: logits differ by {error:.2e} relative to their scale"
+
+
+def hf_logits(directory: Path, x: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(x).logits
+
+
+def ours_logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+# --------------------------------------------------------------------------- logits against the references
+
+@pytest.mark.parametrize("target, model", [
+    pytest.param("llama", {}, id="llama"),
+    pytest.param("llama", {"tie_embeddings": True, "rope_theta": 500000.0, "norm_eps": 1e-6}, id="llama-tied"),
+    pytest.param("gpt2", {"preset": "gpt"}, id="gpt2"),
+])
+def test_hf_logits_equal_ours(tmp_path, target, model):
+    cfg = tiny(**model)
+    ours = perturbed_model(cfg)
+    assert format_for(cfg, "hf") == target
+    write(ours, cfg, target, tmp_path)
+    report(f"HF {target} {model}", relative_error(ours_logits(ours, tokens()), hf_logits(tmp_path, tokens())))
+
+
+def rwkv_package_logits(directory: Path, x: torch.Tensor) -> torch.Tensor:
+    os.environ["RWKV_V7_ON"] = "1"  # read when rwkv.model is imported: its x070 model
+    os.environ.setdefault("RWKV_JIT_ON", "0")
+    from rwkv.model import RWKV
+
+    model = RWKV(model=str(directory / "model"), strategy="cpu fp32")
+    return torch.stack([model.forward(row.tolist(), None, full_output=True)[0] for row in x])
+
+
+@pytest.mark.parametrize("heads", [2, 1], ids=["head32", "head64"])
+def test_rwkv_package_logits_equal_ours(tmp_path, heads):
+    """BlinkDL's format works at any head size (its GroupNorm eps is ours, 64e-5)."""
+    cfg = tiny("rwkv7", n_heads=heads, **RWKV7)
+    ours = perturbed_model(cfg)
+    write(ours, cfg, format_for(cfg, "rwkv"), tmp_path)
+    report(f"rwkv x070 head {64 // heads}", relative_error(ours_logits(ours, tokens()),
+                                                          rwkv_package_logits(tmp_path, tokens())))
+
+
+FLA_CASES = {
+    "gla": ("gla", {}),
+    "fox": ("fox", {}),
+    "rwkv7": ("rwkv7", {"n_heads": 1, **RWKV7}),  # head size 64: fla's GroupNorm eps is 64 × 1e-5, ours
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(FLA_CASES))
+def test_fla_logits_equal_ours(tmp_path, case):
+    arch, model = FLA_CASES[case]
+    cfg = tiny(arch, **model)
+    ours = perturbed_model(cfg)
+    write(ours, cfg, format_for(cfg, "fla"), tmp_path)
+    torch.save({"tokens": tokens(), "logits": ours_logits(ours, tokens())}, tmp_path / "expected.pt")
+    done = subprocess.run([sys.executable, "-m", "tests.pretrain.test_export", "fla", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report(f"fla {case}", float(done.stdout.strip().splitlines()[-1]))
+
+
+def fla_check(directory: Path) -> float:
+    """In a fresh process: fla's model class (interpreted Triton kernels) on the exported files; the relative
+    error of its logits against ours (saved beside them)."""
+    import tests.ops.fla_interpret  # noqa: F401  (TRITON_INTERPRET=1 and the interpreter bridges, before fla)
+    import fla  # noqa: F401  (registers fla's model types with transformers' Auto classes)
+
+    expected = torch.load(directory / "expected.pt")
+    return relative_error(expected["logits"], hf_logits(directory, expected["tokens"]))
+
+
+# --------------------------------------------------------------------------- import, round trip
+
+@pytest.mark.parametrize("model", [{}, {"tie_embeddings": True}, {"preset": "gpt"}], ids=["llama", "tied", "gpt2"])
+def test_hf_to_ours_to_hf_is_bitwise(tmp_path, model):
+    from safetensors.torch import load_file
+
+    cfg = tiny(**model)
+    fmt = format_for(cfg, "hf")
+    write(perturbed_model(cfg), cfg, fmt, tmp_path / "first")
+    back = import_model("hf", tmp_path / "first", cfg)
+    write(back, cfg, fmt, tmp_path / "second")
+    first, second = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("first", "second"))
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert json.loads((tmp_path / "first" / "config.json").read_text()) == \
+        json.loads((tmp_path / "second" / "config.json").read_text())
+
+
+def test_import_checks_the_config(tmp_path):
+    cfg = tiny()
+    write(perturbed_model(cfg), cfg, "llama", tmp_path)
+    with pytest.raises(ExportError, match="num_hidden_layers=2 there, 3 for this config"):
+        import_model("hf", tmp_path, tiny(n_layers=3))
+    with pytest.raises(ExportError, match="model.arch"):
+        import_model("fla", tmp_path, cfg)
+
+
+def test_imported_checkpoint_starts_training_at_step_0(tmp_path):
+    """`--from hf` writes a weights-only checkpoint: auto-resume (and an explicit path) load the weights, a fresh
+    optimizer and step 0; a short run then trains from them."""
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.optim import build_optimizer
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\nd_model = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 97\nseq_len = 32\n'
+                      '[data]\npath = "synthetic"\n[optim]\nwarmup_steps = 1\n[train]\nsteps = 2\nglobal_batch = 2\nmicro_batch = 2\n'
+                      'eval_interval = 0\n[log]\ninterval = 1\nprogress = false\n[checkpoint]\ninterval = 0\n')
+    source = perturbed_model(tiny())
+    write(source, tiny(), "llama", tmp_path / "hf")
+    run_dir = tmp_path / "run"
+    assert import_run("hf", tmp_path / "hf", config, run_dir).name == "step_00000000"
+
+    cfg = load_config(["--config", str(config), f"--train.run_dir={run_dir}"])
+    for resume in ("auto", str(run_dir / "checkpoints" / "step_00000000")):
+        cfg.checkpoint.resume = resume
+        model = build_model(cfg.model)
+        optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+        ckpt = Checkpointer(cfg.checkpoint, run_dir, run_config=cfg.to_dict())
+        assert ckpt.load(model=model, optimizer=optimizer) is None  # nothing to resume but the weights
+        ckpt.close()
+        for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert not optimizer.state
+
+    out = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(config),
+                          f"--train.run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "starting from the weights of" in out.stdout + out.stderr
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps[-1] == 2
+
+
+# --------------------------------------------------------------------------- from training checkpoints
+
+def _train(tree: dict) -> None:
+    from pretrain.train import train
+
+    train(build_config({}, tree))
+
+
+def run_tree(run_dir: Path, parallel: dict) -> dict:
+    return {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB, "seq_len": 32},
+            "parallel": parallel, "data": {"path": "synthetic"},
+            "optim": {"lr": 1e-2, "warmup_steps": 1},
+            "train": {"steps": 3, "global_batch": 4, "micro_batch": 2, "run_dir": str(run_dir), "eval_interval": 0,
+                      "seed": 5},
+            "checkpoint": {"interval": 0, "save_at_end": True}, "log": {"progress": False}}
+
+
+def test_export_from_tp2_pp2_and_one_process_checkpoints(tmp_path):
+    """A short real run under tp2·pp2 (4 gloo processes) and the same run on one process: each checkpoint exports
+    (DCP reshards into one plain model), and HF's logits from either equal our model's from the one-process run."""
+    from tests.dist import run_distributed
+
+    _train(run_tree(tmp_path / "one", {}))
+    run_distributed(_train, 4, run_tree(tmp_path / "tp2pp2", {"tp": 2, "pp": 2}))
+    ours, cfg, _ = load_checkpoint_model(tmp_path / "one")
+    reference = ours_logits(ours, tokens())
+    for run in ("one", "tp2pp2"):
+        from pretrain.export import export
+
+        export(tmp_path / run, "hf", tmp_path / f"{run}-hf")
+        report(f"HF llama from the {run} checkpoint", relative_error(reference, hf_logits(tmp_path / f"{run}-hf",
+                                                                                         tokens())))
+
+
+# --------------------------------------------------------------------------- refusals, options
+
+@pytest.mark.parametrize("arch, model, target, message", [
+    ("transformer", {"pro": True}, "hf", "model.pro=True"),
+    ("transformer", {"mlp": "gelu"}, "hf", "model.mlp='gelu'"),
+    ("transformer", {"bias": True}, "hf", "model.bias=True"),
+    ("transformer", {}, "fla", "model.arch='transformer'"),
+    ("gla", {}, "hf", "model.arch='gla'"),
+    ("gla", {"norm": "layernorm"}, "fla", "model.norm='layernorm'"),
+    ("fox", {"pro": True}, "fla", "KV-shift"),
+    ("rwkv7", RWKV7, "fla", "head_dim × norm_eps = 16 × 1e-05"),
+    ("rwkv7", {"n_heads": 1, **RWKV7, "norm_eps": 1e-6}, "rwkv", "model.norm_eps=1e-06"),
+    ("rwkv7", {"norm": "rmsnorm"}, "rwkv", "model.norm='rmsnorm'"),
+    ("gla", {}, "rwkv", "model.arch='gla'"),
+])
+def test_unfaithful_configs_are_refused_naming_the_option(arch, model, target, message):
+    with pytest.raises(ExportError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        format_for(tiny(arch, **model), target)
+
+
+def test_cli(tmp_path):
+    """--help names every option; export from a checkpoint in bf16; errors are one line, exit code 2."""
+    helped = subprocess.run([sys.executable, "-m", "pretrain.export", "--help"], cwd=REPO, capture_output=True,
+                            text=True)
+    assert helped.returncode == 0 and all(o in helped.stdout for o in ("--to", "--from", "--config", "--out", "--dtype"))
+    _train(run_tree(tmp_path / "run", {}))
+    done = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "run"), "--to", "hf", "--out",
+                           str(tmp_path / "hf"), "--dtype", "bf16"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(tmp_path / "hf" / "model.safetensors")).values()} == {torch.bfloat16}
+    refused = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "run"), "--to", "fla", "--out",
+                              str(tmp_path / "fla")], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "model.arch='transformer'" in refused.stderr
+
+
+def test_pro_qk_norm_eps_is_the_references():
+    model = build_model(tiny("fox", pro=True, norm_eps=1e-6))
+    mixer = model.layers["0"].mixer
+    assert mixer.q_norm.eps == mixer.k_norm.eps == 1e-5 and mixer.o_norm.eps == 1e-6
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["fla"]:
+        print(fla_check(Path(sys.argv[2])))
