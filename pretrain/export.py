@@ -388,19 +388,25 @@ def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, ModelConfig, dic
     return model.eval(), cfg, run_config
 
 
-def _copy_tokenizer(run_config: dict, out: Path) -> None:
-    """The run's tokenizer.json (if it used one) and a tokenizer_config.json naming its EOS token."""
-    spec = run_config.get("data", {}).get("tokenizer", "byte")
-    if not spec.endswith(".json") or not Path(spec).is_file():
-        return
+def run_tokenizer(run_config: dict):
+    """The tokenizer the run trained with (data.tokenizer), or None where it cannot be loaded here."""
     from data.tokenizer import load_tokenizer
 
-    shutil.copyfile(spec, out / "tokenizer.json")
-    tokenizer = load_tokenizer(spec)
-    eos = tokenizer.decode([tokenizer.eos_id]) if hasattr(tokenizer, "decode") else None
+    try:
+        return load_tokenizer(run_config.get("data", {}).get("tokenizer", "byte"))
+    except (OSError, ValueError):
+        return None
+
+
+def _copy_tokenizer(tokenizer, out: Path, *, seq_len: int) -> None:
+    """A tokenizer.json the run used, with a tokenizer_config.json naming its EOS token (for AutoTokenizer)."""
+    path = getattr(tokenizer, "path", "")
+    if not path.endswith(".json"):
+        return
+    shutil.copyfile(path, out / "tokenizer.json")
     (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "model_max_length": run_config["model"]
-         ["seq_len"]}, indent=2))
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token, "model_max_length": seq_len},
+        indent=2))
 
 
 def export(source: str | Path, target: str, out: str | Path, *, dtype: str = "fp32") -> Path:
@@ -417,6 +423,7 @@ def write(model: nn.Module, cfg: ModelConfig, fmt: str, out: str | Path, *, dtyp
     out.mkdir(parents=True, exist_ok=True)
     ours = {k: v.detach().to(DTYPES[dtype]) for k, v in model.state_dict().items()}
     theirs = to_theirs(ours, RULES[fmt](cfg))
+    tokenizer = run_tokenizer(run_config) if run_config is not None else None
     if fmt == "rwkv":
         torch.save(theirs, out / "model.pth")
     else:
@@ -425,10 +432,13 @@ def write(model: nn.Module, cfg: ModelConfig, fmt: str, out: str | Path, *, dtyp
         save_file({k: v.contiguous() for k, v in theirs.items()}, str(out / "model.safetensors"),
                   metadata={"format": "pt"})
         config = their_config(cfg, fmt, model)
-        config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+        eos = tokenizer.eos_id if tokenizer is not None and tokenizer.eos_id < cfg.vocab_size else None
+        # documents end with EOS and no BOS is ever added (data.prepare); the formats' defaults name other ids
+        config.update(bos_token_id=None, eos_token_id=eos, pad_token_id=None,
+                      torch_dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
         (out / "config.json").write_text(json.dumps(config, indent=2))
-    if run_config is not None:
-        _copy_tokenizer(run_config, out)
+    if tokenizer is not None:
+        _copy_tokenizer(tokenizer, out, seq_len=cfg.seq_len)
     return out
 
 

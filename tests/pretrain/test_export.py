@@ -273,6 +273,22 @@ def test_cli(tmp_path):
     assert refused.returncode == 2 and "model.arch='transformer'" in refused.stderr
 
 
+def test_tokenizer_json_goes_along(tmp_path):
+    """A run that trained with a tokenizer.json exports it: AutoTokenizer loads it and encodes as data.prepare did;
+    config.json names its EOS id."""
+    from transformers import AutoTokenizer
+
+    from data.tokenizer import load_tokenizer
+    from tests.data.test_tokenizer import TEXT, train_tiny_bpe
+
+    path = train_tiny_bpe(tmp_path / "tokenizer.json")
+    cfg = tiny(vocab_size=320)
+    write(perturbed_model(cfg), cfg, "llama", tmp_path / "hf", run_config={"data": {"tokenizer": path}})
+    ours, theirs = load_tokenizer(path), AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert theirs.encode(TEXT, add_special_tokens=False) == ours.encode(TEXT)
+    assert theirs.eos_token_id == ours.eos_id == json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"]
+
+
 def test_pro_qk_norm_eps_is_the_references():
     model = build_model(tiny("fox", pro=True, norm_eps=1e-6))
     mixer = model.layers["0"].mixer
