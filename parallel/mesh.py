@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from parallel.pipeline import SCHEDULES, split_layers, virtual_stages
+from parallel.pipeline import SCHEDULES, stage_layers, virtual_stages
 from pretrain.config import Config, ConfigError, validate_world
 from pretrain.models.common import mlp_hidden_size
 
@@ -67,7 +67,7 @@ class ParallelDims:
         if p.pp_schedule == "1f1b" and v != 1:
             raise ConfigError(f"parallel.pp_schedule='1f1b' runs one stage per process; use one of "
                               f"{', '.join(s for s in SCHEDULES if s != '1f1b')} for virtual_stages={v}.")
-        split_layers(m.n_layers, self.pp * v, p.pp_layers)
+        stage_layers(m, self.pp * v, p.pp_layers)
         if m.tie_embeddings:
             raise ConfigError("model.tie_embeddings shares the first stage's embedding with the last stage's head; "
                               "untie them (model.tie_embeddings=false) to use pipeline parallelism.")

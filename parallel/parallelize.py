@@ -14,9 +14,10 @@ from torch.distributed.tensor import DTensor
 
 from parallel.data_parallel import apply_data_parallel
 from parallel.mesh import data_parallel_mesh
-from parallel.pipeline import build_schedule, make_stage, split_layers, stage_indices, virtual_stages
+from parallel.pipeline import (build_schedule, log_stage_costs, make_stage, stage_carries, stage_indices, stage_layers,
+                               virtual_stages)
 from parallel.minisequence import apply_minisequence
-from parallel.plans import CARRY_ARCHS, tp_plan
+from parallel.plans import tp_plan
 from parallel.random import apply_dropout_rng
 from parallel.recompute import apply_recompute, apply_sp_regather, recompute_modules
 from parallel.tensor import apply_tp, reduce_partial_grads
@@ -147,10 +148,11 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
     parts, indices = [_meta_copy(model)], [0]
     if pp > 1:
         v = virtual_stages(p)
-        layers = split_layers(cfg.model.n_layers, pp * v, p.pp_layers)
+        layers = stage_layers(cfg.model, pp * v, p.pp_layers)
+        log_stage_costs(cfg.model, layers)
         indices = stage_indices(mesh["pp"].get_local_rank(), pp, v)
         parts = [make_stage(_meta_copy(model), layers[i], first=i == 0, last=i == pp * v - 1,
-                            carries=cfg.model.arch in CARRY_ARCHS) for i in indices]
+                            carries=stage_carries(cfg.model, layers[i])) for i in indices]
     for part in parts:
         # 2. Tensor parallel: it changes parameters' shapes and layouts, so it precedes anything that wraps them.
         if tp > 1:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, layer_config, layer_mixers
 from pretrain.ops.gla import CHUNK_SIZE
 
 # Dense bf16 tensor-core peaks in FLOP/s (vendor data sheets; "dense" = without 2:4 sparsity).
@@ -51,7 +51,7 @@ def flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None, causal: boo
                     chunk_size: int = CHUNK_SIZE, attention_span: float | None = None) -> float:
     """Model FLOPs of one training step (forward + backward) per token: matmul work only.
 
-        6 · N  +  L · mixer
+        6 · N  +  Σ_layers mixer
 
     N = `matmul_params(cfg)`: every weight multiplies each token once forward and twice backward (2 + 4
     FLOPs). That covers every projection, low-rank LoRAs and the LM head included; N also holds norm scales
@@ -77,20 +77,48 @@ def flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None, causal: boo
       RWKV-7 by 16 and organise the work differently, so on GPU the count is an estimate of the algorithm, not of the
       kernel; pass `chunk_size` to estimate with theirs. `causal` does not apply.
 
+    A hybrid (model.arch='hybrid') adds each layer's own mixer term; `flops_by_layer` gives the same total split
+    into the LM head's share and each layer's (its parameters' 6 · n plus its mixer's term), which pipeline
+    balancing and the performance model use.
+
     Not counted: elementwise work (activations, gates and decays, the pairwise decay products inside each
     8-step sub-chunk, softmax, FoX's c_i − c_j on every logit and its O(s) forget-gate cumulative sum), the
     norms' arithmetic, the loss.
     """
+    return 6 * matmul_params(cfg) + sum(mixer_flops_per_token(layer_config(cfg, i), seq_len=seq_len, causal=causal,
+                                                            chunk_size=chunk_size, attention_span=attention_span)
+                                        for i in range(cfg.n_layers))
+
+
+def mixer_flops_per_token(cfg: ModelConfig, *, seq_len: int | None = None, causal: bool = False,
+                          chunk_size: int = CHUNK_SIZE, attention_span: float | None = None) -> float:
+    """One layer's `mixer` term of `flops_per_token` (training, per token) for the pure model config `cfg` (a
+    hybrid's `layer_config`): the mixer's own matmuls beyond its projections."""
     s = seq_len or cfg.seq_len
     d, H = cfg.d_model, cfg.n_heads
     if cfg.arch in ("transformer", "fox"):
         span = s if attention_span is None else attention_span
-        mixer = 12 * span * d * (0.5 if causal else 1.0)
-    elif cfg.arch == "gla":
-        mixer = 3 * H * _gla_forward_flops(min(chunk_size, s), d // 2 // H, d // H)
-    else:
-        mixer = 3 * H * _rwkv7_forward_flops(min(chunk_size, s), d // H, d // H)
-    return 6 * matmul_params(cfg) + cfg.n_layers * mixer
+        return 12 * span * d * (0.5 if causal else 1.0)
+    if cfg.arch == "gla":
+        return 3 * H * _gla_forward_flops(min(chunk_size, s), d // 2 // H, d // H)
+    return 3 * H * _rwkv7_forward_flops(min(chunk_size, s), d // H, d // H)
+
+
+def flops_by_layer(cfg: ModelConfig, *, seq_len: int | None = None, causal: bool = False,
+                   chunk_size: int = CHUNK_SIZE, attention_span: float | None = None) -> tuple[list[float], float]:
+    """`flops_per_token` split into (each layer's FLOPs per token, the LM head's and final norm's), which sum to it.
+    A layer's share is 6 × its parameters plus its mixer's term; the embeddings are lookups (no FLOPs), and a tied LM
+    head counts its matmul as `matmul_params` does. Counted on a meta-device build (no memory)."""
+    from pretrain.models import build_model  # models import config only; a top-level import would cycle
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    layer_params = [sum(p.numel() for p in block.parameters()) for block in model.layers.values()]
+    head = 6 * (matmul_params(cfg) - sum(layer_params))
+    layers = [6 * n + mixer_flops_per_token(layer_config(cfg, i), seq_len=seq_len, causal=causal,
+                                            chunk_size=chunk_size, attention_span=attention_span)
+              for i, n in enumerate(layer_params)]
+    return layers, head
 
 
 def attention_span(position_ids: torch.Tensor) -> float:

@@ -1,0 +1,178 @@
+"""Hybrid models under every layout train like one process (5 optimizer steps, losses and final parameters within
+1e-5, float32, gloo), resume exactly, and split into pipeline stages by cost."""
+
+import functools
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from parallel.mesh import ParallelDims
+from parallel.pipeline import balance_layers, stage_carries, stage_imbalance, stage_layers
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import ConfigError, ModelConfig, build_config
+from pretrain.metrics import flops_by_layer, flops_per_token
+from pretrain.optim import lr_at
+from pretrain.train import mean_across_ranks, train_step
+from tests.dist import run_distributed
+from tests.parallel.layouts import (STEPS, TOLERANCE, assert_same_params, assert_same_training, build, full_params,
+                                    global_batch, local_micro_batches)
+
+# Every mixer once, the carry starting mid-stack (its stage boundaries: none, then one); GLA:attention 3:1; and
+# RWKV-7 first (RWKV-7's ends, a carry across every boundary) interleaved with FoX.
+PATTERNS = ("gla,transformer,rwkv7,fox", "gla*3,transformer", "rwkv7,fox")
+
+
+def hybrid_config(mixers: str, parallel: dict | None = None, **train):
+    """tests/parallel/layouts.py's tiny setup (4 blocks, d=32, 4 heads, T=16, odd vocabulary, Pro softmax layers)
+    with model.arch='hybrid'."""
+    return build_config({
+        "model": {"arch": "hybrid", "mixers": mixers, "d_model": 32, "n_layers": 4, "n_heads": 4, "vocab_size": 67,
+                  "seq_len": 16, "pro": True},
+        "parallel": parallel or {},
+        "optim": {"lr": 1e-3, "eps": 1e-6, "warmup_steps": 1, "grad_clip": 0.5},  # eps: see layouts.tiny_config
+        "train": {"steps": STEPS, "global_batch": 8, "micro_batch": 4, "eval_interval": 0, "seed": 3, **train},
+    })
+
+
+def train_hybrids(patterns, parallel: dict, train: dict | None = None, *, run_dir: str | None = None,
+                  stop_after: int | None = None) -> dict[str, tuple]:
+    """layouts.train_layouts for hybrid patterns: per pattern, the logged losses and this rank's full parameters.
+    With `run_dir`: resume from its newest checkpoint (if any), stop after step `stop_after` and save there."""
+    out = {}
+    for mixers in patterns:
+        cfg = hybrid_config(mixers, parallel, **(train or {}))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        dims = ParallelDims.from_config(cfg, world)
+        mesh = dims.build_mesh("cpu") if world > 1 else None
+        dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
+        model, optimizers = build(cfg, mesh)
+        first = 1
+        if run_dir is not None:
+            ckpt = Checkpointer(cfg.checkpoint, f"{run_dir}/{mixers.replace('*', 'x').replace(',', '-')}",
+                                run_config=cfg.to_dict())
+            resumed = ckpt.load(model=model.parts, optimizer=optimizers)
+            first = resumed["step"] + 1 if resumed else 1
+        losses = []
+        for step in range(first, (stop_after or STEPS) + 1):
+            micro_batches = local_micro_batches(global_batch(step, cfg), cfg, dp_rank=dp_rank, dp=dims.dp)
+            loss, _ = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, STEPS),
+                                 grad_clip=cfg.optim.grad_clip, autocast=torch.autocast("cpu", enabled=False))
+            losses.append(mean_across_ranks(loss))
+        if run_dir is not None:
+            ckpt.save(step, model=model.parts, optimizer=optimizers, state={})
+        out[mixers] = (losses, full_params(model))
+    return out
+
+
+@functools.cache
+def reference(train_json: str) -> dict:
+    return train_hybrids(PATTERNS, {}, json.loads(train_json))
+
+
+def check(world: int, parallel: dict, train: dict | None = None, patterns=PATTERNS) -> None:
+    train = train or {}
+    results = run_distributed(train_hybrids, world, patterns, parallel, train)
+    assert_same_training(results, reference(json.dumps(train, sort_keys=True)), patterns)
+
+
+@pytest.mark.parametrize("parallel, train", [
+    pytest.param({"tp": 2}, {}, id="tp2-sequence-parallel"),
+    pytest.param({"pp": 2}, {}, id="pp2-1f1b"),
+    pytest.param({"pp": 2, "pp_schedule": "interleaved_1f1b"}, {}, id="pp2-interleaved-1f1b"),
+    pytest.param({"pp": 2, "pp_schedule": "zero_bubble"}, {}, id="pp2-zero-bubble"),
+    pytest.param({"dp": 2}, {"micro_batch": 2}, id="dp2-fsdp"),
+])
+def test_two_processes(parallel, train):
+    check(2, parallel, train)
+
+
+@pytest.mark.slow
+def test_four_processes_tp2_pp2_zero_bubble():
+    check(4, {"tp": 2, "pp": 2, "pp_schedule": "zero_bubble"}, {"micro_batch": 2}, PATTERNS[:1])
+
+
+def test_resume_is_exact(tmp_path):
+    """Saved after step 2 under pp2 and resumed under tp2: the losses and parameters of an uninterrupted run."""
+    train = {"micro_batch": 2}
+    patterns = PATTERNS[:1]
+    run_dir = str(tmp_path)
+    losses = []
+    for parallel, stop_after in (({"pp": 2}, 2), ({"tp": 2}, STEPS)):
+        leg = functools.partial(train_hybrids, run_dir=run_dir, stop_after=stop_after)
+        results = run_distributed(leg, 2, patterns, parallel, train)
+        losses += results[0][patterns[0]][0]
+    expected = reference(json.dumps(train, sort_keys=True))
+    np.testing.assert_allclose(losses, expected[patterns[0]][0], rtol=0, atol=TOLERANCE)
+    assert_same_params(results, expected, patterns)
+
+
+# ------------------------------------------------------------------------------------------- balancing by cost
+
+def brute_force_peak(costs, n_stages, last_extra=0.0) -> float:
+    """The smallest possible most-expensive stage, by trying every contiguous split."""
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, len(costs)), n_stages - 1):
+        bounds = (0, *cuts, len(costs))
+        totals = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+        totals[-1] += last_extra
+        best = min(best, max(totals))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_balance_layers_finds_the_cheapest_peak(seed):
+    g = torch.Generator().manual_seed(seed)
+    L = int(torch.randint(2, 10, (1,), generator=g))
+    n = int(torch.randint(1, L + 1, (1,), generator=g))
+    costs = [float(c) for c in torch.randint(1, 20, (L,), generator=g)]
+    extra = float(torch.randint(0, 20, (1,), generator=g))
+    layers = balance_layers(costs, n, last_extra=extra)
+    assert [i for r in layers for i in r] == list(range(L)) and len(layers) == n and all(len(r) for r in layers)
+    totals = [sum(costs[i] for i in r) for r in layers]
+    totals[-1] += extra
+    assert max(totals) == brute_force_peak(costs, n, extra)
+
+
+def test_balance_layers_prefers_even_splits_and_counts_the_ends():
+    assert balance_layers([1, 1, 1, 1], 2) == [range(0, 2), range(2, 4)]
+    assert balance_layers([1, 1, 1, 5], 2) == [range(0, 3), range(3, 4)]
+    # the head's cost on the last stage pushes layers forward
+    assert balance_layers([1, 1, 1, 1], 2, last_extra=2) == [range(0, 3), range(3, 4)]
+    assert balance_layers([1, 1, 1, 1], 2, first_extra=2) == [range(0, 1), range(1, 4)]
+    with pytest.raises(ConfigError, match="cannot fill 5 pipeline stages"):
+        balance_layers([1, 1, 1, 1], 5)
+
+
+def test_expensive_softmax_layers_get_stages_of_their_own():
+    """At 8k tokens a softmax layer costs several GLA layers (12·s·d FLOPs per token): the split the FLOPs model
+    predicts gives the transformer layers smaller stages, and is less imbalanced than the even split."""
+    model = ModelConfig(arch="hybrid", mixers="gla*3,transformer", n_layers=8, d_model=256, n_heads=4,
+                        vocab_size=1000, seq_len=8192)
+    costs, head = flops_by_layer(model)
+    assert sum(costs) + head == pytest.approx(flops_per_token(model), rel=1e-12)
+    assert costs[3] > 2 * costs[0] and costs[0] == costs[1] == costs[2]
+    layers = stage_layers(model, 4)
+    assert layers == balance_layers(costs, 4, last_extra=head)
+    holding = {i: k for k, r in enumerate(layers) for i in r}
+    for stage in (holding[3], holding[7]):  # each transformer layer's stage holds fewer layers than a GLA-only one
+        assert len(layers[stage]) < max(len(r) for r in layers)
+    even = [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert stage_imbalance(layers, costs, last_extra=head) < stage_imbalance(even, costs, last_extra=head)
+    # pure models keep the even split, whatever their costs
+    pure = ModelConfig(arch="transformer", n_layers=8, d_model=256, n_heads=4, seq_len=8192)
+    assert stage_layers(pure, 4) == even
+    # and an explicit parallel.pp_layers wins
+    assert stage_layers(model, 2, "3,5") == [range(0, 3), range(3, 8)]
+
+
+def test_carry_crosses_only_boundaries_after_the_first_rwkv7_layer():
+    model = ModelConfig(arch="hybrid", mixers="gla,transformer,rwkv7,fox", n_layers=4)
+    assert [stage_carries(model, range(i, i + 1)) for i in range(4)] == [(False, False), (False, False),
+                                                                         (False, True), (True, True)]
+    assert stage_carries(ModelConfig(arch="hybrid", mixers="gla*3,transformer", n_layers=4), range(0, 2)) == \
+        (False, False)
+    assert stage_carries(ModelConfig(arch="rwkv7", n_layers=4), range(0, 2)) == (False, True)
