@@ -49,6 +49,7 @@ CUDA.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -166,20 +167,48 @@ def _check_local_len(T_loc: int, shard: ContextShard, op: str) -> int:
     return T_loc // 2
 
 
-def _global_doc_ids(docs: DocumentMask, shard: ContextShard) -> torch.Tensor:
-    """(B, T_loc) int64: each local step's document index over the whole row (equal ids = one document)."""
+@dataclass(frozen=True)
+class _DocumentPlan:
+    """Global document ids of the local steps, and which (query chunk, key chunk) pairs some row can see."""
+
+    ids: torch.Tensor
+    """(B, T_loc) int64: each local step's document index over the whole row (equal ids = one document)"""
+    visible: tuple[tuple[bool, ...], ...]
+    """[query chunk][key chunk], global indices: the key chunk is not later and shares a document with the
+    query chunk in at least one row"""
+
+
+# one plan per DocumentMask (built once per forward, shared by every layer) and cp group: the all-gather and the
+# host read happen once per forward, not once per layer
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _document_plan(docs: DocumentMask, shard: ContextShard) -> _DocumentPlan:
+    key = (shard.group, shard.rank, shard.size)
+    cached = _plans.get(docs, {}).get(key)
+    if cached is not None:
+        return cached
     B, T_loc = docs.shape
     per_chunk = docs.starts.long().reshape(B, 2, T_loc // 2)  # (B, 2, Tc)
-    counts = per_chunk.sum(-1).transpose(0, 1).contiguous()  # (2, B)
+    summary = torch.stack((per_chunk.sum(-1), per_chunk[..., 0]), 0).permute(2, 0, 1).contiguous()  # (2, 2, B)
     if shard.size == 1:
-        gathered = counts.unsqueeze(0)
+        gathered = summary.unsqueeze(0)
     else:
-        parts = [torch.empty_like(counts) for _ in range(shard.size)]
-        dist.all_gather(parts, counts, group=shard.group)
-        gathered = torch.stack(parts)  # (N, 2, B)
-    offsets = _exclusive_cumsum(_in_global_order(gathered))  # (2N, B)  starts before each chunk
+        parts = [torch.empty_like(summary) for _ in range(shard.size)]
+        dist.all_gather(parts, summary, group=shard.group)
+        gathered = torch.stack(parts)  # (N, 2, 2, B)  [rank, local chunk, (starts, first step is one), row]
+    counts, first_is_start = _in_global_order(gathered).unbind(1)  # (2N, B) each
+    offsets = _exclusive_cumsum(counts)  # (2N, B)  starts before each chunk
     mine = offsets[list(shard.chunks)].transpose(0, 1)  # (B, 2)
-    return (per_chunk.cumsum(-1) + mine[..., None]).view(B, T_loc)  # (B, T_loc)
+    ids = (per_chunk.cumsum(-1) + mine[..., None]).view(B, T_loc)  # (B, T_loc)
+    first_id, last_id = offsets + first_is_start, offsets + counts  # (2N, B)
+    # ids never decrease, so chunk kc ≤ qc shares a document with chunk qc exactly when its last id reaches
+    # qc's first one; one host read of a (2N, 2N) table per forward
+    shares = (last_id[None, :, :] >= first_id[:, None, :]).any(-1)  # (2N, 2N)  [query chunk, key chunk]
+    visible = tuple(tuple(row) for row in shares.tril().cpu().tolist())
+    plan = _DocumentPlan(ids, visible)
+    _plans.setdefault(docs, {})[key] = plan
+    return plan
 
 
 def _global_log_forget_cumsum(log_f: torch.Tensor, shard: ContextShard) -> torch.Tensor:
@@ -222,12 +251,13 @@ def _wait(requests) -> None:
         req.wait()
 
 
-def _block_pairs(q_chunks, k_chunks, Tc):
+def _block_pairs(q_chunks, k_chunks, Tc, visible):
     """(query offset, key offset, causal) for the visible (query chunk, key chunk) pairs of two local sequences
-    given their global chunk indices; a later key chunk is invisible."""
+    given their global chunk indices: a later key chunk is invisible, and so, under documents, is one that
+    shares no document with the query chunk in any row (visible: the plan's table, or None)."""
     for qi, qc in enumerate(q_chunks):
         for ki, kc in enumerate(k_chunks):
-            if kc <= qc:
+            if kc <= qc and (visible is None or visible[qc][kc]):
                 yield qi * Tc, ki * Tc, kc == qc
 
 
@@ -258,7 +288,7 @@ def _tiles(Tc: int, block_q: int, causal: bool):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, c, doc, shard, scale, block_q):
+    def forward(ctx, q, k, v, c, doc, visible, shard, scale, block_q):
         # q, k (B, H, T_loc, D), v (B, H, T_loc, Dv) in the compute dtype; c (B, H, T_loc) float64 or None;
         # doc (B, T_loc) global document ids or None
         B, H, T_loc, _ = q.shape
@@ -277,7 +307,7 @@ class _RingAttention(torch.autograd.Function):
             c_b = block[2] if c is not None else None
             doc_b = block[-1] if doc is not None else None
             src_chunks = (src, 2 * shard.size - 1 - src)
-            for q0, k0, causal in _block_pairs(shard.chunks, src_chunks, Tc):
+            for q0, k0, causal in _block_pairs(shard.chunks, src_chunks, Tc, visible):
                 for i0, i1, kn in _tiles(Tc, block_q, causal):
                     rows = slice(q0 + i0, q0 + i1)
                     keys = slice(k0, k0 + kn)
@@ -301,14 +331,14 @@ class _RingAttention(torch.autograd.Function):
         o = acc / den[..., None]  # (B, H, T_loc, Dv)
         lse = m + den.log()  # (B, H, T_loc)
         ctx.save_for_backward(q, k, v, c, doc, o, lse)
-        ctx.config = (shard, scale, block_q)
+        ctx.config = (visible, shard, scale, block_q)
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, c, doc, o, lse = ctx.saved_tensors
-        shard, scale, block_q = ctx.config
+        visible, shard, scale, block_q = ctx.config
         B, H, T_loc, D = q.shape
         Dv = v.shape[-1]
         Tc = T_loc // 2
@@ -330,7 +360,7 @@ class _RingAttention(torch.autograd.Function):
             part = q.new_zeros(B, H, T_loc, width)  # this rank's share of the block's dk | dv | dc
             dk, dv = part[..., :D], part[..., D:D + Dv]
             src_chunks = (src, 2 * shard.size - 1 - src)
-            for q0, k0, causal in _block_pairs(shard.chunks, src_chunks, Tc):
+            for q0, k0, causal in _block_pairs(shard.chunks, src_chunks, Tc, visible):
                 for i0, i1, kn in _tiles(Tc, block_q, causal):
                     rows = slice(q0 + i0, q0 + i1)
                     keys = slice(k0, k0 + kn)
@@ -362,7 +392,7 @@ class _RingAttention(torch.autograd.Function):
             total = grad_incoming
         dk, dv = total[..., :D], total[..., D:D + Dv]
         dc = None if c is None else total[..., -1].to(c.dtype)
-        return dq * scale, dk, dv, dc, None, None, None, None
+        return dq * scale, dk, dv, dc, None, None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, shard: ContextShard,
@@ -385,15 +415,16 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, shard: 
     if block_q <= 0:
         raise ValueError(f"ring_attention: block_q must be positive; got {block_q}")
     _check_local_len(q.shape[1], shard, "ring_attention")
-    doc = None
+    doc = visible = None
     if docs is not None:
         check_docs(docs, q, "ring_attention")
-        doc = _global_doc_ids(docs, shard)  # (B, T_loc)
+        plan = _document_plan(docs, shard)
+        doc, visible = plan.ids, plan.visible  # (B, T_loc), [query chunk][key chunk]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dt = torch.promote_types(q.dtype, torch.float32)  # bf16/fp16 computed in fp32, fp64 stays fp64
     c = None if log_f is None else _global_log_forget_cumsum(log_f, shard)  # (B, H, T_loc)
     qh, kh, vh = (x.to(dt).transpose(1, 2).contiguous() for x in (q, k, v))  # (B, H, T_loc, ·)
-    o = _RingAttention.apply(qh, kh, vh, c, doc, shard, scale, block_q)  # (B, H, T_loc, Dv)
+    o = _RingAttention.apply(qh, kh, vh, c, doc, visible, shard, scale, block_q)  # (B, H, T_loc, Dv)
     return o.transpose(1, 2).to(q.dtype)  # (B, T_loc, H, Dv)
 
 

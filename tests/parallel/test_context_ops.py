@@ -10,8 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel.context import ContextShard, chain_states, gla_context, previous_steps, ring_attention, \
-    rwkv7_context
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from parallel.context import ContextShard, _document_plan, chain_states, gla_context, previous_steps, \
+    ring_attention, rwkv7_context
 from pretrain.models.common import shift_tokens
 from pretrain.ops import DocumentMask, causal_attention, forgetting_attention, gla, rwkv7
 from tests.dist import run_distributed
@@ -173,8 +176,44 @@ def _shard_round_trip():
     return True
 
 
+def _document_plan_and_dtensor_halo():
+    shard = ContextShard.from_group(dist.group.WORLD)
+    # the document plan: global ids equal the whole row's, and chunk pairs no row can see are skipped
+    starts = _starts(T)
+    docs = DocumentMask(shard.split(starts))
+    plan = _document_plan(docs, shard)
+    assert _document_plan(docs, shard) is plan  # one all-gather per mask, not per layer
+    assert torch.equal(plan.ids, shard.split(DocumentMask(starts).doc_ids))
+    # with 8-step chunks: row 0's documents 3…15, 16…23, 24…28, 29…31; row 1's 0…11, 12…25, 26…31
+    assert plan.visible == ((True, False, False, False), (True, True, False, False), (False, True, True, False),
+                            (False, True, True, True))
+    # previous_steps on a tensor-parallel DTensor (a cp × tp mesh, tp of size 1 here): same values, same spec
+    mesh = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("cp", "tp"))
+    x = _randn(B, T, 4, seed=16)
+    local = shard.split(x)
+    plain = local.clone().requires_grad_()
+    expected = previous_steps(plain, shard=shard)
+    weight = torch.randn(expected.shape, dtype=expected.dtype)
+    (expected * weight).sum().backward()
+    for placement in (Replicate(), Shard(2)):
+        leaf = local.clone().requires_grad_()
+        x_dt = DTensor.from_local(leaf, mesh["tp"], [placement], run_check=False)
+        out = previous_steps(x_dt, shard=ContextShard.from_group(mesh["cp"].get_group()))
+        assert isinstance(out, DTensor) and out.placements == (placement,) and out.shape == x_dt.shape
+        assert torch.equal(out.to_local(), expected.detach())
+        (out.to_local() * weight).sum().backward()
+        assert torch.equal(leaf.grad, plain.grad)
+    with pytest.raises(ValueError, match="sharded on dims 0 or 1"):
+        previous_steps(DTensor.from_local(local, mesh["tp"], [Shard(1)], run_check=False), shard=shard)
+    return True
+
+
 def test_shard_split_gather_positions():
     assert all(run_distributed(_shard_round_trip, 2))
+
+
+def test_document_plan_and_dtensor_halo():
+    assert all(run_distributed(_document_plan_and_dtensor_halo, 2))
 
 
 def test_shard_errors_without_processes():
