@@ -1,7 +1,8 @@
 """AdamW with decoupled weight decay on matrices only, and the learning-rate schedules.
 
-The schedule is a pure function of the step, so resuming needs no scheduler state beyond the step itself. Each
-param group carries an `lr_scale` that the training step multiplies the schedule's learning rate by.
+The schedule is a pure function of the step, so resuming needs no scheduler state beyond the step itself. A param
+group may carry an `lr_scale` that the training step multiplies the schedule's learning rate by (1 where absent:
+a group's keys are part of its checkpointed state, so groups without a scale keep older checkpoints loadable).
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ def param_groups(model: nn.Module, weight_decay: float, *, rwkv7_reference: bool
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _rwkv7_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -52,8 +52,7 @@ def _rwkv7_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             decay.append(p)
         else:
             no_decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
             {"params": decay_bias, "weight_decay": 0.0, "lr_scale": RWKV7_DECAY_BIAS_LR_SCALE}]
 
 
