@@ -48,6 +48,9 @@ conservative). Memory per GPU (the first pipeline stage, which holds most activa
     Blocks in flight: 1F1B holds min(m, p) micro-batches of the stage's L/p blocks; interleaved and zero-bubble
     hold min(m·v, (v−1)·p + 2(p−1) + 1) chunks of L/(p·v) blocks (the interleaved warm-up on the first rank).
     The last stage adds the logits: s·b·V/t/minisequence_chunks elements in the compute dtype plus fp32.
+    A hybrid (model.arch='hybrid') counts each block as the block of its layer's mixer (`activation_bytes_by_layer`)
+    and takes their mean per block in flight; its FLOPs are `flops_per_token`'s per-layer terms, and selective
+    recomputation repeats each layer's own mixer term.
   * plus the cluster's `reserved_bytes` (CUDA context, NCCL buffers, allocator slack).
 
 Not modelled: kernel efficiency changing with micro-batch, width or TP shard size (the single-device rate is
@@ -70,7 +73,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.config import Config, ModelConfig, build_config, load_config
+from pretrain.config import Config, ModelConfig, build_config, layer_config, layer_mixers, load_config
 
 FSDP_PREFETCH_UNITS = 2  # FSDP2 keeps the unit in use and the one prefetched gathered
 DDP_BUCKET_BYTES = 25 * 2**20  # DDP's default gradient bucket: one all-reduce per bucket
@@ -241,13 +244,14 @@ class ModelStats:
 def _stats(model_json: str) -> ModelStats:
     import torch
 
-    from pretrain.metrics import flops_per_token, matmul_params
+    from pretrain.metrics import flops_per_token, matmul_params, mixer_flops_per_token
     from pretrain.models import build_model
 
     cfg = ModelConfig(**json.loads(model_json))
     with torch.device("meta"):  # counts without memory, even for models far larger than this machine
         model = build_model(cfg)
     count = {"embed": 0, "head": 0, "mixer": 0, "all": 0}
+    mixer_params = [0] * cfg.n_layers  # each layer's sequence mixer
     for name, p in model.named_parameters():
         count["all"] += p.numel()
         if name.startswith(("tok_emb", "pos_emb")):
@@ -256,13 +260,16 @@ def _stats(model_json: str) -> ModelStats:
             count["head"] += p.numel()
         elif ".mixer." in name:
             count["mixer"] += p.numel()
+            mixer_params[int(name.split(".")[1])] += p.numel()
     L = cfg.n_layers
     fpt = flops_per_token(cfg)
-    matmul = matmul_params(cfg)
     head_matmul = cfg.vocab_size * cfg.d_model
-    mixer_term = (fpt - 6 * matmul) / L  # the s-dependent FLOPs of one mixer, forward + backward
-    # forward = 1/3 of forward + backward; linear mixers recompute their projections under selective too
-    selective = L * mixer_term / 3 + (0 if cfg.arch in SOFTMAX_ARCHS else 2 * count["mixer"])
+    # forward = 1/3 of forward + backward, of each mixer's s-dependent FLOPs; linear mixers recompute their
+    # projections under selective too (a hybrid: layer by layer)
+    selective = 0.0
+    for i, mixer in enumerate(layer_mixers(cfg)):
+        selective += mixer_flops_per_token(layer_config(cfg, i)) / 3
+        selective += 0 if mixer in SOFTMAX_ARCHS else 2 * mixer_params[i]
     full = (fpt - 6 * head_matmul) / 3  # every block's forward; the LM head is outside the checkpointed blocks
     return ModelStats(params=count["all"], embed_params=count["embed"], head_params=count["head"],
                       layer_params=(count["all"] - count["embed"] - count["head"]) / L,
@@ -273,6 +280,11 @@ def _stats(model_json: str) -> ModelStats:
 def model_stats(cfg: ModelConfig, seq_len: int) -> ModelStats:
     """Cached counts for `cfg` trained at `seq_len`."""
     return _stats(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, seq_len=seq_len)), sort_keys=True))
+
+
+def arch_label(cfg: ModelConfig) -> str:
+    """The architecture as reports and calibration keys name it; a hybrid with its pattern: 'hybrid(gla*3,transformer)'."""
+    return f"hybrid({cfg.mixers})" if cfg.arch == "hybrid" else cfg.arch
 
 
 def size_label(cfg: ModelConfig) -> str:
@@ -376,7 +388,7 @@ def bubble_fraction(pp: int, v: int, micro_batches: int, schedule: str) -> float
 
 # ------------------------------------------------------------------------------------------------------ memory
 
-def _mixer_elements(cfg: ModelConfig) -> tuple[float, float]:
+def _mixer_elements(cfg: ModelConfig) -> tuple[float, float]:  # cfg: a pure model's (a hybrid layer's view)
     """(replicated, tp-sharded) saved elements of one mixer in units of s·b·h, its input included, scores and
     chunk states excluded. Softmax (Korthikanti): input 1 | Q, K 2, V 1, output-projection input 1.
     GLA (key width h/2): input 1 | q .5, k .5, v 1, log-decay g in fp32 (.5 × 2), o 1, normed o 1, gate 1, gated 1.
@@ -393,12 +405,29 @@ def activation_bytes_per_layer(cfg: ModelConfig, *, s: int, b: int, t: int = 1, 
                                recompute: str = "none", dtype_bytes: int = 2) -> float:
     """Saved-activation bytes of one block for one micro-batch (see the module docstring). With the gpt preset
     and dtype_bytes = 2 this is exactly Korthikanti et al.'s sbh(34 + 5as/h), sbh(10 + 24/t + 5as/(ht)),
-    sbh(34/t + 5as/(ht)) for none / TP / TP+SP, without the 5as/h term for selective, and 2sbh for full."""
+    sbh(34/t + 5as/(ht)) for none / TP / TP+SP, without the 5as/h term for selective, and 2sbh for full.
+    A hybrid's blocks differ: this is their mean (`activation_bytes_by_layer` gives each)."""
+    per_layer = activation_bytes_by_layer(cfg, s=s, b=b, t=t, sequence_parallel=sequence_parallel,
+                                          recompute=recompute, dtype_bytes=dtype_bytes)
+    return sum(per_layer) / len(per_layer)
+
+
+def activation_bytes_by_layer(cfg: ModelConfig, **kwargs) -> list[float]:
+    """`activation_bytes_per_layer`'s bytes for each block (keyword arguments the same): each layer counted as the
+    block of its mixer, the carry (the first RWKV-7 layer's values) from that layer on."""
+    mixers = layer_mixers(cfg)
+    source = mixers.index("rwkv7") if "rwkv7" in mixers else cfg.n_layers
+    return [_block_activation_bytes(layer_config(cfg, i), carries=i >= source, **kwargs) for i in range(cfg.n_layers)]
+
+
+def _block_activation_bytes(cfg: ModelConfig, *, carries: bool, s: int, b: int, t: int = 1,
+                            sequence_parallel: bool = False, recompute: str = "none", dtype_bytes: int = 2) -> float:
+    """One block of the pure model config `cfg` (a hybrid layer's view); `carries`: the RWKV-7 carry rides along."""
     from pretrain.models.common import mlp_hidden_size
 
     sbh = s * b * cfg.d_model
     sp = sequence_parallel and t > 1
-    carry = 1.0 if cfg.arch == "rwkv7" else 0.0  # RWKV-7's first-layer value rides along every block
+    carry = 1.0 if carries else 0.0  # RWKV-7's first-layer value rides along every block from there on
     if recompute == "full":
         return (1.0 + carry) * sbh * dtype_bytes / (t if sp else 1)
     f = mlp_hidden_size(cfg) / cfg.d_model
@@ -537,7 +566,8 @@ def predict(model_cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Clust
     if p > 1:
         crossings = max(boundaries(r, p, layout.v) for r in range(p))
         vol = pp_volume(s=seq_len, b=b, h=h, tp=t, micro_batches=m, boundaries=crossings,
-                        dtype_bytes=cluster.dtype_bytes, sequence_parallel=layout.sp, carry=model_cfg.arch == "rwkv7")
+                        dtype_bytes=cluster.dtype_bytes, sequence_parallel=layout.sp,
+                        carry="rwkv7" in layer_mixers(model_cfg))
         alpha, beta = cluster.link(d * t * p > g)  # neighbours are dp·tp ranks apart
         pp_s = volume_time(vol, group=2, alpha=alpha, beta=beta)
     if d > 1:
@@ -574,7 +604,7 @@ def row_config(row: dict) -> Config:
 
 
 def calibration_key(cfg: ModelConfig, seq_len: int) -> tuple[str, str, int]:
-    return cfg.arch, size_label(cfg), seq_len
+    return arch_label(cfg), size_label(cfg), seq_len
 
 
 def calibrate(results_rows: list[dict]) -> dict[tuple[str, str, int], dict]:
@@ -756,7 +786,7 @@ def _si(x: float) -> str:
 def _format_table(preds: list[Prediction], cluster: Cluster, *, gpus: int, seq_len: int, global_batch: int,
                   model_cfg: ModelConfig, top: int) -> str:
     st = model_stats(model_cfg, seq_len)
-    lines = [f"PREDICTIONS (performance model, not measurements) — {model_cfg.arch} {size_label(model_cfg)} "
+    lines = [f"PREDICTIONS (performance model, not measurements) — {arch_label(model_cfg)} {size_label(model_cfg)} "
              f"({_si(st.params)} params, {_si(st.flops_per_token)}FLOP/token), seq {seq_len}, "
              f"global batch {global_batch}, {gpus} GPUs on {cluster.name}; compute rate: "
              f"{preds[0].compute_source if preds else '-'}",

@@ -207,3 +207,59 @@ def test_hybrid_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+# ------------------------------------------------------------------------ recompute, FLOPs and memory per layer
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_gives_the_same_gradients(mode):
+    """Selective recomputation wraps every layer's own mixer's `attend` (whatever the mixer); full, every block."""
+    from parallel.recompute import apply_recompute, is_checkpointed
+
+    cfg = hybrid_config("gla,transformer,rwkv7,fox", 4)
+    torch.manual_seed(0)
+    plain = build_model(cfg).double()
+    perturb(plain)
+    torch.manual_seed(0)
+    recomputed = build_model(cfg).double()
+    recomputed.load_state_dict(plain.state_dict())
+    apply_recompute(recomputed, mode)
+    if mode == "selective":
+        assert all(is_checkpointed(block.mixer, "attend") for block in recomputed.layers.values())
+    tokens = torch.randint(0, VOCAB, (2, 32))
+    for model in (plain, recomputed):
+        model(tokens, labels=tokens.roll(-1, 1)).backward()
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12, msg=name)
+
+
+def test_flops_and_activation_memory_per_layer_are_the_pure_models():
+    """Each layer of 'gla*3,transformer' costs (FLOPs per token) and keeps (activation bytes) what a layer of the pure
+    model of its mixer does; the totals are the sums; MFU's FLOPs count the hybrid's own mixers."""
+    from launch.perfmodel import activation_bytes_by_layer, activation_bytes_per_layer, model_stats
+    from pretrain.metrics import flops_by_layer, flops_per_token
+
+    shape = {**TINY, "n_layers": 4, "seq_len": 512}
+    hybrid = hybrid_config("gla*3,transformer", 4, seq_len=512)
+    gla = build_config({}, {"model": {**shape, "arch": "gla"}}).model
+    transformer = build_config({}, {"model": {**shape, "arch": "transformer"}}).model
+    layers, head = flops_by_layer(hybrid)
+    gla_layers, gla_head = flops_by_layer(gla)
+    transformer_layers, _ = flops_by_layer(transformer)
+    assert layers == gla_layers[:3] + transformer_layers[3:] and head == gla_head
+    assert flops_per_token(hybrid) == sum(layers) + head
+    assert flops_per_token(hybrid) == pytest.approx((3 * flops_per_token(gla) + flops_per_token(transformer)) / 4)
+    memory = dict(s=512, b=2, t=2, sequence_parallel=True, recompute="none")
+    per_layer = activation_bytes_by_layer(hybrid, **memory)
+    assert per_layer == [activation_bytes_per_layer(gla, **memory)] * 3 + [activation_bytes_per_layer(transformer,
+                                                                                                      **memory)]
+    assert activation_bytes_per_layer(hybrid, **memory) == pytest.approx(sum(per_layer) / 4)
+    # under full recomputation a block keeps its inputs, RWKV-7's carry among them from the first RWKV-7 layer on:
+    # a GLA block before that layer keeps its hidden state only, one after it the carry too (bf16, SP over t = 2)
+    full = {**memory, "recompute": "full"}
+    rwkv = activation_bytes_by_layer(hybrid_config("gla,rwkv7,gla,rwkv7", 4, seq_len=512), **full)
+    assert rwkv == [512 * 2 * 32 * 2 / 2 * n for n in (1, 2, 2, 2)]
+    # selective recomputation repeats each layer's own mixer term: a one-mixer hybrid is its pure model
+    pure_stats = model_stats(gla, 512)
+    assert model_stats(hybrid_config("gla", 4, seq_len=512), 512) == pure_stats
+    assert model_stats(hybrid, 512).recompute_flops["selective"] > pure_stats.recompute_flops["selective"]
