@@ -11,6 +11,7 @@ tests/ops/fla_interpret.py, which must be in place before triton is imported, so
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -142,14 +143,19 @@ def fla_check(directory: Path) -> float:
 
 # --------------------------------------------------------------------------- import, round trip
 
-@pytest.mark.parametrize("model", [{}, {"tie_embeddings": True}, {"preset": "gpt"}], ids=["llama", "tied", "gpt2"])
-def test_hf_to_ours_to_hf_is_bitwise(tmp_path, model):
+@pytest.mark.parametrize("source, model", [
+    pytest.param("hf", {}, id="llama"), pytest.param("hf", {"tie_embeddings": True}, id="llama-tied"),
+    pytest.param("hf", {"preset": "gpt"}, id="gpt2"), pytest.param("fla", {"arch": "gla"}, id="fla-gla"),
+    pytest.param("fla", {"arch": "fox"}, id="fla-fox"),
+    pytest.param("fla", {"arch": "rwkv7", "n_heads": 1, **RWKV7}, id="fla-rwkv7"),
+])
+def test_theirs_to_ours_to_theirs_is_bitwise(tmp_path, source, model):
     from safetensors.torch import load_file
 
     cfg = tiny(**model)
-    fmt = format_for(cfg, "hf")
+    fmt = format_for(cfg, source)
     write(perturbed_model(cfg), cfg, fmt, tmp_path / "first")
-    back = import_model("hf", tmp_path / "first", cfg)
+    back = import_model(source, tmp_path / "first", cfg)
     write(back, cfg, fmt, tmp_path / "second")
     first, second = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("first", "second"))
     assert first.keys() == second.keys()
@@ -210,8 +216,8 @@ def _train(tree: dict) -> None:
     train(build_config({}, tree))
 
 
-def run_tree(run_dir: Path, parallel: dict) -> dict:
-    return {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB, "seq_len": 32},
+def run_tree(run_dir: Path, parallel: dict, model: dict) -> dict:
+    return {"model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": VOCAB, "seq_len": 32, **model},
             "parallel": parallel, "data": {"path": "synthetic"},
             "optim": {"lr": 1e-2, "warmup_steps": 1},
             "train": {"steps": 3, "global_batch": 4, "micro_batch": 2, "run_dir": str(run_dir), "eval_interval": 0,
@@ -219,21 +225,31 @@ def run_tree(run_dir: Path, parallel: dict) -> dict:
             "checkpoint": {"interval": 0, "save_at_end": True}, "log": {"progress": False}}
 
 
-def test_export_from_tp2_pp2_and_one_process_checkpoints(tmp_path):
-    """A short real run under tp2·pp2 (4 gloo processes) and the same run on one process: each checkpoint exports
-    (DCP reshards into one plain model), and HF's logits from either equal our model's from the one-process run."""
+def loaded_logits(target: str, directory: Path, x: torch.Tensor) -> torch.Tensor:
+    return rwkv_package_logits(directory, x) if target == "rwkv" else hf_logits(directory, x)
+
+
+@pytest.mark.parametrize("model, parallel, target", [
+    pytest.param({}, {"tp": 2, "pp": 2}, "hf", id="llama-tp2-pp2"),
+    pytest.param({"tie_embeddings": True}, {"dp": 2}, "hf", id="llama-tied-dp2-fsdp"),
+    pytest.param({"arch": "rwkv7", **RWKV7}, {"tp": 2, "pp": 2}, "rwkv", id="rwkv-tp2-pp2", marks=pytest.mark.slow),
+])
+def test_export_from_parallel_and_one_process_checkpoints(tmp_path, model, parallel, target):
+    """A short real run under a parallel layout (gloo processes) and the same run on one process: each checkpoint
+    exports (DCP reshards into one plain model), and the target's logits from either equal our model's from the
+    one-process run."""
+    from pretrain.export import export
     from tests.dist import run_distributed
 
-    _train(run_tree(tmp_path / "one", {}))
-    run_distributed(_train, 4, run_tree(tmp_path / "tp2pp2", {"tp": 2, "pp": 2}))
+    _train(run_tree(tmp_path / "one", {}, model))
+    world = math.prod(parallel.values())
+    run_distributed(_train, world, run_tree(tmp_path / "parallel", parallel, model))
     ours, cfg, _ = load_checkpoint_model(tmp_path / "one")
     reference = ours_logits(ours, tokens())
-    for run in ("one", "tp2pp2"):
-        from pretrain.export import export
-
-        export(tmp_path / run, "hf", tmp_path / f"{run}-hf")
-        report(f"HF llama from the {run} checkpoint", relative_error(reference, hf_logits(tmp_path / f"{run}-hf",
-                                                                                         tokens())))
+    for run in ("one", "parallel"):
+        export(tmp_path / run, target, tmp_path / f"{run}-out")
+        error = relative_error(reference, loaded_logits(target, tmp_path / f"{run}-out", tokens()))
+        report(f"{target} from the {run} checkpoint ({parallel})", error)
 
 
 # --------------------------------------------------------------------------- refusals, options
@@ -261,7 +277,7 @@ def test_cli(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "pretrain.export", "--help"], cwd=REPO, capture_output=True,
                             text=True)
     assert helped.returncode == 0 and all(o in helped.stdout for o in ("--to", "--from", "--config", "--out", "--dtype"))
-    _train(run_tree(tmp_path / "run", {}))
+    _train(run_tree(tmp_path / "run", {}, {}))
     done = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "run"), "--to", "hf", "--out",
                            str(tmp_path / "hf"), "--dtype", "bf16"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
