@@ -23,23 +23,27 @@ Mechanisms.
 - GLA and RWKV-7: state passing (`gla_context`, `rwkv7_context`). The local (B, T_loc) is viewed as (2B, Tc)
   rows, one per chunk, so one op call runs both chunks. A chunk's final state is affine in its initial one,
   S_out = M·S_in + S_loc (GLA: M = Diag(e^{Σg}) per key channel; RWKV-7: M = A_Tc…A_1 with A_t = Diag(e^{w_t}) +
-  b_t a_tᵀ, K×K per head; a document start inside the chunk makes M = 0). The op itself gives S_loc and M in one
-  call: values [v | 0] with initial state [0 | I] (GLA: [0 | 1], its M being diagonal) return [S_loc | M] as
-  the final state, under the op's own document semantics. One all-gather of these over cp, then every rank
-  chains S_in(c) = M(c−1)·S_in(c−1) + S_loc(c−1), S_in(0) = 0, over the 2N chunks in global order in fp32 (or
-  wider) and reruns the op from its chunks' true initial states for the output. The rerun (not a closed-form
-  correction) keeps one code path for both mixers and both backends and lets the op's own autograd carry the
-  initial state's gradient back through the chain to the earlier chunks.
+  b_t a_tᵀ, K×K per head; a document start inside the chunk makes M = 0), and so is every output,
+  o_t = o_t(0) + R_t·S_in. One op call gives all of it: values [v | 0] with initial state [0 | I] (K identity
+  columns) return [S_loc | M] as the final state and [o(0) | R] as the output, under the op's own recurrence
+  and document masking. One all-gather of (S_loc, M) over cp (GLA: M's diagonal only), then every rank chains
+  S_in(c) = M(c−1)·S_in(c−1) + S_loc(c−1), S_in(0) = 0, over the 2N chunks in global order in fp32 (or wider)
+  and adds R·S_in to its outputs. Reading R off the identity columns (rather than rerunning the op from S_in)
+  costs K more value columns in one call instead of a second call, needs no copy of the ops' masking rules,
+  and works unchanged on fla's kernels; autograd carries S_in's gradient back through the chain and the
+  all-gather to the earlier chunks' ranks.
 - Token shifts (`previous_steps`): a one-token halo: one small all-gather of every rank's two chunk ends.
 
 Costs per layer per rank (elements; B rows, H heads, D head dim, K×V states).
 - Ring attention: forward (N−1)·2·B·T_loc·H·D (k and v pass N−1 hops; FoX adds (N−1)·B·T_loc·H fp64 c values),
   backward about twice that (k and v again, plus the dK/dV accumulators' N hops). Compute is causal
   attention's own, split evenly.
-- State passing: one all-gather of 2 chunk states [S_loc | M] per rank, 2·B·H·K·(V+1) (GLA) or
-  2·B·H·K·(V+K) (RWKV-7) elements from every rank, and its reduce in backward; the op runs twice (the first
-  call with K (RWKV-7) or 1 (GLA) more value columns). The chain is 2N small matmuls, the same on every rank.
-- Document ids: one all-gather of (B, 2) start counts per call.
+- State passing: one all-gather of the 2 chunk states (S_loc, M) per rank, 2·B·H·K·(V+1) (GLA) or
+  2·B·H·K·(V+K) (RWKV-7) elements from every rank, and a reduce of the same size in backward. The op runs once,
+  with V+K value columns instead of V. The chain is 2N small matmuls, the same on every rank.
+- Documents (ring attention): one all-gather of (B, 2, 2) per-chunk start counts and one host read of a
+  (2N, 2N) table per DocumentMask (cached on the mask, so per forward, not per layer); key chunks that share no
+  document with a query chunk in any row are not computed.
 
 Devices. Every collective runs on gloo and NCCL alike (reduce-scatter where the backend has it, else all-reduce
 and a slice). The ring's tile loop is the torch path everywhere for now, CUDA included (no fused kernel
@@ -54,7 +58,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Shard
 
 from pretrain.ops import DocumentMask, gla, rwkv7
@@ -458,14 +461,13 @@ def chain_states(s_loc: torch.Tensor, trans: torch.Tensor, *, diagonal: bool) ->
     return torch.stack(entering)
 
 
-def _state_passing(op, inputs, v, *, shard, docs, transition_cols, diagonal, op_kwargs):
-    """Run op (gla or rwkv7) over the zigzag-local sequence with the states of all earlier chunks.
+def _state_passing(op, inputs, v, *, shard, docs, diagonal, op_kwargs):
+    """Run op (gla or rwkv7) over the zigzag-local sequence from the states left by all earlier chunks.
 
-    inputs: the op's [B, T_loc, H, ·] arguments with v replaced by None (its slot); transition_cols: how many
-    value columns carry the transition (1 for a diagonal one, K for a full K×K one)."""
-    B, T_loc, H = v.shape[:3]
+    inputs: the op's [B, T_loc, H, ·] arguments with v replaced by None (its slot); diagonal: the op's chunk
+    transition is diagonal (GLA), so only its diagonal is gathered and chained."""
+    B, T_loc, H, V = v.shape
     _check_local_len(T_loc, shard, op.__name__)
-    V = v.shape[-1]
     K = inputs[0].shape[-1]
     rows = [None if x is None else _as_chunk_rows(x) for x in inputs]  # (2B, Tc, H, ·)
     v_rows = _as_chunk_rows(v)  # (2B, Tc, H, V)
@@ -474,24 +476,27 @@ def _state_passing(op, inputs, v, *, shard, docs, transition_cols, diagonal, op_
         check_docs(docs, v, op.__name__)
         row_docs = DocumentMask(_as_chunk_rows(docs.starts))  # (2B, Tc)
 
-    # [v | 0] from [0 | I]: the final state is [S_loc | M], both from the op's own recurrence and masking
-    v_ext = torch.cat((v_rows, v_rows.new_zeros(*v_rows.shape[:3], transition_cols)), -1)  # (2B, Tc, H, V+n)
-    eye = torch.ones(K, 1) if diagonal else torch.eye(K)
-    h0 = torch.cat((torch.zeros(K, V), eye), -1).to(device=v.device, dtype=torch.promote_types(v.dtype,
-                                                                                                torch.float32))
-    h0 = h0.expand(2 * B, H, K, V + transition_cols)
+    # Values [v | 0] from the initial state [0 | I]: the first V columns run from a zero state (output o_0, final
+    # state S_loc); the K identity columns carry the chunk's linear map alone, so their final state is M and
+    # their output at step t is o_t's response to the initial state (r_t P_t, P_t = A_t…A_1; GLA: scale·q_t P_t).
+    # Both come from the op's own recurrence and document masking, in one call.
+    dt = torch.promote_types(v.dtype, torch.float32)
+    v_ext = torch.cat((v_rows, v_rows.new_zeros(*v_rows.shape[:3], K)), -1)  # (2B, Tc, H, V+K)
+    h0 = torch.cat((torch.zeros(K, V, dtype=dt, device=v.device), torch.eye(K, dtype=dt, device=v.device)), -1)
     call = [v_ext if x is None else x for x in rows]
-    _, final = op(*call, initial_state=h0, output_final_state=True, docs=row_docs, **op_kwargs)  # (2B, H, K, V+n)
-    dt = torch.promote_types(final.dtype, torch.float32)
-    final = final.to(dt).unflatten(0, (2, B))  # (2, B, H, K, V+n)
-    every = _in_global_order(_all_gather(final, shard))  # (2N, B, H, K, V+n)
-    s_loc, trans = every[..., :V], every[..., V:]
-    if diagonal:
-        trans = trans.squeeze(-1)  # (2N, B, H, K)
-    entering = chain_states(s_loc, trans, diagonal=diagonal)[list(shard.chunks)]  # (2, B, H, K, V)
+    o_ext, final = op(*call, initial_state=h0.expand(2 * B, H, K, V + K), output_final_state=True, docs=row_docs,
+                      **op_kwargs)  # (2B, Tc, H, V+K), (2B, H, K, V+K)
+    final = final.to(torch.promote_types(final.dtype, torch.float32)).unflatten(0, (2, B))  # (2, B, H, K, V+K)
+    # GLA's M is diagonal: only its diagonal travels
+    trans = final[..., V:].diagonal(dim1=-2, dim2=-1) if diagonal else final[..., V:].flatten(-2)  # (2, B, H, K·)
+    packed = torch.cat((final[..., :V].flatten(-2), trans), -1)  # (2, B, H, K·V + K or K·K)
+    every = _in_global_order(_all_gather(packed, shard))  # (2N, B, H, K·V + K or K·K)
+    s_loc = every[..., :K * V].unflatten(-1, (K, V))  # (2N, B, H, K, V)
+    trans = every[..., K * V:] if diagonal else every[..., K * V:].unflatten(-1, (K, K))
+    entering = chain_states(s_loc, trans, diagonal=diagonal)[list(shard.chunks)].flatten(0, 1)  # (2B, H, K, V)
 
-    call = [v_rows if x is None else x for x in rows]
-    o = op(*call, initial_state=entering.flatten(0, 1), docs=row_docs, **op_kwargs)  # (2B, Tc, H, V)
+    o_zero, response = o_ext.split((V, K), -1)  # (2B, Tc, H, V), (2B, Tc, H, K)
+    o = o_zero + torch.einsum("bthk,bhkv->bthv", response.to(entering.dtype), entering).to(o_zero.dtype)
     return _from_chunk_rows(o)  # (B, T_loc, H, V)
 
 
@@ -499,7 +504,7 @@ def gla_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
                 docs: DocumentMask | None = None, scale: float | None = None, impl: str = "auto") -> torch.Tensor:
     """`pretrain.ops.gla` over a sequence split zigzag over the cp group (state passing); equals the op on the
     whole sequence, then `shard.split`. q, k, g: [B, T_loc, H, K]; v: [B, T_loc, H, V]; docs: local (B, T_loc)."""
-    return _state_passing(gla, (q, k, None, g), v, shard=shard, docs=docs, transition_cols=1, diagonal=True,
+    return _state_passing(gla, (q, k, None, g), v, shard=shard, docs=docs, diagonal=True,
                           op_kwargs=dict(scale=scale, impl=impl))
 
 
@@ -508,8 +513,8 @@ def rwkv7_context(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
                   impl: str = "auto") -> torch.Tensor:
     """`pretrain.ops.rwkv7` over a sequence split zigzag over the cp group (state passing); equals the op on the
     whole sequence, then `shard.split`. r, w, k, a, b: [B, T_loc, H, K]; v: [B, T_loc, H, V]."""
-    return _state_passing(rwkv7, (r, w, k, None, a, b), v, shard=shard, docs=docs, transition_cols=r.shape[-1],
-                          diagonal=False, op_kwargs=dict(impl=impl))
+    return _state_passing(rwkv7, (r, w, k, None, a, b), v, shard=shard, docs=docs, diagonal=False,
+                          op_kwargs=dict(impl=impl))
 
 
 # --------------------------------------------------------------------------------------------------------------
