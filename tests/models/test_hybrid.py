@@ -1,9 +1,11 @@
 """Hybrid models (model.arch='hybrid', model.mixers): the pattern, pure-model equality, hand composition, documents."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from pretrain.config import ConfigError, ModelConfig, build_config, layer_config, layer_mixers
+from pretrain.config import ConfigError, ModelConfig, build_config, layer_config, layer_mixers, read_toml
 from pretrain.models import build_model
 from pretrain.models.common import Block, build_mlp
 from pretrain.models.fox import ForgettingAttention
@@ -263,3 +265,48 @@ def test_flops_and_activation_memory_per_layer_are_the_pure_models():
     pure_stats = model_stats(gla, 512)
     assert model_stats(hybrid_config("gla", 4, seq_len=512), 512) == pure_stats
     assert model_stats(hybrid, 512).recompute_flops["selective"] > pure_stats.recompute_flops["selective"]
+
+
+# ------------------------------------------------------------------------------------------------ shipped configs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# parameters (meta build, as pretrain.metrics counts them) that each config's comment states
+SHIPPED = {
+    "hybrid-gla-340m": ("gla*3,transformer", 341_555_712),
+    "hybrid-gla-fox-340m": ("gla*3,fox", 341_580_312),
+    "hybrid-gla-1.3b": ("gla*3,transformer", 1_299_674_112),
+    "hybrid-rwkv7-340m": ("rwkv7*3,transformer", 405_994_496),
+    "hybrid-rwkv7-1.5b": ("rwkv7*3,transformer", 1_480_456_192),
+}
+
+
+def test_every_shipped_hybrid_config_is_tested():
+    shipped = {path.stem for path in CONFIGS.glob("hybrid-*.toml")}
+    assert shipped == set(SHIPPED) | {f"hybrid-{name}-tiny" for name in ("gla", "gla-fox", "rwkv7")}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_has_its_pattern_and_parameter_count(name):
+    from pretrain.metrics import matmul_params
+
+    cfg = build_config(read_toml(CONFIGS / f"{name}.toml")).model
+    mixers, params = SHIPPED[name]
+    assert cfg.mixers == mixers
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == params
+    embedding = model.tok_emb.weight.numel()
+    # the tied head multiplies each token (matmul_params counts it), the embedding lookup does not
+    assert matmul_params(cfg) == params - embedding + (embedding if cfg.tie_embeddings else 0)
+
+
+@pytest.mark.parametrize("name", ["gla", "gla-fox", "rwkv7"])
+def test_tiny_config_trains_a_step(name):
+    cfg = build_config(read_toml(CONFIGS / f"hybrid-{name}-tiny.toml")).model
+    assert len(set(layer_mixers(cfg))) == 2
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 64))
+    loss = model(tokens, labels=tokens.roll(-1, 1))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
