@@ -138,7 +138,7 @@ def _chunked_forward(forward, chunks: int, x: torch.Tensor, docs=None) -> torch.
     for s in _chunk_slices(x.shape[1], chunks):
         # one token of left context: RWKV-7's channel mix shifts its input by one token
         lo = max(s.start - 1, 0)
-        piece_docs = None if docs is None else docs.slice(lo, s.stop)
+        piece_docs = None if docs is None else docs.piece(x, lo, s.stop)
         y = checkpoint(forward, x[:, lo:s.stop], docs=piece_docs, use_reentrant=False)  # (B, s.stop - lo, d)
         outs.append(y[:, s.start - lo:])
     return torch.cat(outs, dim=1)  # (B, T, d)

@@ -12,6 +12,8 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from parallel.context import ContextShard
+from parallel.context_model import apply_cp
 from parallel.data_parallel import apply_data_parallel
 from parallel.mesh import data_parallel_mesh
 from parallel.pipeline import (build_schedule, log_stage_costs, make_stage, stage_carries, stage_indices, stage_layers,
@@ -32,14 +34,34 @@ class ParallelModel:
     parts: list[nn.Module]
     """This process's model: the whole of it, or its pipeline stages in stage order."""
     mesh: DeviceMesh | None = None
-    """The (pp, dp_replicate, dp_shard, tp) mesh, with dp flattened (parallel.mesh); None for a single process."""
+    """The (pp, dp_replicate, dp_shard, cp, tp) mesh with its flattened axes (parallel.mesh); None for one process."""
     schedule: object | None = None
     """The pipeline schedule when pp > 1: it runs every micro-batch's forward and backward."""
     microbatches: int = 1
     """Micro-batches the schedule runs per call."""
+    context: ContextShard | None = None
+    """This rank's part of every sequence under context parallelism (parallel.cp > 1), else None."""
+    documents: bool = False
+    """Whether batches carry in-document position ids (data.document_mask)."""
 
     def parameters(self):
         return (p for part in self.parts for p in part.parameters())
+
+    def local_batch(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """A loader batch (tokens, labels[, position_ids]), each (B, T), as this rank computes it: under context
+        parallelism its part of every row (B, T / cp), with position ids always (the global positions without
+        document masking), so positional encodings and token shifts know where its steps are; else unchanged."""
+        if self.context is None:
+            return batch
+        if (len(batch) == 3) != self.documents:  # the model's mask was told which (parallel.context_model)
+            raise ValueError(f"context parallelism was set up {'with' if self.documents else 'without'} document "
+                             f"masking (data.document_mask) but got a batch {'without' if self.documents else 'with'} "
+                             f"position ids")
+        local = [self.context.split(t, dim=1) for t in batch]  # (B, T / cp) each
+        if len(batch) == 2:  # no document masking: the global positions of this rank's steps
+            tokens = batch[0]
+            local.append(self.context.positions(tokens.shape[1], tokens.device).expand(tokens.shape[0], -1))
+        return tuple(local)
 
     def pipeline_step(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """Forward (and backward, unless gradients are disabled) of every micro-batch (tokens, labels[,
@@ -141,8 +163,10 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
             for block in model.layers.values():
                 block.compile()
         return ParallelModel([model])
-    dp_mesh = data_parallel_mesh(mesh)
-    pp, dp, tp = mesh["pp"].size(), dp_mesh.size(), mesh["tp"].size()
+    dp_mesh = data_parallel_mesh(mesh)  # dp × cp ranks: gradients are reduced over cp too
+    pp, cp, tp = mesh["pp"].size(), mesh["cp"].size(), mesh["tp"].size()
+    dp = mesh["dp_replicate"].size() * mesh["dp_shard"].size()  # model replicas reading different batches
+    context = ContextShard.from_group(mesh.get_group("cp")) if cp > 1 else None
     # 1. Pipeline split first, on meta copies of the model (no memory): every later step then touches only the
     #    modules this process keeps, and each stage holds only its parts when it is materialised in 6.
     parts, indices = [_meta_copy(model)], [0]
@@ -157,6 +181,12 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
         # 2. Tensor parallel: it changes parameters' shapes and layouts, so it precedes anything that wraps them.
         if tp > 1:
             apply_tp(part, mesh["tp"], tp_plan(cfg.model, sequence_parallel=p.sequence_parallel))
+        #    Context parallelism replaces each mixer's core op (`attend`) and wraps the loss: after TP, whose styles
+        #    hand the mixers their local heads and whose vocab-parallel loss it wraps; before recomputation, which
+        #    then checkpoints the CP `attend` (its ring or scan runs again in backward) and the blocks around it.
+        if context is not None:
+            apply_cp(part, context, documents=cfg.data.document_mask)
+        if tp > 1:
             apply_dropout_rng(part, mesh["tp"])  # dropout on DTensors: explicit streams, never DTensor's tracker
         # 3. Activation recomputation and mini-sequence chunking wrap the blocks once their layout is final,
         #    inside FSDP's hooks (added in 5.), which then gather parameters again for the recomputed forward.
@@ -173,19 +203,19 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh | None, *, devic
             for block in part.layers.values():
                 block.compile()
         # 5. Data parallelism last: it shards or replicates the final parameters, DTensors included.
-        if dp > 1:
+        if dp_mesh.size() > 1:
             apply_data_parallel(part, dp_mesh, mode=p.data_parallel, param_dtype=param_dtype,
                                 reshard_after_forward=p.reshard_after_forward,
                                 reduce_every_micro_step=p.fsdp_reduce_every_micro_step)
     # 6. Only now is memory allocated: this process's shards, holding the initial (or the given) weights.
     materialize(parts, model, device=device)
     if pp == 1:
-        return ParallelModel(parts, mesh)
+        return ParallelModel(parts, mesh, context=context, documents=cfg.data.document_mask)
     # 7. The schedule drives the finished stages, a step's micro-batches at a time.
     n_microbatches = cfg.train.micro_batches_per_step(dp)
     schedule = build_schedule(parts, indices, n_stages=pp * virtual_stages(p), group=mesh.get_group("pp"),
                               device=device, schedule=p.pp_schedule, n_microbatches=n_microbatches)
-    return ParallelModel(parts, mesh, schedule, n_microbatches)
+    return ParallelModel(parts, mesh, schedule, n_microbatches, context=context, documents=cfg.data.document_mask)
 
 
 def _on_meta(model: nn.Module) -> bool:

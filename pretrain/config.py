@@ -595,8 +595,8 @@ def _validate_context_parallel(cfg: Config) -> None:
                           f"steps, not divisible by parallel.tp={p.tp} for sequence parallelism; pick a seq_len that "
                           f"is a multiple of {2 * p.cp * p.tp} or set parallel.sequence_parallel=false.")
     if p.compile:
-        raise ConfigError(f"parallel.compile with parallel.cp={p.cp} is not supported yet (the ring's send/recv and the "
-                          f"state scan are untested inside compiled blocks); set parallel.compile=false.")
+        raise ConfigError(f"parallel.compile with parallel.cp={p.cp} is not supported yet (the ring's send/recv and "
+                          f"the state scan are untested inside compiled blocks); set parallel.compile=false.")
 
 
 def validate_world(cfg: Config, world_size: int) -> int:
@@ -607,8 +607,9 @@ def validate_world(cfg: Config, world_size: int) -> int:
     names, sizes = ("tp × pp", f"{p.tp} × {p.pp}") if p.cp == 1 else ("tp × pp × cp", f"{p.tp} × {p.pp} × {p.cp}")
     model_parallel = p.tp * p.pp * p.cp
     if world_size % model_parallel:
+        fields = " / ".join(f"parallel.{name}" for name in names.split(" × "))
         raise ConfigError(f"{names} = {sizes} = {model_parallel} does not divide the {world_size} processes started; "
-                          f"start a multiple of {model_parallel} processes or change parallel.{names.replace(' × ', ' / parallel.')}.")
+                          f"start a multiple of {model_parallel} processes or change {fields}.")
     dp = p.dp or world_size // model_parallel
     if dp * model_parallel != world_size:
         raise ConfigError(f"dp × {names} = {dp} × {sizes} = {dp * model_parallel} but {world_size} processes "

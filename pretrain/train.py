@@ -52,8 +52,9 @@ def model_inputs(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict]:
 
 def train_step(model: ParallelModel, optimizers, micro_batches, *, lr: float, grad_clip: float,
                autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over the accumulated micro-batches (tokens, labels[, position_ids]); returns (mean loss
-    on this rank, grad norm)."""
+    """One optimizer step over the accumulated micro-batches (tokens, labels[, position_ids]) as the loader gives
+    them; returns (mean loss on this rank, grad norm)."""
+    micro_batches = [model.local_batch(batch) for batch in micro_batches]  # context parallelism: this rank's part
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # pretrain.optim's per-group factor (RWKV-7's w₀: 2×)
@@ -81,6 +82,7 @@ def train_step(model: ParallelModel, optimizers, micro_batches, *, lr: float, gr
 def evaluate(model: ParallelModel, batches, autocast) -> float:
     for part in model.parts:
         part.eval()
+    batches = [model.local_batch(batch) for batch in batches]  # context parallelism: this rank's part
     with autocast:
         if model.schedule is not None:
             loss = model.pipeline_eval(batches)

@@ -106,7 +106,9 @@ def shift_tokens(x: torch.Tensor, docs: DocumentMask | None = None, *,
                  previous: torch.Tensor | None = None) -> torch.Tensor:
     """x_{t−1} for each step t of x (B, T, ...), zero at t = 0 and, under document masking, at each document start.
     `previous` (B, 1, ...), where given, is the step before t = 0 (an inference cache's last one) instead of zero."""
-    if previous is None:
+    if docs is not None and previous is None:
+        prev = docs.previous_steps(x)  # (B, T, ...): under context parallelism the step before t = 0 is elsewhere
+    elif previous is None:
         prev = F.pad(x, (0, 0) * (x.ndim - 2) + (1, -1))  # (B, T, ...): x one step later in time
     else:
         prev = torch.cat([previous, x[:, :-1]], dim=1)  # (B, T, ...)
@@ -120,29 +122,46 @@ def shift_tokens(x: torch.Tensor, docs: DocumentMask | None = None, *,
 class LayerCache:
     """One layer's inference state: what its mixer and feed-forward keep between calls, by name, in `tensors` (keys
     and values, a recurrent state, a token shift's last input; each with the batch first), and `steps`, the number of
-    steps the sequence had before the current call (positions continue from it)."""
+    steps the sequence had before the current call (positions continue from it). With a `capacity` (most steps the
+    sequence will have), what grows along time is written into buffers of that length allocated once."""
 
     steps: int = 0
+    capacity: int | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def append(self, name: str, new: torch.Tensor) -> torch.Tensor:
-        """`tensors[name]` followed by `new` along time (dim 1), stored back and returned (just `new` at first)."""
-        past = self.tensors.get(name)
-        self.tensors[name] = new if past is None else torch.cat([past, new], dim=1)
+        """`tensors[name]` followed by `new` (B, T, ...) along time, stored back and returned (just `new` at first).
+        Without a capacity that is a concatenation, a copy of everything so far per call; with one, `new` is
+        written into place and the result is a view of the first steps + T steps of the buffer."""
+        if self.capacity is None:
+            past = self.tensors.get(name)
+            self.tensors[name] = new if past is None else torch.cat([past, new], dim=1)
+            return self.tensors[name]
+        end = self.steps + new.shape[1]
+        if end > self.capacity:
+            raise ValueError(f"the inference cache holds {self.capacity} steps (its capacity); {end} do not fit")
+        if name not in self.buffers:
+            self.buffers[name] = new.new_empty(new.shape[0], self.capacity, *new.shape[2:])  # (B, capacity, ...)
+        self.buffers[name][:, self.steps:end] = new
+        self.tensors[name] = self.buffers[name][:, :end]  # (B, steps + T, ...)
         return self.tensors[name]
 
 
 class InferenceCache:
     """What `model(tokens, cache=cache)` needs to continue the sequences it has seen so far: one `LayerCache` per
-    layer and `steps`, the number of steps seen. Start empty; each call appends its T steps to every row."""
+    layer and `steps`, the number of steps seen. Start empty; each call appends its T steps to every row.
+    `capacity`: the most steps the sequences will reach, if known; keys and values are then kept in buffers of that
+    length, allocated at the first call, instead of being concatenated (copied whole) at every call."""
 
-    def __init__(self):
+    def __init__(self, capacity: int | None = None):
         self.steps = 0
+        self.capacity = capacity
         self.layers: dict[str, LayerCache] = {}
 
     def layer(self, name: str) -> LayerCache:
         """Layer `name`'s cache, told how many steps came before the current call."""
-        entry = self.layers.setdefault(name, LayerCache())
+        entry = self.layers.setdefault(name, LayerCache(capacity=self.capacity))
         entry.steps = self.steps
         return entry
 
@@ -214,7 +233,7 @@ class LanguageModel(nn.Module):
         if cache is not None and position_ids is not None:
             raise ValueError("an inference cache continues whole rows; it takes no position_ids (document masking)")
         # built once per forward: the layers share its derived forms (masks, varlen boundaries)
-        docs = None if position_ids is None else DocumentMask.from_position_ids(position_ids)
+        docs = self.document_mask(position_ids)
         if self.tok_emb is None:  # a later pipeline stage: the input is already the hidden state
             h = tokens
         else:
@@ -237,6 +256,11 @@ class LanguageModel(nn.Module):
         if labels is None:
             return self.lm_head(h)  # (B, T, V)
         return self.loss(h, labels)
+
+    def document_mask(self, position_ids: torch.Tensor | None) -> DocumentMask | None:
+        """The `DocumentMask` forward builds from `position_ids` (None without them); parallel layouts that split the
+        sequence replace it with a mask that knows where the rest of the sequence lives."""
+        return None if position_ids is None else DocumentMask.from_position_ids(position_ids)
 
     def learned_positions(self, T: int, position_ids: torch.Tensor | None, device, *,
                           offset: int = 0) -> torch.Tensor:

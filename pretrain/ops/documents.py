@@ -54,6 +54,12 @@ class DocumentMask:
         keep = ~self.starts
         return torch.cat([torch.zeros_like(keep[:, :1]), keep[:, 1:]], dim=1)
 
+    def previous_steps(self, x: torch.Tensor) -> torch.Tensor:
+        """x_{t−1} for each step t of x (B, T, ...) laid out like this mask's rows, zero at t = 0; document starts are
+        not applied here (token shifts multiply by `continues`). A mask over part of a longer sequence (context
+        parallelism's) overrides it to fetch the step before its first one from where that step lives."""
+        return F.pad(x, (0, 0) * (x.ndim - 2) + (1, -1))  # (B, T, ...): x one step later in time
+
     @cached_property
     def cu_seqlens(self) -> torch.Tensor:
         """int32 (N + 1,): boundaries of the N pieces of the flattened (1, B·T) batch, for varlen kernels (fla,
@@ -145,6 +151,11 @@ class DocumentMask:
         """The mask of steps start … stop − 1 (a piece of the sequence, e.g. a mini-sequence chunk)."""
         positions = None if self.position_ids is None else self.position_ids[:, start:stop]
         return DocumentMask(self.starts[:, start:stop], positions)
+
+    def piece(self, x: torch.Tensor, start: int, stop: int) -> DocumentMask:
+        """The mask of x[:, start:stop], a piece cut from x (B, T, ...) laid out like this mask's rows (mini-sequence
+        chunks): `slice`; a mask whose previous steps live elsewhere (context parallelism's) fetches them from x."""
+        return self.slice(start, stop)
 
     def rows(self, start: int, stop: int) -> DocumentMask:
         """The mask of rows start … stop − 1 (a micro-batch)."""

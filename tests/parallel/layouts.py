@@ -92,6 +92,7 @@ def train_layouts(archs, parallel: dict, train: dict | None = None, steps: int =
         cfg = tiny_config(arch, parallel, **(train or {}))
         if model_overrides:
             cfg.model = dataclasses.replace(cfg.model, **model_overrides)
+        cfg.data.document_mask = documents  # as the loader's batches would say (context parallelism reads it)
         world = dist.get_world_size() if dist.is_initialized() else 1
         dims = ParallelDims.from_config(cfg, world)
         mesh = dims.build_mesh("cpu") if world > 1 else None
