@@ -43,14 +43,15 @@ def perturbed_model(overrides: dict) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("pieces", [[5] + [1] * 19, [7, 1, 3, 9]], ids=["prefill_then_tokens", "uneven"])
+@pytest.mark.parametrize("pieces, capacity", [([5] + [1] * 19, None), ([7, 1, 3, 9], None), ([4] + [1] * 16, 24)],
+                         ids=["prefill_then_tokens", "uneven", "preallocated"])
 @pytest.mark.parametrize("name", ARCHS)
 @torch.no_grad()
-def test_cache_continues_the_full_forward(name, pieces):
+def test_cache_continues_the_full_forward(name, pieces, capacity):
     model = perturbed_model(ARCHS[name])
     tokens = torch.randint(0, TINY["vocab_size"], (2, sum(pieces)), generator=torch.Generator().manual_seed(2))
     full = model(tokens)  # (B, T, V)
-    cache, outputs, start = InferenceCache(), [], 0
+    cache, outputs, start = InferenceCache(capacity), [], 0
     for n in pieces:
         outputs.append(model(tokens[:, start:start + n], cache=cache))
         start += n
@@ -69,6 +70,14 @@ def test_a_cache_that_drops_a_term_is_caught():
     for layer in cache.layers.values():
         del layer.tensors["time_shift"]
     assert (model(tokens[:, 4:], cache=cache) - full[:, 4:]).abs().max() > 1e-3
+
+
+def test_a_preallocated_cache_refuses_steps_past_its_capacity():
+    model = perturbed_model(ARCHS["transformer"])
+    cache = InferenceCache(capacity=6)
+    model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="capacity"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
 
 
 def test_cache_rejects_document_masking_and_learned_positions_past_the_table():
