@@ -28,8 +28,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lm_eval.api.model import TemplateLM
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as e:  # an optional dependency (the test extra): say how to get it
+    raise ImportError("pretrain.evaluate needs lm-eval: pip install 'lm-eval==0.4.13' (or the project's test "
+                      "extra, pip install -e '.[test]')") from e
 
 from data.stream import ValLoader
 from pretrain.checkpoint import CheckpointError

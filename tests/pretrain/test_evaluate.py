@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from data.prepare import prepare
 from data.stream import ValLoader
@@ -17,10 +19,6 @@ from pretrain.config import build_config
 from pretrain.evaluate import OurLM, main
 from pretrain.generate import find_checkpoint, generate, load_model, load_run_tokenizer
 from pretrain.train import train
-
-lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
 SEQ_LEN = 64
 # Python-flavoured questions (the model trained on the standard library's sources); answers vary in position.
