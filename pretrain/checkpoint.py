@@ -948,6 +948,48 @@ def _load_weights_into(path: Path, parts) -> None:
         set_model_state_dict(module, sd["model"], options=_SD_OPTIONS)
 
 
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory itself, or a run directory's newest checkpoint (the one ``latest`` names, else the
+    highest step); CheckpointError if `path` is neither."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    directory = path / "checkpoints"
+    latest = directory / "latest"
+    if latest.is_file() and (directory / latest.read_text().strip() / "meta.json").is_file():
+        return directory / latest.read_text().strip()
+    found = sorted(directory.glob("step_*/meta.json")) if directory.is_dir() else []
+    if not found:
+        raise CheckpointError(f"{path} is neither a checkpoint (no meta.json) nor a run directory with checkpoints")
+    return found[-1].parent
+
+
+def read_meta(path: Path) -> dict:
+    """One process: the meta.json of the complete checkpoint `path` once every file's checksum is verified
+    (CheckpointError naming the problem otherwise)."""
+    reason, found = _inspect(path)
+    reason = reason or _verify_files(path, found["meta"]["files"])
+    if reason:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {reason}")
+    return found["meta"]
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """One process, no process group: the model tensors of checkpoint `path` (never its optimizer state), written
+    under any layout, into the plain `model` (DCP reshards). A tied LM head may be absent from the files."""
+    stored = {key.removeprefix("model.") for key in read_dcp_metadata(path).state_dict_metadata
+              if key.startswith("model.")}
+    state = model.state_dict()
+    tied = {"lm_head.weight"} if getattr(model, "lm_head", None) is not None and \
+        model.lm_head.weight is getattr(model.tok_emb, "weight", None) else set()
+    absent = sorted(set(state) - stored - tied)
+    if absent:
+        raise CheckpointError(f"checkpoint {path} lacks the model tensors {absent[:5]}")
+    sd = {"model": {k: v for k, v in state.items() if k in stored}}
+    dcp.load(sd, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner())
+    model.load_state_dict({**state, **sd["model"]}, strict=True)
+
+
 def save_weights(run_dir: str | os.PathLike, model: nn.Module, *, run_config: dict) -> Path:
     """One process, no process group: publish a plain model's weights alone as ``<run_dir>/checkpoints/step_00000000``
     (meta.json says "weights_only"), which `Checkpointer.load` starts a run from (auto or explicit resume) with a

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
 from pretrain.config import ConfigError, ModelConfig, load_config
+from pretrain.models.common import mlp_hidden_size
 
 TARGETS = ("hf", "fla", "rwkv")
 SOURCES = ("hf", "fla")
@@ -287,10 +287,10 @@ def format_for(cfg: ModelConfig, target: str) -> str:
     raise ExportError(f"--to {target!r} is unknown; use one of {', '.join(TARGETS)}")
 
 
-def their_config(cfg: ModelConfig, fmt: str, model: nn.Module) -> dict:
+def their_config(cfg: ModelConfig, fmt: str) -> dict:
     """config.json for the HF / fla formats."""
     d, L, H, V = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.vocab_size
-    hidden = model.layers["0"].mlp.up_proj.out_features
+    hidden = mlp_hidden_size(cfg)  # the MLP's (RWKV-7: the channel mix's) width
     common = {"vocab_size": V, "tie_word_embeddings": cfg.tie_embeddings}
     if fmt == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, "hidden_size": d,
@@ -314,12 +314,12 @@ def their_config(cfg: ModelConfig, fmt: str, model: nn.Module) -> dict:
         return {"architectures": ["ForgettingTransformerForCausalLM"], "model_type": "forgetting_transformer", **fla,
                 "num_heads": H, "num_kv_heads": None, "qkv_bias": False, "qk_norm": False, "use_output_gate": False,
                 "window_size": None, "hidden_act": "swish"}
-    mixer = model.layers["0"].mixer
+    from pretrain.models.rwkv7 import lora_rank
+
     return {"architectures": ["RWKV7ForCausalLM"], "model_type": "rwkv7", **fla, "head_dim": d // H, "num_heads": H,
             "value_dim": d, "hidden_act": "sqrelu", "norm_first": True, "norm_bias": cfg.bias,
-            "decay_low_rank_dim": mixer.w_lora.down.out_features, "a_low_rank_dim": mixer.a_lora.down.out_features,
-            "gate_low_rank_dim": mixer.g_lora.down.out_features,
-            "v_low_rank_dim": model.layers[str(min(1, L - 1))].mixer.v_lora.down.out_features if L > 1 else 16}
+            "decay_low_rank_dim": lora_rank(d, 2.5), "a_low_rank_dim": lora_rank(d, 2.5),
+            "v_low_rank_dim": lora_rank(d, 1.7), "gate_low_rank_dim": lora_rank(d, 5.0)}
 
 
 # --------------------------------------------------------------------------- conversion
@@ -342,49 +342,24 @@ def to_ours(theirs: dict[str, torch.Tensor], rules: list[Rule], *, source: str) 
 
 # --------------------------------------------------------------------------- checkpoints
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory itself, or a run directory's newest one (its `latest`)."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    checkpoints = path / "checkpoints"
-    latest = checkpoints / "latest"
-    if latest.is_file() and (checkpoints / latest.read_text().strip() / "meta.json").is_file():
-        return checkpoints / latest.read_text().strip()
-    found = sorted(checkpoints.glob("step_*/meta.json")) if checkpoints.is_dir() else []
-    if not found:
-        raise ExportError(f"{path} is neither a checkpoint (no meta.json) nor a run directory with checkpoints")
-    return found[-1].parent
-
-
 def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, ModelConfig, dict]:
-    """(plain fp32 model on the CPU, its ModelConfig, the run config) from a checkpoint of any layout: only the
-    model's tensors are read, DCP resharding them; the files' checksums are verified first."""
-    from pretrain.checkpoint import _inspect, _SafeLoadPlanner, _SafeReader, _verify_files, read_dcp_metadata
+    """(plain fp32 model on the CPU, its ModelConfig, the run config) from a checkpoint of any layout, or a run
+    directory's newest: the files' checksums are verified, then only the model's tensors are read (DCP reshards)."""
+    from pretrain.checkpoint import CheckpointError, find_checkpoint, load_weights, read_meta
     from pretrain.models import build_model
 
-    path = find_checkpoint(path)
-    reason, found = _inspect(path)
-    reason = reason or _verify_files(path, found["meta"]["files"])
-    if reason:
-        raise ExportError(f"checkpoint {path} cannot be read: {reason}")
-    run_config = found["meta"]["config"]
-    cfg = ModelConfig(**run_config["model"])
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model.to_empty(device="cpu")
-    if cfg.tie_embeddings:  # to_empty unties them
-        model.lm_head.weight = model.tok_emb.weight
-    stored = {key.removeprefix("model.") for key in read_dcp_metadata(path).state_dict_metadata
-              if key.startswith("model.")}
-    state = model.state_dict()
-    wanted = {k: v for k, v in state.items() if k in stored}
-    absent = sorted(set(state) - stored - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
-    if absent:
-        raise ExportError(f"checkpoint {path} lacks model tensors {absent[:5]}")
-    sd = {"model": wanted}
-    dcp.load(sd, storage_reader=_SafeReader(path), planner=_SafeLoadPlanner())
-    model.load_state_dict({**state, **sd["model"]}, strict=True)
+    try:
+        path = find_checkpoint(path)
+        run_config = read_meta(path)["config"]
+        cfg = ModelConfig(**run_config["model"])
+        with torch.device("meta"):  # no initialisation: every tensor is read from the checkpoint
+            model = build_model(cfg)
+        model.to_empty(device="cpu")
+        if cfg.tie_embeddings:  # to_empty unties them
+            model.lm_head.weight = model.tok_emb.weight
+        load_weights(path, model)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from error
     return model.eval(), cfg, run_config
 
 
@@ -431,7 +406,7 @@ def write(model: nn.Module, cfg: ModelConfig, fmt: str, out: str | Path, *, dtyp
 
         save_file({k: v.contiguous() for k, v in theirs.items()}, str(out / "model.safetensors"),
                   metadata={"format": "pt"})
-        config = their_config(cfg, fmt, model)
+        config = their_config(cfg, fmt)
         eos = tokenizer.eos_id if tokenizer is not None and tokenizer.eos_id < cfg.vocab_size else None
         # documents end with EOS and no BOS is ever added (data.prepare); the formats' defaults name other ids
         config.update(bos_token_id=None, eos_token_id=eos, pad_token_id=None,
@@ -477,7 +452,7 @@ def import_model(source: str, directory: str | Path, cfg: ModelConfig) -> nn.Mod
     fmt = format_for(cfg, source)
     model = build_model(cfg)
     config, theirs = read_theirs(directory)
-    expected = their_config(cfg, fmt, model)
+    expected = their_config(cfg, fmt)
     differ = [f"{k}={config[k]!r} there, {expected[k]!r} for this config" for k in _CHECKED_FIELDS
               if k in config and k in expected and config[k] != expected[k]
               and not (isinstance(config[k], float) and math.isclose(config[k], expected[k], rel_tol=1e-9))]
@@ -534,8 +509,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.from_format is not None:
             source, directory = args.from_format
-            if source not in SOURCES:
-                raise ExportError(f"--from {source!r} is unknown; use one of {', '.join(SOURCES)}")
             path = import_run(source, directory, args.config, args.out)
             print(f"wrote {path}: train with --config {args.config} --train.run_dir={args.out}")
         else:
