@@ -432,7 +432,28 @@ def read_theirs(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     tensors = {}
     for file in files:
         tensors.update(load_file(str(file)))
-    return json.loads((directory / "config.json").read_text()), tensors
+    config = json.loads((directory / "config.json").read_text())
+    # what checkpoints saved by older transformers carry besides weights: causal masks, rotary frequencies
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(_BUFFERS)}
+    if config.get("model_type") == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
+        tensors = {k if k == "lm_head.weight" else f"transformer.{k}": v for k, v in tensors.items()}  # GPT2Model's
+    return config, tensors
+
+
+_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+def _their_fields(config: dict) -> dict:
+    """config.json's fields as `their_config` writes them: GPT-2's n_inner null means 4 · n_embd; Llama's rotary
+    base may sit in rope_parameters (transformers 5) or rope_theta, and only unscaled RoPE is ours."""
+    fields = dict(config)
+    if fields.get("model_type") == "gpt2" and fields.get("n_inner") is None:
+        fields["n_inner"] = 4 * fields.get("n_embd", 768)
+    if fields.get("model_type") == "llama":
+        rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
+        fields["rope_theta"] = rope.get("rope_theta", fields.get("rope_theta", 10000.0))
+        fields["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    return fields
 
 
 # config.json fields compared with the config we would write for this model (same meaning in every format)
@@ -440,7 +461,8 @@ _CHECKED_FIELDS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hid
                    "num_attention_heads", "num_heads", "n_head", "head_dim", "intermediate_size", "n_inner",
                    "num_key_value_heads", "rms_norm_eps", "norm_eps", "layer_norm_epsilon", "activation_function",
                    "hidden_act", "tie_word_embeddings", "expand_k", "expand_v", "use_short_conv", "qk_norm",
-                   "use_output_gate", "qkv_bias", "norm_bias", "value_dim", "attention_bias", "mlp_bias")
+                   "use_output_gate", "qkv_bias", "norm_bias", "value_dim", "attention_bias", "mlp_bias", "rope_theta",
+                   "rope_type", "use_short_conv", "clamp_min", "feature_map", "window_size", "num_kv_heads")
 
 
 def import_model(source: str, directory: str | Path, cfg: ModelConfig) -> nn.Module:
@@ -452,7 +474,7 @@ def import_model(source: str, directory: str | Path, cfg: ModelConfig) -> nn.Mod
     fmt = format_for(cfg, source)
     model = build_model(cfg)
     config, theirs = read_theirs(directory)
-    expected = their_config(cfg, fmt)
+    config, expected = _their_fields(config), _their_fields(their_config(cfg, fmt))
     differ = [f"{k}={config[k]!r} there, {expected[k]!r} for this config" for k in _CHECKED_FIELDS
               if k in config and k in expected and config[k] != expected[k]
               and not (isinstance(config[k], float) and math.isclose(config[k], expected[k], rel_tol=1e-9))]

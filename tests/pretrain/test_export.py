@@ -170,8 +170,32 @@ def test_import_checks_the_config(tmp_path):
     write(perturbed_model(cfg), cfg, "llama", tmp_path)
     with pytest.raises(ExportError, match="num_hidden_layers=2 there, 3 for this config"):
         import_model("hf", tmp_path, tiny(n_layers=3))
+    with pytest.raises(ExportError, match="rope_theta=10000.0 there, 500000.0 for this config"):
+        import_model("hf", tmp_path, tiny(rope_theta=500000.0))
     with pytest.raises(ExportError, match="model.arch"):
         import_model("fla", tmp_path, cfg)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="rope_type='llama3' there, 'default'"):
+        import_model("hf", tmp_path, cfg)
+
+
+def test_import_reads_gpt2_files_saved_from_gpt2model(tmp_path):
+    """GPT-2 checkpoints as published: tensors without the `transformer.` prefix, causal-mask buffers beside the
+    weights, n_inner null (4 · n_embd); they import to the same model."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny(preset="gpt", tie_embeddings=True)
+    write(perturbed_model(cfg), cfg, "gpt2", tmp_path / "ours")
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(str(tmp_path / "ours" / "model.safetensors")).items()}
+    tensors.update({f"h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(cfg.n_layers)})
+    (tmp_path / "published").mkdir()
+    save_file(tensors, str(tmp_path / "published" / "model.safetensors"))
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    (tmp_path / "published" / "config.json").write_text(json.dumps({**config, "n_inner": None}))
+    a, b = (import_model("hf", tmp_path / d, cfg).state_dict() for d in ("ours", "published"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_imported_checkpoint_starts_training_at_step_0(tmp_path):
