@@ -462,7 +462,7 @@ _CHECKED_FIELDS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hid
                    "num_key_value_heads", "rms_norm_eps", "norm_eps", "layer_norm_epsilon", "activation_function",
                    "hidden_act", "tie_word_embeddings", "expand_k", "expand_v", "use_short_conv", "qk_norm",
                    "use_output_gate", "qkv_bias", "norm_bias", "value_dim", "attention_bias", "mlp_bias", "rope_theta",
-                   "rope_type", "use_short_conv", "clamp_min", "feature_map", "window_size", "num_kv_heads")
+                   "rope_type", "clamp_min", "feature_map", "window_size", "num_kv_heads")
 
 
 def import_model(source: str, directory: str | Path, cfg: ModelConfig) -> nn.Module:
@@ -475,8 +475,9 @@ def import_model(source: str, directory: str | Path, cfg: ModelConfig) -> nn.Mod
     model = build_model(cfg)
     config, theirs = read_theirs(directory)
     config, expected = _their_fields(config), _their_fields(their_config(cfg, fmt))
+    # a field left null there (fla's intermediate_size: derived from hidden_ratio) is checked by the tensors' shapes
     differ = [f"{k}={config[k]!r} there, {expected[k]!r} for this config" for k in _CHECKED_FIELDS
-              if k in config and k in expected and config[k] != expected[k]
+              if config.get(k) is not None and k in expected and config[k] != expected[k]
               and not (isinstance(config[k], float) and math.isclose(config[k], expected[k], rel_tol=1e-9))]
     if differ:
         raise ExportError(f"{directory} holds another model than the config's: " + "; ".join(differ))
