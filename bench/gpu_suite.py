@@ -24,6 +24,9 @@ atomically), and report.md with its PNG plots is rewritten after every part, so 
                launch.perfmodel's prediction for the same run.
 6. checkpoint  how long training is blocked by a synchronous and an asynchronous save: bench/checkpoint.py, run as a
                subprocess where it exists and takes the options this part passes.
+7. hybrid      the 3:1 hybrids at ~350M (configs/hybrid-gla-340m.toml, hybrid-rwkv7-340m.toml) next to their pure
+               parents (GLA, RWKV-7, the Transformer) at 8k and 32k tokens, as the throughput part trains them:
+               tokens/s and peak memory, and each hybrid's ratio to each parent.
 
 Time: --minutes bounds the run. Each part gets the time left times its share of the shares still to come; a part or a
 point whose estimated time exceeds what it has left is recorded as skipped with the estimate, and a watchdog (SIGALRM)
@@ -61,7 +64,7 @@ sys.path.insert(0, str(REPO))
 from bench.memory import PeakMemory, formula_bytes, saved_bytes  # noqa: E402
 from bench.ops import make_inputs  # noqa: E402
 from launch.perfmodel import Cluster, Layout, activation_bytes_per_layer, memory_breakdown  # noqa: E402
-from pretrain.config import Config, ModelConfig, build_config, read_toml  # noqa: E402
+from pretrain.config import Config, ModelConfig, build_config, layer_mixers, read_toml  # noqa: E402
 from pretrain.metrics import flops_per_token, peak_flops  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.models.common import mlp_hidden_size  # noqa: E402
@@ -111,6 +114,8 @@ class Sizes:
     """Sequence length of the memory-by-phase part (batch from tokens_per_step)."""
     prior_scale: float
     """Multiplies the prior time estimates of points nothing comparable has been measured for yet."""
+    hybrid_seqs: tuple
+    """Sequence lengths of the hybrid part."""
 
 
 # The shipped ~350M configs. There is no ~350M Transformer config: it takes GLA-340M's body (1024 wide, 24 layers,
@@ -119,25 +124,28 @@ FULL = Sizes(
     models={"transformer": ("configs/gla-340m.toml", {"arch": "transformer", "n_heads": 16, "pos": "rope",
                                                        "tie_embeddings": False, "init_std": 0.02}),
             "fox": ("configs/fox-360m.toml", {}), "gla": ("configs/gla-340m.toml", {}),
-            "rwkv7": ("configs/rwkv7-340m.toml", {})},
+            "rwkv7": ("configs/rwkv7-340m.toml", {}), "hybrid-gla": ("configs/hybrid-gla-340m.toml", {}),
+            "hybrid-rwkv7": ("configs/hybrid-rwkv7-340m.toml", {})},
     kernel_shapes=((2048, 64), (8192, 64), (2048, 128), (8192, 128)), kernel_heads=8, kernel_batch=2,
     kernel_repeats=5, seqs=(2048, 8192), tokens_per_step=16384, warmup_steps=3, timed_steps=20,
     longest_archs=("transformer", "gla"), probe_lens=(4096, 8192, 16384), granularity=1024,
     memory_modes=(("none", 1), ("selective", 1), ("full", 1), ("none", 8), ("selective", 8), ("full", 8)),
     series_seconds=None, capacity_bytes=None, korthikanti={"seq": 2048, "d_model": 1024, "heads": 16},
-    memory_seq=2048, prior_scale=1.0)
+    memory_seq=2048, prior_scale=1.0, hybrid_seqs=(8192, 32768))
 
 SMOKE = Sizes(
-    models={arch: (f"configs/{arch}-tiny.toml", {}) for arch in ARCHS},
+    models={arch: (f"configs/{arch}-tiny.toml", {}) for arch in (*ARCHS, "hybrid-gla", "hybrid-rwkv7")},
     kernel_shapes=((64, 16),), kernel_heads=2, kernel_batch=1, kernel_repeats=2, seqs=(64, 128),
     tokens_per_step=256, warmup_steps=1, timed_steps=2, longest_archs=("transformer", "gla"),
     probe_lens=(64, 128, 256), granularity=32, memory_modes=(("none", 1), ("full", 4)), series_seconds=15.0,
     capacity_bytes=32 * 2**20, korthikanti={"seq": 128, "d_model": 64, "heads": 4}, memory_seq=128,
-    prior_scale=0.05)
+    prior_scale=0.05, hybrid_seqs=(64,))
 
 # Share of the remaining time each part gets (of the parts still to come), and the least it needs to start.
-PART_SHARES = {"kernels": 0.22, "throughput": 0.30, "peers": 0.18, "longest": 0.12, "memory": 0.06, "checkpoint": 0.12}
-PART_MIN_SECONDS = {"kernels": 20, "throughput": 30, "peers": 20, "longest": 20, "memory": 10, "checkpoint": 20}
+PART_SHARES = {"kernels": 0.22, "throughput": 0.30, "peers": 0.18, "longest": 0.12, "memory": 0.06, "checkpoint": 0.12,
+               "hybrid": 0.12}
+PART_MIN_SECONDS = {"kernels": 20, "throughput": 30, "peers": 20, "longest": 20, "memory": 10, "checkpoint": 20,
+                    "hybrid": 30}
 # Prior time estimates of points (GPU seconds), replaced by what the run measures for the same kind of point.
 POINT_PRIORS = {"kernel fla": 20, "kernel flex": 40, "kernel torch": 5, "ours eager": 15, "ours compiled": 60,
                 "peer eager": 15, "peer compiled": 60, "activations": 5, "longest": 15, "memory": 10, "checkpoint": 60}
@@ -554,7 +562,7 @@ def measure_ours(suite: Suite, arch: str, *, seq: int, compiled: bool) -> dict:
         return loss
 
     row = {"batch": batch, "params": sum(p.numel() for p in model.parameters()),
-           "kernel": mixer_kernel(arch, suite.device)}
+           "kernel": " + ".join(mixer_kernel(mixer, suite.device) for mixer in dict.fromkeys(layer_mixers(cfg.model)))}
     graphs = compiled_graphs()
     row.update(time_training(suite, step, flops=flops_per_token(cfg.model), batch=batch, seq=seq))
     if compiled:
@@ -572,6 +580,40 @@ def run_throughput(suite: Suite, part: Part) -> None:
                 part.point(f"ours {'compiled' if compiled else 'eager'}:{arch}-{seq}", row,
                            lambda: measure_ours(suite, arch, seq=seq, compiled=compiled))
     torch.compiler.reset()
+
+
+# ------------------------------------------------------------------------------------------------ 7. hybrid
+
+# each 3:1 hybrid (a Sizes.models key) → its pure parents
+HYBRIDS = {"hybrid-gla": ("gla", "transformer"), "hybrid-rwkv7": ("rwkv7", "transformer")}
+
+
+def hybrid_ratios(rows: list[dict]) -> list[dict]:
+    """Each hybrid's tokens/s and peak memory over each parent's, at every length both were measured."""
+    ok = {(r["arch"], r["seq"]): r for r in _ok(rows)}
+    out = []
+    for (name, seq), hybrid in ok.items():
+        for parent in HYBRIDS.get(name, ()):
+            if (parent, seq) not in ok:
+                continue
+            pure = ok[parent, seq]
+            memory = (round(hybrid["peak_memory_gib"] / pure["peak_memory_gib"], 3)
+                      if hybrid["peak_memory_gib"] and pure["peak_memory_gib"] else None)
+            out.append({"hybrid": name, "parent": parent, "seq": seq,
+                        "tokens_per_s_ratio": round(hybrid["tokens_per_s"] / pure["tokens_per_s"], 3),
+                        "peak_memory_ratio": memory})
+    return out
+
+
+def run_hybrid(suite: Suite, part: Part) -> None:
+    entry = suite.results.part("hybrid")
+    names = dict.fromkeys(name for hybrid, parents in HYBRIDS.items() for name in (hybrid, *parents))
+    for seq in suite.sizes.hybrid_seqs:
+        for name in names:
+            row = {"arch": name, "seq": seq, "compile": False}
+            part.point(f"ours eager:{name}-{seq}", row, lambda: measure_ours(suite, name, seq=seq, compiled=False))
+            entry["ratios"] = hybrid_ratios(entry["rows"])
+            suite.results.save()
 
 
 # ------------------------------------------------------------------------------------------------- 3. peers
@@ -1056,11 +1098,20 @@ def checkpoint_section(entry: dict) -> list[str]:
     return lines
 
 
+def hybrid_section(entry: dict) -> list[str]:
+    lines = throughput_section(entry)
+    ratios = [[r["hybrid"], r["parent"], r["seq"], r["tokens_per_s_ratio"], r["peak_memory_ratio"]]
+              for r in entry.get("ratios", [])]
+    return lines + ["Hybrid ÷ pure parent:", ""] + _table(["hybrid", "parent", "seq", "tokens/s ratio",
+                                                          "peak memory ratio"], ratios)
+
+
 SECTIONS = {"kernels": ("1. Kernels", kernels_section), "throughput": ("2. Training throughput", throughput_section),
             "peers": ("3. Peers in the same run", peers_section),
             "longest": ("4. Longest trainable sequence", longest_section),
             "memory": ("5. Memory by phase", memory_section), "checkpoint": ("6. Checkpoint blocking",
-                                                                             checkpoint_section)}
+                                                                             checkpoint_section),
+            "hybrid": ("7. Hybrids and their pure parents", hybrid_section)}
 
 
 def write_report(suite: Suite) -> None:
@@ -1156,7 +1207,7 @@ def plot_part(suite: Suite, name: str) -> None:
 # --------------------------------------------------------------------------------------------------- main
 
 PARTS = {"kernels": run_kernels, "throughput": run_throughput, "peers": run_peers, "longest": run_longest,
-         "memory": run_memory, "checkpoint": run_checkpoint}
+         "memory": run_memory, "checkpoint": run_checkpoint, "hybrid": run_hybrid}
 
 
 def run_parts(suite: Suite, names: list[str], parts: dict | None = None) -> None:
