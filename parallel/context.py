@@ -320,8 +320,9 @@ class _RingAttention(torch.autograd.Function):
                                      i0 if causal else None)  # (B, H, bq, bk)
                     m_old = m[..., rows]
                     m_new = torch.maximum(m_old, s.amax(-1))  # (B, H, bq)
-                    # a row that has seen no visible key yet keeps m = −inf: subtract 0 there, never −inf − −inf
-                    m_ref = m_new.masked_fill(m_new.isneginf(), 0.0)
+                    # without documents every query sees a key in every tile computed; with them a row may see
+                    # none yet (m = −inf): subtract 0 there, never −inf − −inf
+                    m_ref = m_new if doc is None else m_new.masked_fill(m_new.isneginf(), 0.0)
                     p = (s - m_ref[..., None]).exp()  # (B, H, bq, bk)
                     rescale = (m_old - m_ref).exp()
                     den[..., rows] = den[..., rows] * rescale + p.sum(-1)
@@ -350,7 +351,6 @@ class _RingAttention(torch.autograd.Function):
         qs = q * scale
         delta = (do * o).sum(-1)  # (B, H, T_loc)  Σ_j p_ij dp_ij
         dq = torch.zeros_like(q)
-        width = D + Dv + (c is not None)  # one buffer travels for dk | dv | dc
         block = [t for t in (k, v, c, doc) if t is not None]
         grad_requests = grad_incoming = None
         for step in range(shard.size):
@@ -360,8 +360,8 @@ class _RingAttention(torch.autograd.Function):
             k_b, v_b = block[0], block[1]
             c_b = block[2] if c is not None else None
             doc_b = block[-1] if doc is not None else None
-            part = q.new_zeros(B, H, T_loc, width)  # this rank's share of the block's dk | dv | dc
-            dk, dv = part[..., :D], part[..., D:D + Dv]
+            dk, dv = torch.zeros_like(k_b), torch.zeros_like(v_b)  # this rank's share of the block's gradients
+            dc = None if c is None else q.new_zeros(B, H, T_loc)
             src_chunks = (src, 2 * shard.size - 1 - src)
             for q0, k0, causal in _block_pairs(shard.chunks, src_chunks, Tc, visible):
                 for i0, i1, kn in _tiles(Tc, block_q, causal):
@@ -379,7 +379,9 @@ class _RingAttention(torch.autograd.Function):
                     dk[..., keys, :] += ds.transpose(-1, -2) @ qs[..., rows, :]
                     if c is not None:
                         # the logit has +c_i − c_j; the +c_i part sums ds over a whole softmax row, exactly 0
-                        part[..., keys, -1] -= ds.sum(-2)
+                        dc[..., keys] -= ds.sum(-2)
+            # one buffer travels for dk | dv | dc
+            part = torch.cat((dk, dv) if c is None else (dk, dv, dc.unsqueeze(-1)), -1)  # (B, H, T_loc, width)
             if step == 0:
                 total = part
             else:  # the block's accumulator, from the ranks it visited before, arrives behind it
@@ -400,7 +402,7 @@ class _RingAttention(torch.autograd.Function):
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, shard: ContextShard,
                    docs: DocumentMask | None = None, log_f: torch.Tensor | None = None, scale: float | None = None,
-                   block_q: int = 256) -> torch.Tensor:
+                   block_q: int = 128) -> torch.Tensor:
     """Causal softmax attention (log_f None) or forgetting attention (logits + c_i − c_j, c = cumsum log_f over
     the whole sequence) over a sequence split zigzag over the cp group; equals `causal_attention` /
     `forgetting_attention` on the whole sequence, then `shard.split`.

@@ -149,6 +149,11 @@ def test_cp2_equals_one_process(names):
     _assert_close(run_distributed(_run_cases, 2, names, (False, True)))
 
 
+def test_cp1_is_the_op():
+    """A cp group of one: no ring steps, the chain over its own two chunks."""
+    _assert_close(run_distributed(_run_cases, 1, tuple(CASES), (False, True)))
+
+
 @pytest.mark.slow
 def test_cp4_equals_one_process():
     _assert_close(run_distributed(_run_cases, 4, ("softmax", "fox", "gla", "rwkv7", "shift"),
