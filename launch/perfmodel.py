@@ -27,9 +27,17 @@ Inputs
     al. 2023 ("Zero Bubble Pipeline Parallelism") — torch's interleaved zero-bubble schedule splits the weight
     gradient the same way but its exact bubble depends on the timing of B and W passes.
 
-Step time = compute + TP comm + PP comm + bubble + (1 − dp_overlap)·DP comm. TP and PP communication are taken
-as exposed (on the critical path); DP communication overlaps backward by the cluster's `dp_overlap` (0 =
-conservative). Memory per GPU (the first pipeline stage, which holds most activations):
+Step time = compute + TP comm + PP comm + CP comm + bubble + (1 − dp_overlap)·DP comm. TP and PP communication are
+taken as exposed (on the critical path); DP communication overlaps backward by the cluster's `dp_overlap` (0 =
+conservative).
+
+Context parallelism (parallel.cp, `cp_time`, `cp_volume`): compute splits evenly over the cp ranks (zigzag
+balance), plus state passing's K identity value columns (`cp_extra_flops_per_token`); ring attention's hops overlap
+the tile loop and only their excess over it is exposed; state passing's all-gather, FoX's totals, the token-shift
+halos and the loss's all-reduce are exposed (α-dominated), the state chain adds 2·cp small kernels. Activations
+per rank are those of seq_len / cp steps (plus `ring_extra_bytes_per_layer`), the logits too; FSDP shards and
+reduces over dp × cp. cp is suggested when sequences are long (`MIN_CP_LOCAL_STEPS` per rank at least): where
+no layout without it fits in memory, the suggestions are cp layouts. Memory per GPU (the first pipeline stage, which holds most activations):
   * weights, gradients and AdamW states: 4 + 4 + 8 = 16 bytes per parameter (fp32 master weights, fp32
     gradients, two fp32 moments), the stage's parameters split over tp and, under FSDP, over dp_shard (= dp
     without HSDP) — except the gradients when FSDP accumulates them unsharded over m > 1 micro-steps
@@ -138,6 +146,8 @@ class Layout:
     """Tensor-parallel degree."""
     pp: int = 1
     """Pipeline-parallel degree."""
+    cp: int = 1
+    """Context-parallel degree: every sequence split over cp ranks (parallel.cp)."""
     sequence_parallel: bool = True
     """Megatron-style sequence parallelism along tp (no effect at tp = 1)."""
     data_parallel: str = "fsdp"
@@ -161,7 +171,7 @@ class Layout:
 
     @property
     def gpus(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
 
     @property
     def v(self) -> int:
@@ -174,6 +184,12 @@ class Layout:
     def dp_shard(self) -> int:
         """Ranks FSDP shards over: dp, or under HSDP dp / dp_replicate."""
         return self.dp // self.dp_replicate
+
+    @property
+    def fsdp_shard(self) -> int:
+        """Ranks FSDP shards parameters over: dp_shard × cp (the cp ranks of a replica hold distinct shards and
+        their gradients are summed over cp too: parallel/mesh.py's dp_shard_cp)."""
+        return self.dp_shard * self.cp
 
     @property
     def micro_batches(self) -> int:
@@ -192,13 +208,13 @@ class Layout:
 
     def label(self) -> str:
         dp = f"dp{self.dp}" + (f"=r{self.dp_replicate}s{self.dp_shard}" if self.dp_replicate > 1 else "")
-        parts = [dp, f"tp{self.tp}" + ("sp" if self.sp else ""), f"pp{self.pp}"]
+        parts = [dp, f"tp{self.tp}" + ("sp" if self.sp else ""), f"pp{self.pp}"] + ([f"cp{self.cp}"] if self.cp > 1 else [])
         if self.pp > 1:
             parts.append({"1f1b": "1f1b", "interleaved_1f1b": f"i1f1b-v{self.v}", "zero_bubble": f"zb-v{self.v}"}
                          [self.pp_schedule])
         if self.dp > 1 and self.data_parallel == "ddp":
             parts.append("ddp")
-        elif self.dp > 1:
+        elif self.dp * self.cp > 1:
             parts.append(("hsdp" if self.dp_replicate > 1 else "fsdp") + ("" if self.reshard_after_forward
                                                                         else "-noreshard")
                          + ("" if self.fsdp_reduce_every_micro_step else "-reduce-once"))
@@ -208,8 +224,8 @@ class Layout:
     @classmethod
     def from_config(cls, cfg: Config, world_size: int) -> Layout:
         p = cfg.parallel
-        dp = p.dp or world_size // (p.tp * p.pp)
-        return cls(dp=dp, dp_replicate=p.dp_split(dp)[0], tp=p.tp, pp=p.pp,
+        dp = p.dp or world_size // (p.tp * p.pp * p.cp)
+        return cls(dp=dp, dp_replicate=p.dp_split(dp)[0], tp=p.tp, pp=p.pp, cp=p.cp,
                    sequence_parallel=p.sequence_parallel, data_parallel=p.data_parallel,
                    reshard_after_forward=p.reshard_after_forward,
                    fsdp_reduce_every_micro_step=p.fsdp_reduce_every_micro_step,
@@ -355,6 +371,109 @@ def boundaries(pp_rank: int, pp: int, v: int) -> int:
     return sum((i > 0) + (i < n - 1) for i in range(pp_rank, n, pp))
 
 
+def _head_dims(cfg: ModelConfig) -> tuple[int, int]:
+    """(key, value) width per head of the pure model config `cfg`'s mixer (GLA: keys are d/2 wide)."""
+    d, H = cfg.d_model, cfg.n_heads
+    return (d // 2 // H if cfg.arch == "gla" else d // H), d // H
+
+
+def _add(out: dict, kind: str, calls: float, nbytes: float) -> None:
+    c, n = out.get(kind, (0, 0.0))
+    out[kind] = (c + calls, n + nbytes)
+
+
+def cp_layer_volume(cfg: ModelConfig, *, s: int, b: int, cp: int, tp: int = 1, dtype_bytes: int,
+                    recompute: str = "none", reduce_scatter: bool = True) -> dict[str, dict[str, tuple[int, float]]]:
+    """Context parallelism: one block's collectives over the cp group for one micro-batch on one rank, split into
+    {"ring": the ring's P2P (overlapped with the tile loop), "other": the rest (on the critical path)}, each
+    {kind: (calls, payload bytes)} (payload as `bench/comm.py` counts it). `cfg`: the pure model config of the
+    block's mixer (a hybrid's `layer_config`); s: the whole sequence; T_loc = s / cp steps on the rank, H / tp heads.
+
+    - Ring attention (transformer, FoX): forward N−1 hops of k and v (and FoX's c in fp64), each one send and one
+      receive per tensor; backward N−1 hops of them again plus N hops of one dK|dV(|dc) accumulator. The tile loop
+      runs in fp32 whatever the activation dtype, so k, v and the accumulators travel as 4 bytes per element. FoX:
+      one all-gather of the (2, b, H) chunk totals of log f in fp64, and its gradient reduced in backward.
+    - State passing (GLA, RWKV-7): one all-gather of the 2 chunks' (S_loc, M) in fp32: b·H·K·(V + 1) (GLA: M's
+      diagonal) or b·H·K·(V + K) elements per chunk; the same reduced in backward.
+    - Halos: RWKV-7's time- and channel-mix token shifts, the Pro block's KV-shift of k and v: one all-gather of
+      the rank's two chunk ends (2·b·width) each, reduced in backward.
+    Backward's reductions are reduce-scatters (NCCL) or, with `reduce_scatter` off, all-reduces of the gathered
+    size (gloo has no reduce-scatter). Recomputation repeats the forward collectives of what it recomputes: full,
+    all of them; selective, the attend (ring or state passing, FoX's totals) and RWKV-7's time-mix halo.
+    Without document masking; with it each key/value block also carries its int64 document ids, and one
+    all-gather of per-chunk start counts per forward builds the plan."""
+    N = cp
+    if N == 1:
+        return {"ring": {}, "other": {}}
+    T_loc = s // N
+    H = cfg.n_heads // tp
+    K, V = _head_dims(cfg)
+    reduce = "reduce_scatter" if reduce_scatter else "all_reduce"
+    again = 1 if recompute in ("full", "selective") else 0  # forward collectives repeated by recomputation
+    ring, other = {}, {}
+
+    def gathered(width_bytes: float, times: int) -> None:  # a differentiable all-gather: forward + backward
+        _add(other, "all_gather", times, times * N * width_bytes)
+        _add(other, reduce, 1, N * width_bytes)
+
+    if cfg.arch in SOFTMAX_ARCHS:
+        fox = cfg.arch == "fox"
+        block = [n for _, n in _ring_block(cfg, b=b, T_loc=T_loc, H=H)]
+        hops = (N - 1) * (1 + again + 1)  # forward (and its recomputation), then backward
+        for kind in ("send", "recv"):
+            _add(ring, kind, hops * len(block), hops * sum(block))
+            _add(ring, kind, N, N * b * H * T_loc * (K + V + fox) * 4)  # the accumulators travel N hops home
+        if fox:
+            gathered(2 * b * H * 8, 1 + again)
+        if cfg.pro:
+            gathered(2 * b * H * K * dtype_bytes, 1 + (recompute == "full"))
+            gathered(2 * b * H * V * dtype_bytes, 1 + (recompute == "full"))
+    else:
+        trans = K if cfg.arch == "gla" else K * K  # GLA's transition is diagonal: only its diagonal travels
+        gathered(2 * b * H * (K * V + trans) * 4, 1 + again)
+        if cfg.arch == "rwkv7":
+            d = cfg.d_model
+            gathered(2 * b * d * dtype_bytes, 1 + again)  # time mix (inside the mixer: selective repeats it)
+            gathered(2 * b * d * dtype_bytes, 1 + (recompute == "full"))  # channel mix
+    return {"ring": ring, "other": other}
+
+
+def cp_volume(cfg: ModelConfig, *, s: int, b: int, cp: int, tp: int = 1, micro_batches: int, dtype_bytes: int,
+              layers: list[int] | None = None, loss: bool = True, recompute: str = "none",
+              reduce_scatter: bool = True) -> dict[str, tuple[int, float]]:
+    """Context parallelism's collectives per step on one rank: `cp_layer_volume` of each of `layers` (default: all)
+    for every micro-batch, plus, with `loss`, the loss's all-reduce of (sum, count) in fp32 per micro-batch."""
+    out: dict = {}
+    if cp == 1:
+        return out
+    for i in range(cfg.n_layers) if layers is None else layers:
+        for part in cp_layer_volume(layer_config(cfg, i), s=s, b=b, cp=cp, tp=tp, dtype_bytes=dtype_bytes,
+                                    recompute=recompute, reduce_scatter=reduce_scatter).values():
+            for kind, (calls, nbytes) in part.items():
+                _add(out, kind, calls * micro_batches, nbytes * micro_batches)
+    if loss:
+        _add(out, "all_reduce", micro_batches, micro_batches * 2 * 4)
+    return out
+
+
+def ring_extra_bytes_per_layer(cfg: ModelConfig, *, s: int, b: int, t: int = 1, recompute: str = "none",
+                               dtype_bytes: int = 2) -> float:
+    """Activation bytes a block keeps beyond `activation_bytes_per_layer` under context parallelism (s: the rank's
+    steps). Ring attention saves q, k, v and its output in fp32 (its tile loop's dtype) where a fused kernel keeps
+    them in the activation dtype, plus its fp32 log-sum-exp (and FoX's fp64 c); under full recomputation nothing
+    of it stays. State passing runs the op with V + K value columns (the identity columns that give M and R), so
+    its output is (V + K)/V as wide; it is counted as one more output-width tensor at that ratio."""
+    if recompute == "full":
+        return 0.0
+    H, (K, V) = cfg.n_heads, _head_dims(cfg)
+    if cfg.arch in SOFTMAX_ARCHS:
+        lse = b * s * H * (4 + (8 if cfg.arch == "fox" else 0))
+        return (b * s * H * (2 * K + 2 * V) * (4 - dtype_bytes) + lse) / t
+    if recompute == "selective":
+        return 0.0
+    return b * s * H * K * dtype_bytes / t
+
+
 # ------------------------------------------------------------------------------------------------ α-β primitives
 
 def collective_time(kind: str, *, calls: int, nbytes: float, group: int, alpha: float, beta: float) -> float:
@@ -475,22 +594,26 @@ def memory_breakdown(cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Cl
     st = model_stats(cfg, seq_len)
     t, p = layout.tp, layout.pp
     stage_params = rank_params(st, cfg, layout)
-    if layout.dp > 1 and layout.data_parallel == "fsdp":
-        states = 16 * stage_params / layout.dp_shard
+    if layout.dp * layout.cp > 1 and layout.data_parallel == "fsdp":
+        states = 16 * stage_params / layout.fsdp_shard
         if not layout.grads_sharded:
-            states += 4 * stage_params * (1 - 1 / layout.dp_shard)  # the gradients accumulate unsharded
+            states += 4 * stage_params * (1 - 1 / layout.fsdp_shard)  # the gradients accumulate unsharded
         gathered = (stage_params if not layout.reshard_after_forward
                     else FSDP_PREFETCH_UNITS * st.layer_params / t) * cluster.dtype_bytes
     else:
         states = 16 * stage_params
         gathered = stage_params * cluster.dtype_bytes if cluster.dtype_bytes < 4 else 0.0  # autocast's cast copies
-    per_layer = activation_bytes_per_layer(cfg, s=seq_len, b=layout.micro_batch, t=t,
+    s_local = seq_len // layout.cp  # context parallelism: each rank holds 1/cp of every sequence
+    per_layer = activation_bytes_per_layer(cfg, s=s_local, b=layout.micro_batch, t=t,
                                            sequence_parallel=layout.sp, recompute=layout.recompute,
                                            dtype_bytes=cluster.dtype_bytes)
+    if layout.cp > 1:
+        per_layer += ring_extra_bytes_per_layer(cfg, s=s_local, b=layout.micro_batch, t=t, recompute=layout.recompute,
+                                                dtype_bytes=cluster.dtype_bytes)
     activations = per_layer * blocks_in_flight(layout, cfg.n_layers)
     logits = 0.0
     if p == 1:  # a pipelined run's last stage holds fewer micro-batches; the first stage is the peak
-        logits = seq_len * layout.micro_batch * cfg.vocab_size / t / layout.minisequence_chunks \
+        logits = s_local * layout.micro_batch * cfg.vocab_size / t / layout.minisequence_chunks \
             * (cluster.dtype_bytes + 4)
     return {"weights_grads_optimizer": states, "gathered_weights": gathered, "activations": activations,
             "logits": logits, "reserved": cluster.reserved_bytes}
@@ -551,12 +674,15 @@ def predict(model_cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Clust
         achieved = cluster.peak_flops * cluster.efficiency
         source = "peak × efficiency"
     tokens = layout.global_batch * seq_len
-    compute = tokens * (fpt + st.recompute_flops[layout.recompute]) / layout.gpus / achieved
+    compute = tokens * (fpt + st.recompute_flops[layout.recompute] + cp_extra_flops_per_token(model_cfg, layout.cp)) \
+        / layout.gpus / achieved
 
     t, p, d, m, b = layout.tp, layout.pp, layout.dp, layout.micro_batches, layout.micro_batch
     g = cluster.gpus_per_node
     h, L = model_cfg.d_model, model_cfg.n_layers
-    tp_s = pp_s = dp_s = 0.0
+    tp_s = pp_s = dp_s = cp_s = 0.0
+    if layout.cp > 1:
+        cp_s = cp_time(model_cfg, layout, seq_len, cluster, achieved=achieved)
     if t > 1:
         vol = tp_volume(s=seq_len, b=b, h=h, layers=L // p, ends=2 if p == 1 else 1, micro_batches=m,
                         dtype_bytes=cluster.dtype_bytes, sequence_parallel=layout.sp,
@@ -570,8 +696,8 @@ def predict(model_cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Clust
                         carry="rwkv7" in layer_mixers(model_cfg))
         alpha, beta = cluster.link(d * t * p > g)  # neighbours are dp·tp ranks apart
         pp_s = volume_time(vol, group=2, alpha=alpha, beta=beta)
-    if d > 1:
-        params, units, shard = rank_params(st, model_cfg, layout), L // p + 1, layout.dp_shard
+    if d * layout.cp > 1:  # FSDP / DDP over dp × cp
+        params, units, shard = rank_params(st, model_cfg, layout), L // p + 1, layout.fsdp_shard
         vol = dp_volume(params, units=units, micro_batches=m, fsdp=layout.data_parallel == "fsdp",
                         reshard_after_forward=layout.reshard_after_forward,
                         reduce_every_micro_step=layout.grads_sharded, gather_bytes=cluster.dtype_bytes,
@@ -583,17 +709,79 @@ def predict(model_cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Clust
             dp_s += volume_time(hsdp_replicate_volume(params, units=units, dp_shard=shard, reduce_bytes=4),
                                 group=layout.dp_replicate, alpha=alpha, beta=beta)
         dp_s *= 1 - cluster.dp_overlap
-    bubble = bubble_fraction(p, layout.v, m, layout.pp_schedule) * (compute + tp_s + pp_s)
-    step = compute + tp_s + pp_s + bubble + dp_s
+    bubble = bubble_fraction(p, layout.v, m, layout.pp_schedule) * (compute + tp_s + pp_s + cp_s)
+    step = compute + tp_s + pp_s + cp_s + bubble + dp_s
     mem = memory_breakdown(model_cfg, layout, seq_len, cluster)
     total_mem = sum(mem.values())
     tps = tokens / step
     return Prediction(layout=layout, cluster=cluster.name, step_time_s=step,
                       breakdown_s={"compute": compute, "tp_comm": tp_s, "dp_comm": dp_s, "pp_comm": pp_s,
-                                   "bubble": bubble},
+                                   "cp_comm": cp_s, "bubble": bubble},
                       tokens_per_s=tps, tokens_per_s_per_gpu=tps / layout.gpus,
                       mfu=fpt * tps / layout.gpus / cluster.peak_flops, memory_bytes=total_mem,
                       memory_breakdown=mem, fits_in_memory=total_mem <= cluster.memory_bytes, compute_source=source)
+
+
+KERNEL_LATENCY_S = 5e-6  # ASSUMED: launch + run of one tiny kernel (a step of the state chain) on a GPU
+
+
+def cp_extra_flops_per_token(cfg: ModelConfig, cp: int) -> float:
+    """Training FLOPs per token that context parallelism adds: state passing runs the linear mixer's op with K
+    identity value columns beside the V real ones, so the op's own term grows by K/V. Ring attention adds none (it
+    computes the same causal tiles, spread over the ranks)."""
+    if cp == 1:
+        return 0.0
+    from pretrain.metrics import mixer_flops_per_token
+
+    extra = 0.0
+    for i, mixer in enumerate(layer_mixers(cfg)):
+        if mixer not in SOFTMAX_ARCHS:
+            layer = layer_config(cfg, i)
+            K, V = _head_dims(layer)
+            extra += mixer_flops_per_token(layer) * K / V
+    return extra
+
+
+def cp_time(cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Cluster, *, achieved: float) -> float:
+    """PREDICTED seconds per step of context parallelism's exposed communication on one rank.
+
+    Ring attention: each hop's transfer is posted before the tile loop of the block at hand, so a hop costs
+    max(0, transfer − that block's compute): forward N−1 hops against 1/N of the rank's causal attention forward
+    (2·s·d FLOPs per local token, half of 12·s·d/3), backward N−1 hops of k, v and an accumulator against twice
+    that, the accumulator's last hop home exposed. Everything else (state passing's all-gather and its backward
+    reduction, FoX's totals, the halos, the loss's all-reduce) is on the critical path, α-dominated; the state chain
+    adds 2N sequential small matmuls (`KERNEL_LATENCY_S` each plus their FLOPs). The cp group's ranks are tp
+    apart (mesh (pp, dp_replicate, dp_shard, cp, tp)): inter-node links once cp·tp exceeds a node."""
+    N, t, b, m = layout.cp, layout.tp, layout.micro_batch, layout.micro_batches
+    alpha, beta = cluster.link(N * t > cluster.gpus_per_node)
+    T_loc = seq_len // N
+    total = 0.0
+    for i in range(cfg.n_layers // layout.pp):  # the first stage's blocks
+        layer = layer_config(cfg, i)
+        vol = cp_layer_volume(layer, s=seq_len, b=b, cp=N, tp=t, dtype_bytes=cluster.dtype_bytes,
+                              recompute=layout.recompute)
+        total += m * volume_time(vol["other"], group=N, alpha=alpha, beta=beta)
+        H, (K, V) = layer.n_heads // t, _head_dims(layer)
+        if layer.arch in SOFTMAX_ARCHS:
+            kv_hop = sum(n for _, n in _ring_block(layer, b=b, T_loc=T_loc, H=H)) / beta + alpha
+            acc_hop = b * H * T_loc * (K + V + (layer.arch == "fox")) * 4 / beta + alpha
+            hop_compute = b * T_loc * 2 * seq_len * layer.d_model / t / achieved / N
+            forward = (N - 1) * max(0.0, kv_hop - hop_compute)
+            again = forward if layout.recompute in ("full", "selective") else 0.0
+            backward = (N - 1) * max(0.0, kv_hop + acc_hop - 2 * hop_compute) + acc_hop
+            total += m * (forward + again + backward)
+        else:
+            chain_flops = 2 * b * H * K * V * (1 if layer.arch == "gla" else 2 * K)
+            total += m * 2 * N * (KERNEL_LATENCY_S + chain_flops / achieved) * (2 if layout.recompute != "none" else 1)
+    total += collective_time("all_reduce", calls=m, nbytes=m * 8, group=N, alpha=alpha, beta=beta)  # the loss
+    return total
+
+
+def _ring_block(cfg: ModelConfig, *, b: int, T_loc: int, H: int) -> list[tuple[str, float]]:
+    """The tensors one ring hop carries: (name, bytes); fp32 k and v, FoX's fp64 c."""
+    K, V = _head_dims(cfg)
+    block = [("k", b * T_loc * H * K * 4), ("v", b * T_loc * H * V * 4)]
+    return block + ([("c", b * H * T_loc * 8)] if cfg.arch == "fox" else [])
 
 
 # --------------------------------------------------------------------------------------- calibration, validation
@@ -659,44 +847,61 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def candidate_layouts(cfg: ModelConfig, seq_len: int, gpus: int, cluster: Cluster, global_batch: int, *,
-                      micro_batches=(1, 2, 4, 8, 16)) -> list[Layout]:
-    """Every layout the training code accepts on `gpus` devices (the checks of parallel.mesh.ParallelDims)."""
+MIN_CP_LOCAL_STEPS = 1024  # ASSUMED: below this many steps per rank a ring hop has too little compute to hide behind
+
+
+def _model_parallel_splits(cfg: ModelConfig, seq_len: int, gpus: int, cluster: Cluster):
+    """(tp, pp, cp) the training code accepts on `gpus` devices (parallel.mesh, config.check_cp): cp a power of two
+    whose ranks keep at least MIN_CP_LOCAL_STEPS steps, seq_len divisible by 2·cp (and by cp·tp under SP), no
+    attention dropout under cp."""
     from pretrain.models.common import mlp_hidden_size
 
-    out = []
     for tp in _divisors(gpus):
         if tp > cluster.gpus_per_node or cfg.n_heads % tp or mlp_hidden_size(cfg) % tp or seq_len % tp:
             continue
         for pp in _divisors(gpus // tp):
             if cfg.n_layers % pp or (pp > 1 and cfg.tie_embeddings):
                 continue
-            dp = gpus // (tp * pp)
-            if global_batch % dp:
-                continue
-            schedules = [("1f1b", 1)] if pp == 1 else \
-                [("1f1b", 1)] + [(s, 2) for s in ("interleaved_1f1b", "zero_bubble") if cfg.n_layers % (2 * pp) == 0]
-            # (mode, reshard_after_forward, reduce every micro-step, dp_replicate): FSDP both ways, and as HSDP
-            # sharded inside a node and replicated across nodes where dp spans nodes; DDP
-            dps = [("fsdp", True, True, 1)]
-            if dp > 1:
-                per_node = max(1, cluster.gpus_per_node // tp)
-                replicas = [1] + ([dp // per_node] if dp > per_node and dp % per_node == 0 else [])
-                dps = [("fsdp", reshard, every, r) for r in replicas for reshard in (True, False)
-                       for every in (True, False)] + [("ddp", True, True, 1)]
-            for mb in micro_batches:
-                if (global_batch // dp) % mb or (global_batch // (dp * mb)) % pp:
+            for cp in _divisors(gpus // (tp * pp)):
+                if cp > 1 and (cp & (cp - 1) or seq_len % (2 * cp) or (seq_len // cp) % tp or cfg.dropout > 0
+                               or seq_len // cp < MIN_CP_LOCAL_STEPS):
                     continue
-                for schedule, v in schedules:
-                    for mode, reshard, every, replicas in dps:
-                        if not every and (pp > 1 or global_batch // (dp * mb) == 1):
-                            continue  # the same layout: one micro-step, or a pipeline's own accumulation
-                        for recompute in ("none", "selective", "full"):
-                            out.append(Layout(dp=dp, dp_replicate=replicas, tp=tp, pp=pp, sequence_parallel=tp > 1,
-                                              data_parallel=mode, reshard_after_forward=reshard,
-                                              fsdp_reduce_every_micro_step=every, pp_schedule=schedule,
-                                              virtual_stages=v if pp > 1 else 0, recompute=recompute,
-                                              micro_batch=mb, global_batch=global_batch))
+                yield tp, pp, cp
+
+
+def candidate_layouts(cfg: ModelConfig, seq_len: int, gpus: int, cluster: Cluster, global_batch: int, *,
+                      micro_batches=(1, 2, 4, 8, 16)) -> list[Layout]:
+    """Every layout the training code accepts on `gpus` devices (the checks of parallel.mesh.ParallelDims), context
+    parallelism included where sequences are long enough (`_model_parallel_splits`)."""
+    out = []
+    for tp, pp, cp in _model_parallel_splits(cfg, seq_len, gpus, cluster):
+        dp = gpus // (tp * pp * cp)
+        if global_batch % dp:
+            continue
+        schedules = [("1f1b", 1)] if pp == 1 else \
+            [("1f1b", 1)] + [(s, 2) for s in ("interleaved_1f1b", "zero_bubble") if cfg.n_layers % (2 * pp) == 0]
+        # (mode, reshard_after_forward, reduce every micro-step, dp_replicate): FSDP both ways, and as HSDP
+        # sharded inside a node and replicated across nodes where dp spans nodes; DDP
+        dps = [("fsdp", True, True, 1)]
+        if dp * cp > 1:
+            per_node = max(1, cluster.gpus_per_node // (tp * cp))
+            replicas = [1] + ([dp // per_node] if dp > per_node and dp % per_node == 0 else [])
+            dps = [("fsdp", reshard, every, r) for r in replicas for reshard in (True, False)
+                   for every in (True, False)] + [("ddp", True, True, 1)]
+        for mb in micro_batches:
+            if (global_batch // dp) % mb or (global_batch // (dp * mb)) % pp:
+                continue
+            for schedule, v in schedules:
+                for mode, reshard, every, replicas in dps:
+                    if not every and (pp > 1 or global_batch // (dp * mb) == 1):
+                        continue  # the same layout: one micro-step, or a pipeline's own accumulation
+                    for recompute in ("none", "selective", "full"):
+                        out.append(Layout(dp=dp, dp_replicate=replicas, tp=tp, pp=pp, cp=cp,
+                                          sequence_parallel=tp > 1,
+                                          data_parallel=mode, reshard_after_forward=reshard,
+                                          fsdp_reduce_every_micro_step=every, pp_schedule=schedule,
+                                          virtual_stages=v if pp > 1 else 0, recompute=recompute,
+                                          micro_batch=mb, global_batch=global_batch))
     return out
 
 
@@ -791,12 +996,12 @@ def _format_table(preds: list[Prediction], cluster: Cluster, *, gpus: int, seq_l
              f"global batch {global_batch}, {gpus} GPUs on {cluster.name}; compute rate: "
              f"{preds[0].compute_source if preds else '-'}",
              f"{'layout':<46}{'tok/s/GPU':>10}{'MFU':>7}{'step s':>9}{'compute':>9}{'tp':>8}{'dp':>8}{'pp':>8}"
-             f"{'bubble':>8}{'mem GB':>8}"]
+             f"{'cp':>8}{'bubble':>8}{'mem GB':>8}"]
     for pr in preds[:top]:
         br = pr.breakdown_s
         lines.append(f"{pr.layout.label():<46}{pr.tokens_per_s_per_gpu:>10.0f}{100 * pr.mfu:>6.1f}%"
                      f"{pr.step_time_s:>9.3f}{br['compute']:>9.3f}{br['tp_comm']:>8.3f}{br['dp_comm']:>8.3f}"
-                     f"{br['pp_comm']:>8.3f}{br['bubble']:>8.3f}{pr.memory_bytes / 1e9:>8.1f}")
+                     f"{br['pp_comm']:>8.3f}{br['cp_comm']:>8.3f}{br['bubble']:>8.3f}{pr.memory_bytes / 1e9:>8.1f}")
     if not preds:
         lines.append("(no layout is predicted to fit in memory)")
     return "\n".join(lines)

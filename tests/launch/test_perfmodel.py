@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.perfmodel import (Cluster, Layout, activation_bytes_per_layer, bubble_fraction, calibrate,
-                              candidate_layouts, collective_time, main, memory_breakdown, model_stats, predict,
+from launch.perfmodel import (KERNEL_LATENCY_S, Cluster, Layout, activation_bytes_per_layer, bubble_fraction, calibrate,
+                              candidate_layouts, collective_time, cp_layer_volume, cp_time, cp_volume, main,
+                              memory_breakdown, model_stats, predict,
                               rank_params, suggest, validate)
 from pretrain.config import build_config
 
@@ -194,3 +195,96 @@ def test_cli_prints_predictions(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "PREDICT" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ context parallelism
+
+def test_context_parallel_activations_per_rank_are_one_cp_th():
+    """Each cp rank holds seq_len / cp steps: activations and logits shrink by cp (full recomputation keeps no ring
+    extras, so exactly); parameters are replicated over cp but FSDP shards them over dp × cp."""
+    cfg = build_config({"model": {**TINY, "arch": "gla"}}).model
+    one = memory_breakdown(cfg, Layout(dp=1, recompute="full", global_batch=1), 4096, H100)
+    four = memory_breakdown(cfg, Layout(dp=1, cp=4, recompute="full", global_batch=1), 4096, H100)
+    assert four["activations"] == pytest.approx(one["activations"] / 4)
+    assert four["logits"] == pytest.approx(one["logits"] / 4)
+    assert four["weights_grads_optimizer"] == pytest.approx(one["weights_grads_optimizer"] / 4)  # FSDP over cp
+    for arch in ("transformer", "fox", "gla", "rwkv7"):
+        cfg = build_config({"model": {**TINY, "arch": arch}}).model
+        none = [memory_breakdown(cfg, Layout(cp=cp, global_batch=1), 4096, H100)["activations"] for cp in (1, 2)]
+        assert 0.45 < none[1] / none[0] < 0.75, (arch, none)  # 1/2, plus the ring's fp32 copies / V+K columns
+
+
+def test_context_parallel_volumes_are_the_hand_count():
+    """Per block and micro-batch at cp = N: ring attention moves k and v (fp32) N−1 hops in forward and again in
+    backward, plus the dK|dV accumulator N hops; state passing gathers (S_loc, M) once and reduces it in backward."""
+    N, s, b, H, d = 4, 64, 2, 4, 64
+    D, T = d // H, s // N
+    cfg = build_config({"model": {**TINY, "arch": "transformer"}}).model
+    vol = cp_layer_volume(cfg, s=s, b=b, cp=N, dtype_bytes=2)
+    kv = 2 * b * T * H * D * 4
+    assert vol["ring"]["send"] == (2 * 2 * (N - 1) + N, 2 * (N - 1) * kv + N * kv)
+    assert vol["ring"]["recv"] == vol["ring"]["send"] and vol["other"] == {}
+    rwkv = build_config({"model": {**TINY, "arch": "rwkv7"}}).model
+    vol = cp_layer_volume(rwkv, s=s, b=b, cp=N, dtype_bytes=2, reduce_scatter=False)["other"]
+    state = N * 2 * b * H * (D * D + D * D) * 4  # gathered (S_loc, M) of both chunks of every rank
+    halo = N * 2 * b * d * 2  # the two chunk ends of every rank, for each of the two token shifts
+    assert vol == {"all_gather": (3, state + 2 * halo), "all_reduce": (3, state + 2 * halo)}
+    gla = build_config({"model": {**TINY, "arch": "gla"}}).model
+    K = d // 2 // H
+    assert cp_layer_volume(gla, s=s, b=b, cp=N, dtype_bytes=2)["other"]["all_gather"] == \
+        (1, N * 2 * b * H * (K * D + K) * 4)  # GLA's transition is diagonal: only K numbers
+    assert cp_volume(gla, s=s, b=b, cp=1, micro_batches=2, dtype_bytes=2) == {}
+
+
+def test_ring_hides_behind_compute_until_the_link_is_slow():
+    """Ring hops are exposed only when a hop's transfer outlasts its block's compute; state passing's collectives
+    are latency on the critical path."""
+    cfg = build_config({"model": {"d_model": 1024, "n_layers": 2, "n_heads": 8, "vocab_size": 256,
+                                  "seq_len": 32768}}).model
+    layout = Layout(cp=4, global_batch=1)
+    achieved = H100.peak_flops * H100.efficiency
+    fast = cp_time(cfg, layout, 32768, H100, achieved=achieved)
+    slow_link = dataclasses.replace(H100, intra_beta=H100.intra_beta / 1000)
+    slow = cp_time(cfg, layout, 32768, slow_link, achieved=achieved)
+    D, T_loc = 1024 // 8, 32768 // 4
+    acc_hop = T_loc * 8 * 2 * D * 4 / H100.intra_beta + H100.intra_alpha  # the accumulator's last hop home
+    loss = 2 * 3 * H100.intra_alpha  # one all-reduce of 2 numbers over 4 ranks
+    assert fast == pytest.approx(2 * acc_hop + loss)  # every other hop hidden behind its block's attention
+    assert slow > 10 * fast
+    # GLA at infinite bandwidth: per block the all-gather and its backward reduce-scatter ((N−1)·α each), the
+    # chain's 2N kernels; and the loss
+    gla = dataclasses.replace(cfg, arch="gla")
+    latency_only = dataclasses.replace(H100, intra_beta=float("inf"))
+    t = cp_time(gla, layout, 32768, latency_only, achieved=float("inf"))
+    alpha = H100.intra_alpha
+    assert t == pytest.approx(2 * (2 * 3 * alpha + 2 * 4 * KERNEL_LATENCY_S) + 2 * 3 * alpha)
+
+
+def test_cp_is_suggested_for_long_sequences_that_do_not_fit_otherwise():
+    cfg = build_config({"model": {"d_model": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000,
+                                  "seq_len": 4096, "mlp_multiple_of": 256}}).model
+    short = suggest(cfg, 4096, 8, H100, 8)
+    assert short[0].layout.cp == 1 and any(p.layout.cp > 1 for p in short)  # at 4K dp and tp communicate less
+    long = suggest(cfg, 1 << 20, 64, H100, 4)  # 1M tokens per sequence, 4 sequences per step
+    assert long and all(p.layout.cp > 1 for p in long)  # no layout without cp fits in 80 GB
+    assert long[0].breakdown_s["cp_comm"] > 0 and long[0].layout.gpus == 64
+
+
+def test_studies_accept_parallel_cp(tmp_path):
+    """A study's grid may vary parallel.cp: points are valid where the sequence splits into 2·cp chunks, and the
+    performance model lays them out with cp (world = dp × tp × pp × cp)."""
+    from launch import sweep
+
+    study_file = tmp_path / "cp.toml"
+    study_file.write_text('[study]\nname = "cp"\n[base]\nmodel = { d_model = 32, n_layers = 2, n_heads = 2, '
+                          'vocab_size = 128, seq_len = 30 }\ntrain = { global_batch = 4, micro_batch = 2 }\n'
+                          '[grid]\ngpus = [2]\n"parallel.cp" = [1, 2]\n"model.seq_len" = [30, 64]\n')
+    study = sweep.load_study(study_file)
+    points = sweep.expand(study)
+    reasons = {p.label: sweep.why_invalid(study, p) for p in points}
+    assert reasons["gpus=2 cp=1 seq_len=30"] is None and reasons["gpus=2 cp=2 seq_len=64"] is None
+    assert "divisible by 2 × parallel.cp" in reasons["gpus=2 cp=2 seq_len=30"]
+    layout = Layout.from_config(sweep.point_config(study, points[-1]), 2)
+    assert (layout.cp, layout.dp, layout.gpus) == (2, 1, 2) and "cp2" in layout.label()
+    pred = predict(build_config({"model": {**TINY, "seq_len": 64}}).model, layout, 64, CPU)
+    assert pred.breakdown_s["cp_comm"] > 0 and pred.breakdown_s["dp_comm"] > 0  # FSDP over cp
