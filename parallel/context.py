@@ -486,8 +486,8 @@ def _state_passing(op, inputs, v, *, shard, docs, diagonal, op_kwargs):
     v_ext = torch.cat((v_rows, v_rows.new_zeros(*v_rows.shape[:3], K)), -1)  # (2B, Tc, H, V+K)
     h0 = torch.cat((torch.zeros(K, V, dtype=dt, device=v.device), torch.eye(K, dtype=dt, device=v.device)), -1)
     call = [v_ext if x is None else x for x in rows]
-    o_ext, final = op(*call, initial_state=h0.expand(2 * B, H, K, V + K), output_final_state=True, docs=row_docs,
-                      **op_kwargs)  # (2B, Tc, H, V+K), (2B, H, K, V+K)
+    o_ext, final = op(*call, initial_state=h0.expand(2 * B, H, K, V + K).contiguous(), output_final_state=True,
+                      docs=row_docs, **op_kwargs)  # (2B, Tc, H, V+K), (2B, H, K, V+K)
     final = final.to(torch.promote_types(final.dtype, torch.float32)).unflatten(0, (2, B))  # (2, B, H, K, V+K)
     # GLA's M is diagonal: only its diagonal travels
     trans = final[..., V:].diagonal(dim1=-2, dim2=-1) if diagonal else final[..., V:].flatten(-2)  # (2, B, H, K·)

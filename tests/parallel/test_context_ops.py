@@ -136,6 +136,34 @@ def _run_cases(names, docs_options):
             if name != "shift" or not docs}
 
 
+def _low_precision():
+    """fp32 and bf16 inputs: computed in fp32 (or the op's precision), returned in the input dtype, close to fp64."""
+    shard = ContextShard.from_group(dist.group.WORLD)
+    starts = _starts(T)
+    local_docs = DocumentMask(shard.split(starts))
+    q, k, v = (shard.split(_randn(B, T, H, 8, seed=s)) for s in (1, 2, 3))
+    log_f = shard.split(F.logsigmoid(_randn(B, T, H, seed=4) + 2))
+    g = shard.split(F.logsigmoid(_randn(B, T, H, 8, seed=8)) / 4)
+    rwkv = [shard.split(x) for x in _rwkv7_inputs(T)]
+    calls = {
+        "softmax": lambda dt: ring_attention(q.to(dt), k.to(dt), v.to(dt), shard=shard, docs=local_docs),
+        "fox": lambda dt: ring_attention(q.to(dt), k.to(dt), v.to(dt), log_f=log_f.to(dt), shard=shard,
+                                         docs=local_docs),
+        "gla": lambda dt: gla_context(q.to(dt), k.to(dt), v.to(dt), g.to(dt), shard=shard, docs=local_docs,
+                                      impl="torch"),
+        "rwkv7": lambda dt: rwkv7_context(*(x.to(dt) for x in rwkv), shard=shard, docs=local_docs, impl="torch"),
+    }
+    errors = {}
+    for name, call in calls.items():
+        exact = call(torch.float64)
+        for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
+            out = call(dt)
+            assert out.dtype == dt, f"{name}: {dt} inputs gave {out.dtype}"
+            errors[f"{name} {dt}"] = err = (out.double() - exact).abs().max().item()
+            assert err < tol, f"{name}: {dt} inputs differ from float64 by {err:.3g}"
+    return errors
+
+
 def _assert_close(results):
     for rank, per_case in enumerate(results):
         for case, errors in per_case.items():
@@ -147,6 +175,10 @@ def _assert_close(results):
                          ids=["ring", "state"])
 def test_cp2_equals_one_process(names):
     _assert_close(run_distributed(_run_cases, 2, names, (False, True)))
+
+
+def test_low_precision_inputs():
+    run_distributed(_low_precision, 2)
 
 
 def test_cp1_is_the_op():
