@@ -1,0 +1,139 @@
+"""Context parallelism trains like one process: over 5 optimizer steps the losses and the final parameters equal a
+single-process run on the whole sequences within 1e-5 (float32, gloo), for the four architectures (Transformer and
+FoX with the Pro block, whose KV-shift needs the previous rank's key and value), with and without document masking,
+alone (cp2, cp4) and composed with tensor + sequence, pipeline and data parallelism, recomputation and mini-sequence
+chunks. The tiny models see T = 16, so at cp2 each rank holds chunks of 4 steps and at cp4 of 2."""
+
+import functools
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.context import ContextShard
+from parallel.context_model import global_mean_loss
+from parallel.mesh import ParallelDims
+from pretrain.config import ConfigError, build_config
+from tests.dist import run_distributed
+from tests.parallel.layouts import ARCHS, assert_same_training, tiny_config, train_layouts
+
+
+@functools.cache
+def reference(archs: tuple, train_json: str, model_json: str, documents: bool) -> dict:
+    return train_layouts(archs, {}, json.loads(train_json), documents=documents, model_overrides=json.loads(model_json))
+
+
+def check(world: int, parallel: dict, *, documents: bool, train: dict | None = None, archs=ARCHS,
+          model: dict | None = None) -> None:
+    train, model = train or {}, model or {}
+    layouts = functools.partial(train_layouts, documents=documents, model_overrides=model)
+    results = run_distributed(layouts, world, archs, parallel, train)
+    assert_same_training(results, reference(archs, json.dumps(train, sort_keys=True),
+                                            json.dumps(model, sort_keys=True), documents), archs)
+
+
+@pytest.mark.parametrize("documents", [False, True], ids=["whole-rows", "documents"])
+def test_cp2_every_architecture(documents):
+    check(2, {"cp": 2}, documents=documents)
+
+
+@pytest.mark.parametrize("model", [{"pro": False}, {"pro": False, "pos": "learned"}], ids=["rope", "learned"])
+def test_cp2_positions_are_global(model):
+    """Rotary and learned positions of a rank's steps are their places in the whole row (the Pro block's KV-shift is
+    off here: nothing but the positions tells the ranks' chunks apart)."""
+    check(2, {"cp": 2}, documents=False, archs=("transformer",), model=model)
+
+
+def test_cp2_ddp_selective_recompute_and_minisequence_chunks():
+    """The recomputed CP op runs its ring / scan again in backward; MsT pieces (3 over the 8 local steps, one across
+    the rank's two chunks) fetch the step before them from the whole input; DDP reduces over cp."""
+    check(2, {"cp": 2, "data_parallel": "ddp", "recompute": "selective", "recompute_modules": "mlp",
+              "minisequence_chunks": 3}, documents=True)
+
+
+def test_cp2_full_recompute():
+    check(2, {"cp": 2, "recompute": "full"}, documents=True, archs=("fox", "rwkv7"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("archs", [("transformer", "gla"), ("fox", "rwkv7")], ids=["softmax-linear", "fox-rwkv7"])
+def test_cp4(archs):
+    check(4, {"cp": 4}, documents=True, archs=archs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel, train", [
+    pytest.param({"cp": 2, "tp": 2}, {}, id="cp2-tp2-sp"),
+    pytest.param({"cp": 2, "pp": 2}, {}, id="cp2-pp2-1f1b"),
+    pytest.param({"cp": 2, "dp": 2}, {"micro_batch": 2}, id="cp2-dp2-fsdp"),
+])
+def test_cp2_composed(parallel, train):
+    check(4, parallel, documents=True, train=train)
+
+
+def test_cp2_tp2_without_sequence_parallelism_and_minisequence_chunks():
+    """TP without SP all-reduces the mixer input's gradient; the vocab-parallel chunked loss sits under the CP loss."""
+    check(4, {"cp": 2, "tp": 2, "sequence_parallel": False, "minisequence_chunks": 2}, documents=False,
+          archs=("rwkv7",))
+
+
+def _logits_and_labels() -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, V) logits and (B, T) labels of 2 rows of 8 steps whose chunks 1 and 2 (all of cp rank 1's steps at cp2)
+    are ignored: rank 1's own mean is 0/0."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 8, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 8), generator=g)
+    labels[:, 2:6] = -100
+    return logits, labels
+
+
+def _cp_loss_and_gradient() -> tuple[float, torch.Tensor]:
+    shard = ContextShard.from_group(dist.group.WORLD)
+    logits, labels = _logits_and_labels()
+    local, local_labels = shard.split(logits).requires_grad_(), shard.split(labels)
+    local_mean = F.cross_entropy(local.flatten(0, 1), local_labels.flatten(), ignore_index=-100)
+    loss = global_mean_loss(local_mean, local_labels, shard)
+    loss.backward()
+    return loss.item(), local.grad
+
+
+def test_the_loss_is_the_whole_mean_even_where_a_rank_has_no_labels():
+    """Every rank reports the whole sequence's mean, and its gradient is cp × the one-process one at its steps (data
+    parallelism's average over the cp ranks then gives the one-process gradient of a shared parameter)."""
+    results = run_distributed(_cp_loss_and_gradient, 2)
+    logits, labels = _logits_and_labels()
+    logits.requires_grad_()
+    full = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    full.backward()
+    for rank, (loss, grad) in enumerate(results):
+        assert abs(loss - full.item()) < 1e-12
+        shard = ContextShard(group=None, rank=rank, size=2)
+        torch.testing.assert_close(grad / 2, shard.split(logits.grad), rtol=0, atol=1e-15)
+
+
+def config(parallel: dict, **model):
+    base = tiny_config("transformer", parallel).to_dict()
+    return build_config({"model": {**base["model"], **model}, "parallel": base["parallel"], "train": base["train"],
+                         "optim": base["optim"]})
+
+
+@pytest.mark.parametrize("parallel, model, message", [
+    ({"cp": 2}, {"seq_len": 18}, r"seq_len=18 is not divisible by 2 × parallel.cp = 4"),
+    ({"cp": 4}, {"seq_len": 20}, r"seq_len=20 is not divisible by 2 × parallel.cp = 8"),
+    ({"cp": 2}, {"dropout": 0.1}, r"model.dropout=0.1 also drops softmax-attention probabilities.*model.dropout=0"),
+    ({"cp": 2, "tp": 4}, {"seq_len": 20}, r"seq_len / cp = 20 / 2 = 10 steps, not divisible by parallel.tp=4"),
+    ({"cp": 0}, {}, r"parallel.cp must be >= 1"),
+    ({"cp": 2, "compile": True}, {}, r"parallel.compile with parallel.cp=2 is not supported"),
+])
+def test_config_errors(parallel, model, message):
+    with pytest.raises(ConfigError, match=message):
+        config(parallel, **model)
+
+
+def test_world_counts_cp():
+    dims = ParallelDims.from_config(config({"cp": 2, "tp": 2}), 8)
+    assert (dims.dp, dims.cp, dims.tp, dims.world_size) == (2, 2, 2, 8)
+    with pytest.raises(ConfigError, match=r"tp × pp × cp = 2 × 1 × 2 = 4 does not divide the 6 processes"):
+        ParallelDims.from_config(config({"cp": 2, "tp": 2}), 6)
