@@ -31,6 +31,15 @@ and CPU seconds per step (`rank_cpu_spread`: (max − min) / mean of the CPU sec
 where collectives make the wall times equal), software versions. Paths in [base] (data.path) are relative to
 the directory the sweep runs in; [study] config is relative to the study file. The point id hashes everything that defines the point, so running the sweep again skips
 points already recorded as ok, invalid or oom, and runs failed ones again.
+
+Inference studies (`[study] measure = "inference"`, `decode_tokens = N`): each point times generation instead of
+training, on one process (`python -m pretrain.generate --time`): a randomly initialised model of the point's
+config prefills train.micro_batch rows of model.seq_len − N tokens and decodes N more through its inference cache,
+warmup_steps untimed and timed_steps timed runs. Grid over "model.seq_len" (the context) and "model.arch" to set
+prefill against decode cost and memory against context length per architecture. Its result has prefill and decode
+tokens/s (prefill_tokens_per_s, decode_tokens_per_s, decode_ms_per_step), the cache's bytes at the end
+(cache_bytes: keys and values grow with the context, recurrent states do not), and peak memory; points with more
+than one process, or tp/pp/cp above 1, are invalid.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ from pathlib import Path
 from launch import slurm
 from pretrain.config import SECTIONS, ConfigError, build_config, read_toml
 
+MEASURES = ("train", "inference")
 DONE = ("ok", "invalid", "oom")  # statuses a re-run keeps; "failed" points run again
 SPECIAL = ("gpus", "nodes")  # grid keys that are not config fields
 # torchrun's summary after a worker failed ("...ChildFailedError:"): not the error itself
@@ -91,6 +101,10 @@ class Study:
     """Timed optimizer steps per point."""
     point_timeout_minutes: float = 30.0
     """A point running longer than this is stopped and recorded as failed."""
+    measure: str = "train"
+    """What a point times: 'train' (optimizer steps) or 'inference' (prefill and cached decode, one process)."""
+    decode_tokens: int = 32
+    """Inference: tokens decoded one at a time after a prompt of model.seq_len − decode_tokens."""
 
 
 @dataclass
@@ -113,6 +127,17 @@ class Point:
             args += [f"--{section}.{key}={_cli_value(value)}" for key, value in values.items()]
         return args + [f"--train.run_dir={run_dir}"]
 
+    def command(self, study: Study, run_dir: Path) -> list[str]:
+        """The Python command of this point: training, or `pretrain.generate --time` for an inference study."""
+        if study.measure == "inference":
+            return [sys.executable, "-m", "pretrain.generate", "--time", *self.train_args(study, run_dir),
+                    f"--decode-tokens={study.decode_tokens}", f"--warmup={study.warmup_steps}",
+                    f"--repeats={study.timed_steps}", f"--out={run_dir / INFERENCE_RESULT}"]
+        return [sys.executable, "-m", "pretrain.train", *self.train_args(study, run_dir)]
+
+
+INFERENCE_RESULT = "inference.json"
+
 
 def _cli_value(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
@@ -128,7 +153,7 @@ def load_study(path: str | Path) -> Study:
     if unknown:
         raise StudyError(f"{path}: unknown table(s) {sorted(unknown)}; a study has [study], [base] and [grid]")
     head = dict(doc.get("study", {}))
-    fields = {"name", "config", "warmup_steps", "timed_steps", "point_timeout_minutes"}
+    fields = {"name", "config", "warmup_steps", "timed_steps", "point_timeout_minutes", "measure", "decode_tokens"}
     if set(head) - fields:
         raise StudyError(f"{path}: unknown key(s) {sorted(set(head) - fields)} in [study]; known: {sorted(fields)}")
     config, config_values = head.pop("config", None), {}
@@ -138,13 +163,16 @@ def load_study(path: str | Path) -> Study:
             config_values = read_toml(config)
         except ConfigError as e:
             raise StudyError(f"{path}: [study] config: {e}") from None
-    for key in ("warmup_steps", "timed_steps", "point_timeout_minutes"):
+    if head.get("measure", "train") not in MEASURES:
+        raise StudyError(f"{path}: [study] measure = {head['measure']!r}; use one of {', '.join(MEASURES)}")
+    for key in ("warmup_steps", "timed_steps", "point_timeout_minutes", "decode_tokens"):
         if key in head and (not isinstance(head[key], (int, float)) or isinstance(head[key], bool)):
             raise StudyError(f"{path}: [study] {key} = {head[key]!r} should be a number")
     study = Study(name=str(head.pop("name", path.stem)), path=path.resolve(), config=config,
                   config_values=config_values, **head)
-    if study.warmup_steps < 0 or study.timed_steps < 1 or study.point_timeout_minutes <= 0:
-        raise StudyError(f"{path}: warmup_steps must be >= 0, timed_steps >= 1 and point_timeout_minutes > 0")
+    if study.warmup_steps < 0 or study.timed_steps < 1 or study.point_timeout_minutes <= 0 or study.decode_tokens < 1:
+        raise StudyError(f"{path}: warmup_steps must be >= 0, timed_steps >= 1, point_timeout_minutes > 0 and "
+                         f"decode_tokens >= 1")
     study.base = doc.get("base", {})
     for key, values in doc.get("grid", {}).items():
         if not isinstance(values, list) or not values:
@@ -183,8 +211,11 @@ def expand(study: Study) -> list[Point]:
         overrides.setdefault("optim", {}).update(warmup_steps=0)
         overrides.setdefault("checkpoint", {}).update(interval=0, save_at_end=False, resume="none")
         overrides.setdefault("log", {}).update(interval=1, progress=False, tensorboard=False)
-        ident = json.dumps({"config": study.config_values, "overrides": overrides, "gpus": gpus, "nodes": nodes,
-                            "warmup_steps": study.warmup_steps}, sort_keys=True)
+        what = {"config": study.config_values, "overrides": overrides, "gpus": gpus, "nodes": nodes,
+                "warmup_steps": study.warmup_steps}
+        if study.measure == "inference":  # (training points keep the ids they had before inference studies)
+            what.update(measure=study.measure, decode_tokens=study.decode_tokens, timed_steps=study.timed_steps)
+        ident = json.dumps(what, sort_keys=True)
         points.append(Point(id=hashlib.sha1(ident.encode()).hexdigest()[:12], label=" ".join(label),
                             overrides=overrides, gpus=gpus, nodes=nodes))
     return points
@@ -208,9 +239,24 @@ def why_invalid(study: Study, point: Point) -> str | None:
     if point.gpus < 1 or point.nodes < 1 or point.gpus % point.nodes:
         return f"gpus={point.gpus} must be a positive multiple of nodes={point.nodes}"
     try:
-        ParallelDims.from_config(point_config(study, point), point.gpus)
+        cfg = point_config(study, point)
+        if study.measure == "inference":
+            return _why_no_inference(study, point, cfg)
+        ParallelDims.from_config(cfg, point.gpus)
     except ConfigError as e:
         return str(e)
+    return None
+
+
+def _why_no_inference(study: Study, point: Point, cfg) -> str | None:
+    """Inference points run on one process with the whole model."""
+    split = {k: getattr(cfg.parallel, k) for k in ("tp", "pp", "cp") if getattr(cfg.parallel, k) > 1}
+    if point.gpus != 1 or point.nodes != 1 or split:
+        layout = " ".join(f"{k}={v}" for k, v in {"gpus": point.gpus, "nodes": point.nodes, **split}.items())
+        return f"inference points run on one process with the whole model; this one asks for {layout}"
+    if study.decode_tokens >= cfg.model.seq_len:
+        return (f"decode_tokens={study.decode_tokens} leaves no prompt in model.seq_len={cfg.model.seq_len} "
+                "(the prompt is seq_len - decode_tokens)")
     return None
 
 
@@ -287,10 +333,18 @@ def base_row(study: Study, point: Point, status: str, reason: str | None = None)
         config = point_config(study, point).to_dict()
     except ConfigError:
         pass
-    return {"point": point.id, "label": point.label, "study": study.name, "status": status, "reason": reason,
+    return {"point": point.id, "label": point.label, "study": study.name, "measure": study.measure,
+            "status": status, "reason": reason,
             "overrides": point.overrides, "config": config, "world_size": point.gpus, "nodes": point.nodes,
             "warmup_steps": study.warmup_steps, "timed_steps": study.timed_steps,
             "host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def measure_inference(run_dir: Path) -> dict:
+    """The timing of a finished inference point, from the JSON `pretrain.generate --time` wrote."""
+    result = json.loads((run_dir / INFERENCE_RESULT).read_text())
+    result.pop("arch", None)  # in the config already
+    return {**result, "device": device_name(), "versions": versions()}
 
 
 def measure(study: Study, point: Point, run_dir: Path) -> dict:
@@ -357,13 +411,13 @@ def run_point(study: Study, point: Point, out_dir: Path, *, launcher: str) -> di
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return None
-        for name in ("metrics.jsonl", "step_times.jsonl", "result.json"):  # an earlier, failed attempt's
+        for name in ("metrics.jsonl", "step_times.jsonl", "result.json", INFERENCE_RESULT):  # an earlier attempt's
             (run_dir / name).unlink(missing_ok=True)
         return _run_locked(study, point, run_dir, launcher=launcher)
 
 
 def _run_locked(study: Study, point: Point, run_dir: Path, *, launcher: str) -> dict:
-    train = [sys.executable, "-m", "pretrain.train", *point.train_args(study, run_dir)]
+    train = point.command(study, run_dir)
     if launcher == "torchrun" and point.gpus == 1:
         cmd = train  # one process needs no rendezvous: skip torchrun's start-up
     elif launcher == "torchrun":
@@ -401,7 +455,7 @@ def _run_locked(study: Study, point: Point, run_dir: Path, *, launcher: str) -> 
         row.update(status=status, reason=reason)
     else:
         try:
-            row.update(measure(study, point, run_dir))
+            row.update(measure_inference(run_dir) if study.measure == "inference" else measure(study, point, run_dir))
         except (OSError, RuntimeError, KeyError, ValueError) as e:
             row.update(status="failed", reason=f"the run finished but its timing could not be read: {e}")
     return row
@@ -444,7 +498,10 @@ def sweep_local(study: Study, out_dir: Path) -> int:
             print(f"[{i}/{len(todo)}] skipped {point.label}: another sweep is running it", flush=True)
             continue
         write_result(out_dir, row)
-        if row["status"] == "ok":
+        if row["status"] == "ok" and study.measure == "inference":
+            what = (f"prefill {row['prefill_tokens_per_s']:,.0f} tok/s, decode {row['decode_tokens_per_s']:,.0f} "
+                    f"tok/s ({row['decode_ms_per_step']:.1f} ms/step), cache {row['cache_bytes'] / 2**20:.1f} MiB")
+        elif row["status"] == "ok":
             what = (f"{row['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, step {row['step_time_s'] * 1e3:.0f} ms"
                     + (f", MFU {row['mfu']:.1%}" if row["mfu"] else ""))
         else:

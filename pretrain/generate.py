@@ -6,6 +6,12 @@ recurrent state, so a token costs the same at any position for the linear mixers
 argmax); otherwise tokens are sampled, after top-k and top-p (nucleus) filtering, from a generator seeded with
 `--seed`, so a seed gives the same text every time on the same device.
 
+`python -m pretrain.generate --time --config FILE [--section.key=value ...] [--decode-tokens N ...]` times
+inference instead (a point of an inference throughput study, `launch.sweep`): a model of the config, randomly
+initialised (speed does not depend on the weights), prefills train.micro_batch rows of model.seq_len − N random
+tokens, then decodes N tokens greedily through the cache; it reports prefill and decode tokens/s, the cache's
+bytes and the peak memory as JSON.
+
 Loading (also used by `pretrain.evaluate`): CHECKPOINT is a run directory (its `checkpoints/latest`, or the newest
 complete checkpoint), its `checkpoints/` directory or one `step_<N>` directory. The model is rebuilt from the
 config stored in the checkpoint and only its weights are read (DCP reshards them from whatever layout saved them,
@@ -18,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +37,7 @@ import torch.nn as nn
 
 from data.tokenizer import load_tokenizer
 from pretrain.checkpoint import CheckpointError, _inspect, _SafeLoadPlanner, _SafeReader
-from pretrain.config import ConfigError, build_config
+from pretrain.config import ConfigError, build_config, load_config
 from pretrain.models import build_model
 from pretrain.models.common import InferenceCache
 
@@ -163,12 +171,100 @@ def generate(model: nn.Module, prompt: list[int], *, max_new_tokens: int, eos_id
     return out
 
 
+@torch.no_grad()
+def time_inference(model: nn.Module, *, prompt_tokens: int, decode_tokens: int, batch: int, warmup: int = 1,
+                   repeats: int = 3, seed: int = 0) -> dict:
+    """Prefill and decode speed of `model` on `batch` rows: a random prompt of prompt_tokens prefilled in one call,
+    then decode_tokens greedy steps through the cache (no host read between steps), `warmup` untimed runs, then
+    `repeats` timed ones (means). Also the bytes the cache holds at the end (keys and values grow with the
+    context; recurrent states do not) and the peak memory (GPU: allocated by tensors; CPU: the process's resident
+    set)."""
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt = torch.randint(model.cfg.vocab_size, (batch, prompt_tokens), device=device, generator=generator)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    prefill_s, decode_s = [], []
+    for run in range(warmup + repeats):
+        cache = InferenceCache(capacity=prompt_tokens + decode_tokens)
+        synchronize()
+        start = time.perf_counter()
+        logits = model(prompt, cache=cache)[:, -1]  # (B, V)
+        synchronize()
+        prefilled = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits = model(logits.argmax(dim=-1)[:, None], cache=cache)[:, -1]  # (B, V)
+        synchronize()
+        if run >= warmup:
+            prefill_s.append(prefilled - start)
+            decode_s.append(time.perf_counter() - prefilled)
+    prefill, decode_time = statistics.fmean(prefill_s), statistics.fmean(decode_s)
+    cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers.values() for t in layer.tensors.values())
+    peak = (torch.cuda.max_memory_allocated(device) if on_gpu
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss: KiB on Linux
+    return {
+        "batch": batch, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
+        "context": prompt_tokens + decode_tokens, "warmup": warmup, "repeats": repeats,
+        "prefill_s": prefill, "prefill_s_std": statistics.stdev(prefill_s) if repeats > 1 else 0.0,
+        "prefill_tokens_per_s": batch * prompt_tokens / prefill,
+        "decode_s": decode_time, "decode_s_std": statistics.stdev(decode_s) if repeats > 1 else 0.0,
+        "decode_ms_per_step": decode_time / decode_tokens * 1e3,
+        "decode_tokens_per_s": batch * decode_tokens / decode_time,
+        "cache_bytes": cache_bytes, "peak_memory_gb": peak / 2**30,
+        "memory_kind": "gpu_allocated" if on_gpu else "cpu_rss",
+    }
+
+
+def time_main(argv: list[str]) -> int:
+    """`python -m pretrain.generate --time --config FILE [--section.key=value ...] [options]`: `time_inference` on
+    a randomly initialised model of the config; prints (and with --out writes) the JSON."""
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.generate --time",
+        description="Time inference on a randomly initialised model of a run config: prefill train.micro_batch "
+                    "rows of model.seq_len - N random tokens, then decode N tokens through the cache. Other "
+                    "arguments are the run config (--config FILE, --section.key=value).")
+    p.add_argument("--time", action="store_true", help="this mode")
+    p.add_argument("--decode-tokens", type=int, default=32, help="N, tokens decoded one at a time (default 32)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs, averaged (default 3)")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    args, config_args = p.parse_known_args(argv)
+    try:
+        cfg = load_config(config_args)
+        if not 0 < args.decode_tokens < cfg.model.seq_len:
+            raise ConfigError(f"--decode-tokens must be in [1, model.seq_len) = [1, {cfg.model.seq_len}): the "
+                              f"prompt is model.seq_len - N tokens; got {args.decode_tokens}")
+        if args.warmup < 0 or args.repeats < 1:
+            raise ConfigError(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    device = resolve_device("auto" if cfg.train.device == "auto" else cfg.train.device)
+    use_bf16 = cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        model = build_model(cfg.model)
+    model = model.to(torch.bfloat16 if use_bf16 else torch.float32).eval()
+    result = time_inference(model, prompt_tokens=cfg.model.seq_len - args.decode_tokens,
+                            decode_tokens=args.decode_tokens, batch=cfg.train.micro_batch, warmup=args.warmup,
+                            repeats=args.repeats, seed=cfg.train.seed)
+    result.update(arch=cfg.model.arch, dtype="bf16" if use_bf16 else "fp32", device=str(device))
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m pretrain.generate",
         description="Continue a prompt with a trained model, using its inference cache (key/value cache for the "
                     "Transformer and FoX, recurrent state for GLA and RWKV-7). Prints the continuation; timings go "
-                    "to stderr.")
+                    "to stderr. `python -m pretrain.generate --time --help` explains the timing mode (inference "
+                    "throughput on a config's randomly initialised model).")
     p.add_argument("checkpoint", help="a run directory (its latest checkpoint), its checkpoints/ directory, or one "
                                       "checkpoints/step_<N> directory")
     p.add_argument("--prompt", required=True, help="the text to continue; it is encoded after an end-of-document "
@@ -206,6 +302,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--time" in argv:
+        return time_main(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     device = resolve_device(args.device)

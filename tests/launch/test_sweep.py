@@ -177,3 +177,64 @@ def test_points_too_big_for_this_machine_are_left_for_slurm_not_recorded(tmp_pat
     assert not (out / "results.jsonl").exists()
     todo, _ = sweep.plan(study, out, local=False)
     assert len(todo) == 1
+
+
+def test_inference_study_times_prefill_and_decode_per_architecture_and_context(tmp_path):
+    study = tmp_path / "inference.toml"
+    study.write_text(textwrap.dedent("""\
+        [study]
+        name = "inf"
+        measure = "inference"
+        decode_tokens = 8
+        warmup_steps = 1
+        timed_steps = 2
+
+        [base]
+        model = { d_model = 32, n_layers = 2, n_heads = 2, vocab_size = 128 }
+        data = { path = "synthetic" }
+        train = { micro_batch = 2, device = "cpu" }
+
+        [grid]
+        "model.arch" = ["transformer", "gla"]
+        "model.seq_len" = [32, 64]
+        gpus = [1, 2]
+        """))
+    out = tmp_path / "out"
+    run = launch("sweep", str(study), "--out", str(out), "--no-report", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {(r["config"]["model"]["arch"], r["config"]["model"]["seq_len"], r["world_size"]): r
+            for r in results(out)}
+    assert len(rows) == 8
+    for (arch, seq_len, gpus), r in rows.items():
+        assert r["measure"] == "inference"
+        if gpus == 2:
+            assert r["status"] == "invalid" and "one process" in r["reason"], r
+            continue
+        assert r["status"] == "ok", r
+        assert (r["batch"], r["prompt_tokens"], r["decode_tokens"], r["repeats"]) == (2, seq_len - 8, 8, 2)
+        assert r["prefill_tokens_per_s"] == pytest.approx(2 * (seq_len - 8) / r["prefill_s"])
+        assert r["decode_tokens_per_s"] == pytest.approx(2 * 8 / r["decode_s"])
+        assert r["peak_memory_gb"] > 0 and r["memory_kind"] == "cpu_rss" and r["versions"]["torch"]
+        assert not (out / "points" / r["point"] / "metrics.jsonl").exists(), "no training ran"
+    # keys and values: 2 layers × (k, v) × 2 rows × 2 heads × 16 channels × fp32 per step of the context;
+    # GLA's state: 2 layers × 2 rows × 2 heads × 8 × 16 fp32, whatever the context
+    for seq_len in (32, 64):
+        assert rows[("transformer", seq_len, 1)]["cache_bytes"] == 2 * 2 * 2 * 2 * 16 * 4 * seq_len
+        assert rows[("gla", seq_len, 1)]["cache_bytes"] == 2 * 2 * 2 * 8 * 16 * 4
+    again = launch("sweep", str(study), "--out", str(out), "--no-report", cwd=tmp_path)
+    assert again.returncode == 0 and "0 point(s) to run, 8 done" in again.stdout, again.stdout
+
+
+def test_inference_studies_are_valid_and_their_ids_differ_from_training_ones(tmp_path):
+    for name in ("inference-tiny.toml", "inference.toml"):
+        study = sweep.load_study(REPO / "configs" / "studies" / name)
+        assert study.measure == "inference"
+        assert all(sweep.why_invalid(study, p) is None for p in sweep.expand(study))
+    training = sweep.load_study(write_study(tmp_path, '"model.arch" = ["gla"]'))
+    inference = sweep.load_study(write_study(tmp_path, '"model.arch" = ["gla"]'))
+    inference.measure = "inference"
+    assert sweep.expand(training)[0].id != sweep.expand(inference)[0].id
+    unknown = tmp_path / "serve.toml"
+    unknown.write_text('[study]\nmeasure = "serve"\n')
+    with pytest.raises(sweep.StudyError, match="measure = 'serve'; use one of train, inference"):
+        sweep.load_study(unknown)

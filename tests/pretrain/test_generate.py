@@ -13,7 +13,8 @@ import torch
 from data.prepare import prepare
 from data.tokenizer import ByteTokenizer
 from pretrain.config import build_config
-from pretrain.generate import find_checkpoint, generate, load_model, load_run_tokenizer, next_token, parse_args
+from pretrain.generate import (find_checkpoint, generate, load_model, load_run_tokenizer, main, next_token,
+                               parse_args, time_inference)
 from pretrain.models import build_model
 from pretrain.models.common import InferenceCache
 from pretrain.train import train
@@ -78,6 +79,15 @@ def test_a_preallocated_cache_refuses_steps_past_its_capacity():
     model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="capacity"):
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+def test_time_inference_reports_prefill_decode_and_the_cache():
+    model = perturbed_model(ARCHS["rwkv7"]).float()
+    result = time_inference(model, prompt_tokens=12, decode_tokens=4, batch=2, warmup=0, repeats=2)
+    assert result["prefill_tokens_per_s"] == pytest.approx(2 * 12 / result["prefill_s"])
+    assert result["decode_tokens_per_s"] == pytest.approx(2 * 4 / result["decode_s"])
+    # per layer: the state (B, H, D, D) and two token shifts (B, 1, d), fp32
+    assert result["cache_bytes"] == TINY["n_layers"] * (2 * 2 * 16 * 16 + 2 * 2 * 32) * 4
 
 
 def test_cache_rejects_document_masking_and_learned_positions_past_the_table():
@@ -172,7 +182,7 @@ def test_cli_generates_and_explains_its_options(trained_run):
     assert out.stdout == ByteTokenizer().decode(expected) + "\n"
 
 
-def test_cli_explains_its_options_and_rejects_bad_ones(tmp_path):
+def test_cli_explains_its_options_and_rejects_bad_ones(tmp_path, capsys):
     helped = subprocess.run([sys.executable, "-m", "pretrain.generate", "--help"], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
     for option in ("--prompt", "--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--device",
@@ -183,3 +193,8 @@ def test_cli_explains_its_options_and_rejects_bad_ones(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "pretrain.generate", str(tmp_path), "--prompt", "x"],
                              capture_output=True, text=True, cwd=REPO, timeout=120)
     assert missing.returncode == 1 and "no loadable checkpoint" in missing.stderr
+    with pytest.raises(SystemExit):
+        main(["--time", "--help"])
+    time_help = capsys.readouterr().out
+    for option in ("--decode-tokens", "--warmup", "--repeats", "--out"):
+        assert option in time_help
