@@ -149,13 +149,14 @@ def _measure(cfg: dict) -> dict:
     return results
 
 
-def analytic(name: str, *, B: int, T: int, H: int, D: int, N: int) -> dict:
+def analytic(name: str, *, B: int, T: int, H: int, D: int, N: int, documents: bool) -> dict:
     """Elements one rank sends per layer (forward + backward) by the docstring's formulas."""
     T_loc = T // N
     if name in ("softmax", "fox"):
         kv = 2 * B * T_loc * H * D  # k and v of one rank's block
-        extra = B * T_loc * H if name == "fox" else 0  # c travels with the block; dc with the gradients
-        return {"send_forward": (N - 1) * (kv + extra), "send_backward": (N - 1) * (kv + extra) + N * (kv + extra)}
+        c = B * T_loc * H if name == "fox" else 0  # c travels with the block, dc with the gradients
+        ids = B * T_loc if documents else 0  # global document ids travel with the block
+        return {"send_forward": (N - 1) * (kv + c + ids), "send_backward": (N - 1) * (kv + c + ids) + N * (kv + c)}
     K = D // 2 if name == "gla" else D
     per_rank = 2 * B * H * K * (D + (1 if name == "gla" else K))
     return {"all_gather_forward": per_rank, "all_reduce_backward": N * per_rank}
@@ -183,7 +184,8 @@ def main() -> None:
             "cp2_seconds": slowest,
             "cp2_speedup_over_whole_op": one[name]["whole_op_seconds"] / slowest,
             "cp2_sent_elements_rank0": two[0][name]["sent_elements"],
-            "cp2_analytic_elements": analytic(name, B=args.batch, T=args.seq, H=args.heads, D=args.head_dim, N=2),
+            "cp2_analytic_elements": analytic(name, B=args.batch, T=args.seq, H=args.heads, D=args.head_dim, N=2,
+                                              documents=bool(args.documents)),
         }
     print(json.dumps(report, indent=1))
 

@@ -35,9 +35,10 @@ Mechanisms.
 - Token shifts (`previous_steps`): a one-token halo: one small all-gather of every rank's two chunk ends.
 
 Costs per layer per rank (elements; B rows, H heads, D head dim, K×V states).
-- Ring attention: forward (N−1)·2·B·T_loc·H·D (k and v pass N−1 hops; FoX adds (N−1)·B·T_loc·H fp64 c values),
-  backward about twice that (k and v again, plus the dK/dV accumulators' N hops). Compute is causal
-  attention's own, split evenly.
+- Ring attention: forward (N−1)·2·B·T_loc·H·D sent (k and v pass N−1 hops; FoX adds (N−1)·B·T_loc·H fp64 c
+  values, documents (N−1)·B·T_loc int64 ids), backward about twice that (k, v, c and ids again over N−1 hops,
+  plus the dK | dV (| dc) accumulators' N hops). Compute is causal attention's own, split evenly.
+  `bench/context.py` counts these at the call sites.
 - State passing: one all-gather of the 2 chunk states (S_loc, M) per rank, 2·B·H·K·(V+1) (GLA) or
   2·B·H·K·(V+K) (RWKV-7) elements from every rank, and a reduce of the same size in backward. The op runs once,
   with V+K value columns instead of V. The chain is 2N small matmuls, the same on every rank.
