@@ -49,7 +49,9 @@ Costs per layer per rank (elements; B rows, H heads, D head dim, K×V states).
 Devices. Every collective runs on gloo and NCCL alike (reduce-scatter where the backend has it, else all-reduce
 and a slice). The ring's tile loop is the torch path everywhere for now, CUDA included (no fused kernel
 returning the log-sum-exp is wired in yet); the linear mixers' calls take `impl` and so use fla's kernels on
-CUDA.
+CUDA. torch's own `torch.distributed.tensor.experimental.context_parallel` is not used: it patches SDPA calls
+and shards buffers itself, and it has neither a document mask nor an additive score bias (FoX's c_i − c_j), so
+it could serve only the unmasked softmax case, under another layout contract than the other three mixers.
 """
 
 from __future__ import annotations
