@@ -28,6 +28,8 @@ ARCHS = {
     "fox_pro": dict(arch="fox", pro=True),
     "gla": dict(arch="gla"),
     "rwkv7": dict(arch="rwkv7"),
+    "hybrid": dict(arch="hybrid", mixers="gla,transformer,rwkv7"),
+    "hybrid_fox_first": dict(arch="hybrid", mixers="fox,rwkv7,gla"),
 }
 
 
