@@ -80,6 +80,7 @@ class ContextShard:
 
     @classmethod
     def from_group(cls, group: dist.ProcessGroup) -> ContextShard:
+        """This process's shard of the given cp group."""
         return cls(group, dist.get_rank(group), dist.get_world_size(group))
 
     @property
@@ -121,14 +122,15 @@ class ContextShard:
 
 class _AllGather(torch.autograd.Function):
     """x → (N, *x.shape) stacked over the group; backward: the summed gradient's slice of this rank (every rank
-    used the gathered tensor, so each slot's gradient is the sum over ranks)."""
+    used the gathered tensor, so each slot's gradient is the sum over ranks). CPU tensors go through gloo, which
+    has neither all_gather_into_tensor everywhere nor reduce_scatter: list all-gather, and all-reduce + slice."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
         x = x.contiguous()
         n = dist.get_world_size(group)
-        if dist.get_backend(group) == "gloo":
+        if x.device.type == "cpu":
             parts = [torch.empty_like(x) for _ in range(n)]
             dist.all_gather(parts, x, group=group)
             return torch.stack(parts)
@@ -140,7 +142,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad):
         group = ctx.group
         grad = grad.contiguous()
-        if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter
+        if grad.device.type == "cpu":
             grad = grad.clone()
             dist.all_reduce(grad, group=group)
             return grad[dist.get_rank(group)], None
