@@ -328,3 +328,17 @@ def test_inference_cache_continues_every_mixer():
         for t in range(12, 20):
             pieces.append(model(tokens[:, t:t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-9 * float(full.abs().max()))
+
+
+@pytest.mark.parametrize("study", ["hybrid-tiny", "hybrid"])
+def test_hybrid_studies_expand_to_valid_points(study):
+    """The study grids take model.arch/model.mixers like any model field: every point is a valid run, pure parents
+    and hybrids side by side."""
+    from launch.sweep import expand, load_study, point_config, why_invalid
+
+    loaded = load_study(CONFIGS / "studies" / f"{study}.toml")
+    points = expand(loaded)
+    assert all(why_invalid(loaded, point) is None for point in points)
+    kinds = {(point_config(loaded, p).model.arch, point_config(loaded, p).model.mixers) for p in points}
+    assert kinds == {("gla", ""), ("transformer", ""), ("rwkv7", ""), ("hybrid", "gla*3,transformer"),
+                     ("hybrid", "rwkv7*3,transformer")}

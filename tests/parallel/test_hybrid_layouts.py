@@ -200,3 +200,31 @@ def test_carry_crosses_only_boundaries_after_the_first_rwkv7_layer():
     assert stage_carries(ModelConfig(arch="hybrid", mixers="gla*3,transformer", n_layers=4), range(0, 2)) == \
         (False, False)
     assert stage_carries(ModelConfig(arch="rwkv7", n_layers=4), range(0, 2)) == (False, True)
+
+
+# ------------------------------------------------------------------------------------------------ TP plans
+
+@pytest.mark.parametrize("arch, pro", [("transformer", True), ("fox", False), ("gla", False), ("rwkv7", False)])
+def test_each_hybrid_layer_gets_its_pure_models_plan(arch, pro):
+    """A hybrid's plan entry for layer i is the pure model's `layers.*` entry of layer i's mixer (same styles in the
+    same order); the pure model's plan keeps its `layers.*` patterns."""
+    from parallel.plans import tp_plan
+
+    def described(styles):
+        return [(type(style).__name__, sorted(vars(style).get("names", ()) or ())) for style in styles]
+
+    pure = tp_plan(ModelConfig(arch=arch, n_layers=4, pro=pro), sequence_parallel=True)
+    hybrid_cfg = ModelConfig(arch="hybrid", mixers=f"gla,{arch},rwkv7,fox", n_layers=4, pro=pro,
+                             pos="rope" if arch == "transformer" else "none")
+    hybrid = tp_plan(hybrid_cfg, sequence_parallel=True)
+    assert all(not key.startswith("layers.1.") for key in pure)
+    for key, styles in pure.items():
+        if key in ("layers.*.mixer", "layers.*.mlp"):  # whole-sequence input, plus RWKV-7's own vectors
+            extra = described(hybrid.get(key.replace("*", "1"), ()))
+            assert described(hybrid[key]) + extra == described(styles), key
+        elif key in hybrid:  # the shared parts, for every layer
+            assert described(hybrid[key]) == described(styles), key
+        else:  # the mixer's own entries, under layer 1's index
+            assert described(hybrid[key.replace("*", "1")]) == described(styles), key
+    # no layer's mixer gets another mixer's entries
+    assert not any(key.startswith("layers.0.mixer.") and key.endswith(("r_proj", "fgate_proj")) for key in hybrid)
