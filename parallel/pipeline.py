@@ -91,11 +91,10 @@ def balance_layers(costs: list[float], n_stages: int, *, first_extra: float = 0.
     for k in range(1, n_stages):
         for j in range(k + 1, L - n_stages + k + 2):
             options = []
-            for i in range(k, j):
-                if best[k - 1][i] is not None:
-                    c = stage_cost(i, j, k)
-                    peak, squares, _ = best[k - 1][i]
-                    options.append((max(peak, c), squares + c * c, i))
+            for i in range(k, j):  # stage k holds layers [i, j); stages 0..k-1 the best split of [0, i)
+                c = stage_cost(i, j, k)
+                peak, squares, _ = best[k - 1][i]
+                options.append((max(peak, c), squares + c * c, i))
             best[k][j] = min(options)
     cuts, j = [L], L
     for k in range(n_stages - 1, 0, -1):
