@@ -40,13 +40,30 @@ class ForgettingAttention(Attention):
         return forgetting_attention(q, k, v, self.log_forget(x), impl=self.impl, docs=docs)  # (B, T, H, D)
 
     def attend_cached(self, q, k, v, x, cache: LayerCache):
-        """Inference: the T new queries attend to the cached keys, values and log forget gates and the new ones
-        (the op's `past`; the extended triple goes back into the cache)."""
-        names = ("k", "v", "log_f")
-        past = tuple(cache.tensors[n] for n in names) if "k" in cache.tensors else None
-        o, extended = forgetting_attention(q, k, v, self.log_forget(x), past=past, output_past=True, impl=self.impl)
-        cache.tensors.update(zip(names, extended))
-        return o  # (B, T, H, D)
+        """Inference: the T new queries attend to the cached keys and values and the new ones, with logits
+        q_i·k_j/√D + c_i − c_j where c is the running sum of log f, kept in the cache for every step.
+
+        The first call (the prompt) runs the op, whose kernels never hold a T × T matrix. Later calls build the
+        bias c_i − c_j, (B, H, T, steps + T): for one new token a pass over the cached keys, as in softmax
+        attention, where the op's `past` would recompute c over the whole sequence and its square-causal GPU
+        kernel would run every past query again. The bias is formed in fp32 (or wider) and enters attention in the
+        queries' dtype."""
+        log_f = self.log_forget(x)  # (B, T, H)
+        c_new = log_f.cumsum(dim=1)  # (B, T, H): c of the new steps (the op's own cumulative sum at the start)
+        if cache.steps == 0:
+            for name, new in (("k", k), ("v", v), ("c", c_new)):
+                cache.append(name, new)
+            return forgetting_attention(q, k, v, log_f, impl=self.impl)  # (B, T, H, D)
+        c_new = c_new + cache.tensors["c"][:, -1:]  # continuing the cached steps
+        k, v, c = cache.append("k", k), cache.append("v", v), cache.append("c", c_new)  # (B, S, ·), S = steps + T
+        T, S = q.shape[1], k.shape[1]
+        bias = c_new.transpose(1, 2)[..., :, None] - c.transpose(1, 2)[..., None, :]  # (B, H, T, S): c_i − c_j
+        if T > 1:  # query t sits at step S − T + t: keys after it are masked (bottom-right causal)
+            future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu_(S - T + 1)  # (T, S)
+            bias = bias.masked_fill(future, float("-inf"))
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=bias.to(q.dtype))  # (B, H, T, D)
+        return o.transpose(1, 2)  # (B, T, H, D)
 
     def log_forget(self, x: torch.Tensor) -> torch.Tensor:
         """log σ(forget gate) (B, T, H) of the mixer's input x (B, T, d), in fp32 (or wider): the op sums it over
