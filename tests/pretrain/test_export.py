@@ -312,6 +312,12 @@ def test_cli(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "run"), "--to", "fla", "--out",
                               str(tmp_path / "fla")], cwd=REPO, capture_output=True, text=True)
     assert refused.returncode == 2 and "model.arch='transformer'" in refused.stderr
+    config = tmp_path / "run.toml"
+    config.write_text(f"[model]\nd_model = 64\nn_layers = 2\nn_heads = 4\nvocab_size = {VOCAB}\nseq_len = 32\n")
+    imported = subprocess.run([sys.executable, "-m", "pretrain.export", "--from", "hf", str(tmp_path / "hf"), "--config",
+                               str(config), "--out", str(tmp_path / "continued")], cwd=REPO, capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    assert (tmp_path / "continued" / "checkpoints" / "step_00000000" / "meta.json").is_file()
 
 
 def test_tokenizer_json_goes_along(tmp_path):
