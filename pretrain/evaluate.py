@@ -39,8 +39,8 @@ except ImportError as e:  # an optional dependency (the test extra): say how to 
 from data.stream import ValLoader
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError
-from pretrain.generate import (DTYPES, checkpoint_config, decode, find_checkpoint, load_model, load_run_tokenizer,
-                               resolve_device)
+from pretrain.checkpoint import find_checkpoint
+from pretrain.generate import DTYPES, decode, load_model, load_run_tokenizer, resolve_device
 from pretrain.models.common import IGNORE_INDEX
 from pretrain.train import model_inputs
 
@@ -196,8 +196,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m pretrain.evaluate",
         description="Perplexity on a prepared dataset's val split and lm-eval tasks for a checkpoint. Writes JSON to "
                     "<run_dir>/eval/ and scalars to <run_dir>/tb/; prints the JSON.")
-    p.add_argument("checkpoint", help="a run directory (its latest checkpoint), its checkpoints/ directory, or one "
-                                      "checkpoints/step_<N> directory")
+    p.add_argument("checkpoint", help="a run directory (its latest checkpoint) or one checkpoints/step_<N> "
+                                      "directory")
     p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (none by default)")
     p.add_argument("--include-path", default=None, help="a directory of extra lm-eval task YAMLs (local tasks)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
@@ -228,8 +228,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     """The report of one `python -m pretrain.evaluate` call and the JSON file it was written to."""
     checkpoint = find_checkpoint(args.checkpoint)
     run_dir, step = checkpoint.parent.parent, int(checkpoint.name.split("_")[1])
-    config = checkpoint_config(checkpoint)
-    model = load_model(checkpoint, device=resolve_device(args.device), dtype=DTYPES[args.dtype])
+    model, config = load_model(checkpoint, device=resolve_device(args.device), dtype=DTYPES[args.dtype])
     tasks = [t for t in args.tasks.split(",") if t]
     report: dict = {"checkpoint": str(checkpoint), "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                       time.gmtime())}
@@ -243,7 +242,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                            vocab_size=model.cfg.vocab_size)
         report["perplexity"] = {"data": str(data), **perplexity(model, loader, batches=args.batches)}
     if tasks:
-        lm = OurLM(model, load_run_tokenizer(checkpoint, args.tokenizer), batch_size=args.batch_size, seed=args.seed)
+        lm = OurLM(model, load_run_tokenizer(config, args.tokenizer), batch_size=args.batch_size, seed=args.seed)
         report["tasks"] = run_tasks(lm, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
                                     limit=args.limit, log_samples=args.log_samples)
     out = Path(args.out) if args.out else run_dir / "eval" / f"{checkpoint.name}-{time.strftime('%Y%m%dT%H%M%S')}.json"

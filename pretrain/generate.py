@@ -1,10 +1,10 @@
 """Text generation from a checkpoint: `python -m pretrain.generate CHECKPOINT --prompt TEXT [options]`.
 
-The prompt is run once through the model (prefill) into an `InferenceCache`, then each new token is one step
-through the cache: Transformer and FoX keep keys and values (FoX also its forget gates), GLA and RWKV-7 their
-recurrent state, so a token costs the same at any position for the linear mixers. Temperature 0 is greedy (the
-argmax); otherwise tokens are sampled, after top-k and top-p (nucleus) filtering, from a generator seeded with
-`--seed`, so a seed gives the same text every time on the same device.
+The prompt is run once through the model (prefill) into an `InferenceCache`, then each new token is one step through
+the cache: Transformer and FoX keep keys and values (FoX also the running sum of its log forget gates), GLA and
+RWKV-7 their recurrent state, so a token costs the same at any position for the linear mixers. Temperature 0 is
+greedy (the argmax); otherwise tokens are sampled, after top-k and top-p (nucleus) filtering, from a generator
+seeded with `--seed`, so a seed gives the same text every time on the same device.
 
 `python -m pretrain.generate --time --config FILE [--section.key=value ...] [--decode-tokens N ...]` times
 inference instead (a point of an inference throughput study, `launch.sweep`): a model of the config, randomly
@@ -12,11 +12,11 @@ initialised (speed does not depend on the weights), prefills train.micro_batch r
 tokens, then decodes N tokens greedily through the cache; it reports prefill and decode tokens/s, the cache's
 bytes and the peak memory as JSON.
 
-Loading (also used by `pretrain.evaluate`): CHECKPOINT is a run directory (its `checkpoints/latest`, or the newest
-complete checkpoint), its `checkpoints/` directory or one `step_<N>` directory. The model is rebuilt from the
+Loading (also used by `pretrain.evaluate`): CHECKPOINT is a run directory (its `checkpoints/latest`, else the
+newest) or one `checkpoints/step_<N>` directory, whose files' checksums are verified. The model is rebuilt from the
 config stored in the checkpoint and only its weights are read (DCP reshards them from whatever layout saved them,
-tp/pp/FSDP, onto this one process; the optimizer state is never read). The tokenizer is the run's
-`data.tokenizer` ('byte' or a tokenizer.json / .tiktoken path, which `--tokenizer` replaces if the file moved).
+tp/pp/FSDP, onto this one process; the optimizer state is never read). The tokenizer is the run's `data.tokenizer`
+('byte' or a tokenizer.json / .tiktoken path, which `--tokenizer` replaces if the file moved).
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
 from data.tokenizer import load_tokenizer
-from pretrain.checkpoint import CheckpointError, _inspect, _SafeLoadPlanner, _SafeReader
+from pretrain.checkpoint import CheckpointError, find_checkpoint, load_weights, read_meta
 from pretrain.config import ConfigError, build_config, load_config
 from pretrain.models import build_model
 from pretrain.models.common import InferenceCache
@@ -46,43 +45,16 @@ log = logging.getLogger("pretrain.generate")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """The `step_<N>` directory that `path` names: itself, or in a run directory / its `checkpoints/` the one
-    `latest` names, else the newest complete one. CheckpointError says why none can be loaded."""
-    path = Path(path).expanduser()
-    if (path / "meta.json").is_file():
-        candidates = [path]
-    else:
-        directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        if not directory.is_dir():
-            raise CheckpointError(f"{path} is neither a run directory, its checkpoints/ directory nor a checkpoint")
-        steps = sorted((p for p in directory.glob("step_*") if p.is_dir()), reverse=True)
-        latest = directory / "latest"
-        if latest.is_file() and (directory / latest.read_text().strip()) in steps:
-            first = directory / latest.read_text().strip()
-            steps = [first] + [p for p in steps if p != first]
-        candidates = steps
-    reasons = []
-    for candidate in candidates:
-        reason, _ = _inspect(candidate)
-        if reason is None:
-            return candidate
-        reasons.append(f"{candidate.name}: {reason}")
-    raise CheckpointError(f"no loadable checkpoint in {path}" + (f" ({'; '.join(reasons)})" if reasons else ""))
-
-
-def checkpoint_config(checkpoint: Path) -> dict:
-    """The run config (a dict of sections) stored in a checkpoint's meta.json."""
-    return json.loads((checkpoint / "meta.json").read_text())["config"]
-
-
-def load_model(checkpoint: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               attn_impl: str | None = None) -> nn.Module:
-    """The model of a checkpoint (`find_checkpoint`'s) on `device` in `dtype`, in eval mode, with the checkpoint's
-    weights. `attn_impl` replaces the run's model.attn_impl (None: keep it, except that 'fla', which needs CUDA,
-    becomes 'auto' on a CPU)."""
+def load_model(checkpoint: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               attn_impl: str | None = None) -> tuple[nn.Module, dict]:
+    """(the model of `checkpoint` on `device` in `dtype`, in eval mode, with its weights; the run config stored in
+    it). `checkpoint` is a checkpoint directory or a run directory (its newest, `checkpoint.find_checkpoint`); the
+    files' checksums are verified first. `attn_impl` replaces the run's model.attn_impl (None: keep it, except
+    that 'fla', which needs CUDA, becomes 'auto' elsewhere)."""
     device = torch.device(device)
-    model_values = dict(checkpoint_config(checkpoint)["model"])
+    path = find_checkpoint(checkpoint)
+    run_config = read_meta(path)["config"]
+    model_values = dict(run_config["model"])
     if attn_impl is not None:
         model_values["attn_impl"] = attn_impl
     elif device.type != "cuda" and model_values.get("attn_impl") == "fla":
@@ -93,15 +65,14 @@ def load_model(checkpoint: Path, *, device: torch.device | str = "cpu", dtype: t
     model.to_empty(device=device)
     if cfg.tie_embeddings:  # to_empty unties them
         model.lm_head.weight = model.tok_emb.weight
-    state = {"model": model.state_dict()}  # the checkpoint's keys: "model.<parameter name>"
-    dcp.load(state, storage_reader=_SafeReader(checkpoint), planner=_SafeLoadPlanner())
-    return model.to(dtype).eval()
+    load_weights(path, model)
+    return model.to(dtype).eval(), run_config
 
 
-def load_run_tokenizer(checkpoint: Path, override: str | None = None):
+def load_run_tokenizer(run_config: dict, override: str | None = None):
     """The tokenizer the run trained with (its data.tokenizer), or `override`; a tokenizer.json's EOS token comes
     from the run's data manifest where that is still readable."""
-    data = checkpoint_config(checkpoint).get("data", {})
+    data = run_config.get("data", {})
     spec = override or data.get("tokenizer", "byte")
     if spec == "byte":
         return load_tokenizer("byte")
@@ -265,8 +236,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "Transformer and FoX, recurrent state for GLA and RWKV-7). Prints the continuation; timings go "
                     "to stderr. `python -m pretrain.generate --time --help` explains the timing mode (inference "
                     "throughput on a config's randomly initialised model).")
-    p.add_argument("checkpoint", help="a run directory (its latest checkpoint), its checkpoints/ directory, or one "
-                                      "checkpoints/step_<N> directory")
+    p.add_argument("checkpoint", help="a run directory (its latest checkpoint) or one checkpoints/step_<N> "
+                                      "directory")
     p.add_argument("--prompt", required=True, help="the text to continue; it is encoded after an end-of-document "
                                                    "token, as documents start in the training stream")
     p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200); "
@@ -309,9 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     device = resolve_device(args.device)
     try:
-        checkpoint = find_checkpoint(args.checkpoint)
-        model = load_model(checkpoint, device=device, dtype=DTYPES[args.dtype])
-        tokenizer = load_run_tokenizer(checkpoint, args.tokenizer)
+        model, run_config = load_model(args.checkpoint, device=device, dtype=DTYPES[args.dtype])
+        tokenizer = load_run_tokenizer(run_config, args.tokenizer)
         prompt = [tokenizer.eos_id] + tokenizer.encode(args.prompt)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         start = time.perf_counter()
@@ -321,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
-    log.info("%s: %d prompt tokens, %d generated in %.2f s", checkpoint, len(prompt), len(out), seconds)
+    log.info("%d prompt tokens, %d generated in %.2f s", len(prompt), len(out), seconds)
     print(tokenizer.decode(out))
     return 0
 

@@ -13,8 +13,9 @@ import torch
 from data.prepare import prepare
 from data.tokenizer import ByteTokenizer
 from pretrain.config import build_config
-from pretrain.generate import (find_checkpoint, generate, load_model, load_run_tokenizer, main, next_token,
-                               parse_args, time_inference)
+from pretrain.checkpoint import find_checkpoint
+from pretrain.generate import (generate, load_model, load_run_tokenizer, main, next_token, parse_args,
+                               time_inference)
 from pretrain.models import build_model
 from pretrain.models.common import InferenceCache
 from pretrain.train import train
@@ -141,17 +142,16 @@ def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 def test_greedy_with_the_cache_equals_recomputing_the_prefix(trained_run):
-    checkpoint = find_checkpoint(trained_run)
-    assert checkpoint.name == "step_00000030"
-    model = load_model(checkpoint, dtype=torch.float64)
-    tokenizer = load_run_tokenizer(checkpoint)
+    assert find_checkpoint(trained_run).name == "step_00000030"
+    model, run_config = load_model(trained_run, dtype=torch.float64)
+    tokenizer = load_run_tokenizer(run_config)
     prompt = [tokenizer.eos_id] + tokenizer.encode("def main(")
     cached = generate(model, prompt, max_new_tokens=30)  # no eos_id: all 30 tokens
     assert cached == recompute_greedy(model, prompt, 30)
 
 
 def test_sampling_is_reproducible_per_seed_and_top_k_1_is_greedy(trained_run):
-    model = load_model(find_checkpoint(trained_run))
+    model, _ = load_model(trained_run)
     prompt = [256] + list(b"import ")
 
     def sample(seed, **kw):
@@ -179,7 +179,7 @@ def test_cli_generates_and_explains_its_options(trained_run):
     out = subprocess.run([*env_run, str(trained_run), "--prompt", "def ", "--max-new-tokens", "12"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
-    model = load_model(find_checkpoint(trained_run))
+    model, _ = load_model(trained_run)
     expected = generate(model, [256] + list(b"def "), max_new_tokens=12, eos_id=256)
     assert out.stdout == ByteTokenizer().decode(expected) + "\n"
 
@@ -194,7 +194,7 @@ def test_cli_explains_its_options_and_rejects_bad_ones(tmp_path, capsys):
         parse_args([str(tmp_path), "--prompt", "x", "--top-p", "0"])
     missing = subprocess.run([sys.executable, "-m", "pretrain.generate", str(tmp_path), "--prompt", "x"],
                              capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert missing.returncode == 1 and "no loadable checkpoint" in missing.stderr
+    assert missing.returncode == 1 and "nor a run directory with checkpoints" in missing.stderr
     with pytest.raises(SystemExit):
         main(["--time", "--help"])
     time_help = capsys.readouterr().out
