@@ -205,7 +205,8 @@ def _rwkv_rules(cfg: ModelConfig) -> list[Rule]:
              *_norm_rules("ln_out", "norm", cfg), *_norm_rules("blocks.0.ln0", "layers.0.emb_norm", cfg)]
     for i in range(cfg.n_layers):
         theirs, ours = f"blocks.{i}.", f"layers.{i}."
-        rules += _norm_rules(theirs + "ln1", ours + "attn_norm", cfg) + _norm_rules(theirs + "ln2", ours + "mlp_norm", cfg)
+        rules += _norm_rules(theirs + "ln1", ours + "attn_norm", cfg)
+        rules += _norm_rules(theirs + "ln2", ours + "mlp_norm", cfg)
         att, mix = theirs + "att.", ours + "mixer."
         rules += [reshaped(f"{att}x_{n}", f"{mix}mu_{n}", vector) for n in "rwkvag"]
         rules += [reshaped(att + "k_k", mix + "k_k", vector), reshaped(att + "k_a", mix + "k_a", vector),
@@ -215,7 +216,8 @@ def _rwkv_rules(cfg: ModelConfig) -> list[Rule]:
             rules.append(renamed(f"{att}{theirs_name}.weight", f"{mix}{ours_name}.weight"))
         for letter in "wagv" if i > 0 else "wag":
             lora = f"{mix}{letter}_lora."
-            rules += [transposed(f"{att}{letter}1", lora + "down.weight"), transposed(f"{att}{letter}2", lora + "up.weight")]
+            rules += [transposed(f"{att}{letter}1", lora + "down.weight"),
+                      transposed(f"{att}{letter}2", lora + "up.weight")]
             if letter != "g":
                 rules.append(reshaped(f"{att}{letter}0", lora + "up.bias", vector))
         rules += [renamed(f"{att}ln_x.{p}", f"{mix}o_norm.{p}") for p in ("weight", "bias")]
@@ -295,7 +297,8 @@ def their_config(cfg: ModelConfig, fmt: str) -> dict:
     if fmt == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, "hidden_size": d,
                 "intermediate_size": hidden, "num_hidden_layers": L, "num_attention_heads": H,
-                "num_key_value_heads": H, "head_dim": d // H, "hidden_act": "silu", "max_position_embeddings": cfg.seq_len,
+                "num_key_value_heads": H, "head_dim": d // H, "hidden_act": "silu",
+                "max_position_embeddings": cfg.seq_len,
                 "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
                 "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
                 "attention_bias": False, "mlp_bias": False}
@@ -485,7 +488,8 @@ def import_model(source: str, directory: str | Path, cfg: ModelConfig) -> nn.Mod
     if cfg.tie_embeddings:
         ours["lm_head.weight"] = ours["tok_emb.weight"]
     state = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} (ours {tuple(state[k].shape)})" for k, v in ours.items() if v.shape != state[k].shape]
+    wrong = [f"{k} {tuple(v.shape)} (ours {tuple(state[k].shape)})" for k, v in ours.items()
+             if v.shape != state[k].shape]
     if wrong:
         raise ExportError(f"{directory}: tensors of another shape than the config's model: {wrong[:5]}")
     model.load_state_dict({k: v.to(state[k].dtype) for k, v in ours.items()}, strict=True)

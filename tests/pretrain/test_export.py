@@ -189,7 +189,8 @@ def test_import_reads_gpt2_files_saved_from_gpt2model(tmp_path):
 
     cfg = tiny(preset="gpt", tie_embeddings=True)
     write(perturbed_model(cfg), cfg, "gpt2", tmp_path / "ours")
-    tensors = {k.removeprefix("transformer."): v for k, v in load_file(str(tmp_path / "ours" / "model.safetensors")).items()}
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    tensors = {k.removeprefix("transformer."): v for k, v in ours.items()}
     tensors.update({f"h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(cfg.n_layers)})
     (tmp_path / "published").mkdir()
     save_file(tensors, str(tmp_path / "published" / "model.safetensors"))
@@ -206,7 +207,8 @@ def test_imported_checkpoint_starts_training_at_step_0(tmp_path):
     from pretrain.optim import build_optimizer
     config = tmp_path / "run.toml"
     config.write_text('[model]\nd_model = 64\nn_layers = 2\nn_heads = 4\nvocab_size = 97\nseq_len = 32\n'
-                      '[data]\npath = "synthetic"\n[optim]\nwarmup_steps = 1\n[train]\nsteps = 2\nglobal_batch = 2\nmicro_batch = 2\n'
+                      '[data]\npath = "synthetic"\n[optim]\nwarmup_steps = 1\n'
+                      '[train]\nsteps = 2\nglobal_batch = 2\nmicro_batch = 2\n'
                       'eval_interval = 0\n[log]\ninterval = 1\nprogress = false\n[checkpoint]\ninterval = 0\n')
     source = perturbed_model(tiny())
     write(source, tiny(), "llama", tmp_path / "hf")
@@ -301,7 +303,8 @@ def test_cli(tmp_path):
     """--help names every option; export from a checkpoint in bf16; errors are one line, exit code 2."""
     helped = subprocess.run([sys.executable, "-m", "pretrain.export", "--help"], cwd=REPO, capture_output=True,
                             text=True)
-    assert helped.returncode == 0 and all(o in helped.stdout for o in ("--to", "--from", "--config", "--out", "--dtype"))
+    assert helped.returncode == 0
+    assert all(option in helped.stdout for option in ("--to", "--from", "--config", "--out", "--dtype"))
     _train(run_tree(tmp_path / "run", {}, {}))
     done = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "run"), "--to", "hf", "--out",
                            str(tmp_path / "hf"), "--dtype", "bf16"], cwd=REPO, capture_output=True, text=True)
@@ -314,8 +317,9 @@ def test_cli(tmp_path):
     assert refused.returncode == 2 and "model.arch='transformer'" in refused.stderr
     config = tmp_path / "run.toml"
     config.write_text(f"[model]\nd_model = 64\nn_layers = 2\nn_heads = 4\nvocab_size = {VOCAB}\nseq_len = 32\n")
-    imported = subprocess.run([sys.executable, "-m", "pretrain.export", "--from", "hf", str(tmp_path / "hf"), "--config",
-                               str(config), "--out", str(tmp_path / "continued")], cwd=REPO, capture_output=True, text=True)
+    imported = subprocess.run([sys.executable, "-m", "pretrain.export", "--from", "hf", str(tmp_path / "hf"),
+                               "--config", str(config), "--out", str(tmp_path / "continued")],
+                              cwd=REPO, capture_output=True, text=True)
     assert imported.returncode == 0, imported.stderr
     assert (tmp_path / "continued" / "checkpoints" / "step_00000000" / "meta.json").is_file()
 
@@ -333,7 +337,8 @@ def test_tokenizer_json_goes_along(tmp_path):
     write(perturbed_model(cfg), cfg, "llama", tmp_path / "hf", run_config={"data": {"tokenizer": path}})
     ours, theirs = load_tokenizer(path), AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert theirs.encode(TEXT, add_special_tokens=False) == ours.encode(TEXT)
-    assert theirs.eos_token_id == ours.eos_id == json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert theirs.eos_token_id == ours.eos_id == config["eos_token_id"]
 
 
 def test_pro_qk_norm_eps_is_the_references():
