@@ -299,6 +299,23 @@ def test_unfaithful_configs_are_refused_naming_the_option(arch, model, target, m
         format_for(tiny(arch, **model), target)
 
 
+NATURAL_TARGET = {"transformer": "hf", "gla": "fla", "rwkv7": "rwkv"}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.toml")))
+def test_shipped_configs_build_their_reference_models(path):
+    """Issue 14 item 4: a shipped config of an architecture builds its reference model, so it exports (RWKV-7:
+    LayerNorm with bias and a 4·d channel mix, BlinkDL's). FoX configs are Pro models (fla's FoX has no Pro block)
+    and hybrids have no single reference."""
+    from pretrain.models.common import mlp_hidden_size
+
+    cfg = load_config(["--config", str(REPO / path)]).model
+    if cfg.arch in NATURAL_TARGET:
+        format_for(cfg, NATURAL_TARGET[cfg.arch])
+    if cfg.arch == "rwkv7":
+        assert mlp_hidden_size(cfg) == 4 * cfg.d_model
+
+
 def test_cli(tmp_path):
     """--help names every option; export from a checkpoint in bf16; errors are one line, exit code 2."""
     helped = subprocess.run([sys.executable, "-m", "pretrain.export", "--help"], cwd=REPO, capture_output=True,
