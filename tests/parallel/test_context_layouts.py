@@ -17,7 +17,9 @@ from parallel.context_model import global_mean_loss
 from parallel.mesh import ParallelDims
 from pretrain.config import ConfigError, build_config
 from tests.dist import run_distributed
-from tests.parallel.layouts import ARCHS, assert_same_training, tiny_config, train_layouts
+from pretrain.train import train_step
+from tests.parallel.layouts import (ARCHS, assert_same_training, build, global_batch, local_micro_batches, tiny_config,
+                                    train_layouts)
 
 
 @functools.cache
@@ -77,6 +79,34 @@ def test_cp2_tp2_without_sequence_parallelism_and_minisequence_chunks():
     """TP without SP all-reduces the mixer input's gradient; the vocab-parallel chunked loss sits under the CP loss."""
     check(4, {"cp": 2, "tp": 2, "sequence_parallel": False, "minisequence_chunks": 2}, documents=False,
           archs=("rwkv7",))
+
+
+def _first_step_grad_norms(parallel: dict) -> dict[str, float]:
+    """The gradient norm of each architecture's first step (clipping measures it over every shard)."""
+    norms = {}
+    for arch in ARCHS:
+        cfg = tiny_config(arch, parallel)
+        cfg.data.document_mask = True
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        dims = ParallelDims.from_config(cfg, world)
+        mesh = dims.build_mesh("cpu") if world > 1 else None
+        model, optimizers = build(cfg, mesh)
+        dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
+        micro_batches = local_micro_batches(global_batch(1, cfg, documents=True), cfg, dp_rank=dp_rank, dp=dims.dp)
+        _, norm = train_step(model, optimizers, micro_batches, lr=1e-3, grad_clip=0.0,
+                             autocast=torch.autocast("cpu", enabled=False))
+        norms[arch] = norm.item()
+    return norms
+
+
+@pytest.mark.parametrize("data_parallel", ["fsdp", "ddp"])
+def test_the_gradient_norm_counts_each_parameter_once(data_parallel):
+    """Parameters are replicated over cp and FSDP shards them over dp_shard × cp: the norm clipping uses is the
+    one-process one (not cp times a rank's share, nor the replicas' sum)."""
+    reference = _first_step_grad_norms({})
+    for norms in run_distributed(_first_step_grad_norms, 2, {"cp": 2, "data_parallel": data_parallel}):
+        for arch in ARCHS:
+            assert abs(norms[arch] - reference[arch]) < 1e-5 * reference[arch], (arch, norms[arch], reference[arch])
 
 
 def _logits_and_labels() -> tuple[torch.Tensor, torch.Tensor]:
