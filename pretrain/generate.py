@@ -108,7 +108,8 @@ def decode(model: nn.Module, prompt: torch.Tensor, *, max_new_tokens: int, tempe
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Yield up to max_new_tokens next tokens (B,) for the rows of `prompt` (B, T): one prefill of the prompt into
     an inference cache, then one cached step per token. The caller decides when to stop (EOS, stop strings)."""
-    cache = InferenceCache(capacity=prompt.shape[1] + max_new_tokens - 1)  # every step fed, known up front
+    # every step fed, known up front: the prompt and all new tokens but the last
+    cache = InferenceCache(capacity=prompt.shape[1] + max(max_new_tokens - 1, 0))
     logits = model(prompt, cache=cache)[:, -1]  # (B, V): only the last position predicts the next token
     for i in range(max_new_tokens):
         token = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (B,)
