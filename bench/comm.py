@@ -22,12 +22,21 @@ a = s·b·h·4 bytes, P = parameter bytes on the rank):
   HSDP      as FSDP over the dp_shard group; all-reduce = P/dp_shard over dp_replicate (once per step).
   DDP       all-reduce = P (last micro-step only).
   PP        send = recv = m·(a/t under SP)·(1 + carry) per stage boundary crossing, forward and backward.
+  CP        (N = cp, T = s/N steps per rank, H heads / t, K×V head dims; per block and micro-batch; `cp_layer_volume`)
+            ring attention (transformer, FoX): send = recv = (N−1)·(2 + r) hops of k and v in fp32 (forward, its
+            recomputation r, backward; FoX adds c in fp64) + N hops of the dK|dV(|dc) accumulator; FoX all-gathers
+            its (2, b, H) fp64 chunk totals; state passing (GLA, RWKV-7): one all-gather of N·2·b·H·K·(V + 1) (GLA)
+            or N·2·b·H·K·(V + K) (RWKV-7) fp32 elements; halos (RWKV-7's two token shifts, the Pro KV-shift's k and
+            v): one all-gather of N·2·b·width each. Every all-gather's gradient is an all-reduce of its size on gloo
+            (a reduce-scatter on NCCL). Per micro-batch the loss all-reduces (sum, count) in fp32. FSDP shards over
+            dp × cp. The `cp_group_rank0` entry counts what parallel/context*.py issue apart from the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -48,6 +57,8 @@ LAYOUTS = {  # name → (processes, parallel section)
     "pp2-interleaved": (2, {"pp": 2, "pp_schedule": "interleaved_1f1b"}),
     "dp2-tp2-sp": (4, {"dp": 2, "tp": 2}),
     "hsdp-r2s2": (4, {"dp_replicate": 2, "dp_shard": 2}),
+    "cp2": (2, {"cp": 2}),
+    "cp2-full": (2, {"cp": 2, "recompute": "full"}),
 }
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "send", "recv", "broadcast")
 
@@ -57,18 +68,18 @@ def _kind(op_name: str) -> str | None:
     return next((kind for kind in KINDS if kind in name), None)
 
 
-def _group_size(args) -> int:
-    """Ranks in the op's process group: a functional collective names it, a c10d op passes it boxed."""
+def _group(args):
+    """The op's process group: a functional collective names it, a c10d op passes it boxed; None if neither."""
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
     for a in args:
         if isinstance(a, torch.ScriptObject):
             try:
-                return dist.ProcessGroup.unbox(a).size()
+                return dist.ProcessGroup.unbox(a)
             except RuntimeError:  # a boxed ReduceOp, not a group
                 continue
     names = [a for a in args if isinstance(a, str)]
-    return _resolve_process_group(names[-1]).size() if names else 1  # the group's name comes last
+    return _resolve_process_group(names[-1]) if names else None  # the group's name comes last
 
 
 def _tensors(x):
@@ -79,21 +90,43 @@ def _tensors(x):
             yield from _tensors(item)
 
 
-class CollectiveCounter(TorchDispatchMode):
-    """Counts calls, payload bytes and ring wire bytes of every collective dispatched while active."""
+def _issuer() -> str:
+    """The file of the innermost Python frame outside torch and this module: the code that issued a collective."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if f"{os.sep}torch{os.sep}" not in name and name != __file__:
+            return name
+        frame = frame.f_back
+    return ""
 
-    def __init__(self):
+
+# where context parallelism issues its collectives (FSDP's over the same ranks come from elsewhere)
+CP_FILES = tuple(str(Path(__file__).resolve().parents[1] / "parallel" / f) for f in ("context.py", "context_model.py"))
+
+
+class CollectiveCounter(TorchDispatchMode):
+    """Counts calls, payload bytes and ring wire bytes of every collective dispatched while active; those issued
+    from the files `watch` (e.g. CP_FILES) also in `watched` (payload bytes per kind)."""
+
+    def __init__(self, watch: tuple[str, ...] = ()):
         super().__init__()
         self.calls, self.payload, self.wire = Counter(), Counter(), Counter()
+        self.watch, self.watched = watch, Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kind = _kind(func.name()) if "c10d" in func.namespace else None
         if kind is not None:
-            n = _group_size(args)
+            group = _group(args)
+            n = group.size() if group is not None else 1
             sizes = [t.numel() * t.element_size() for t in _tensors(args)]
-            if kind in ("all_gather", "reduce_scatter"):
+            if kind == "all_gather" and args and isinstance(args[0], (list, tuple)) and args[0] \
+                    and isinstance(args[0][0], (list, tuple)):
+                payload = sum(sizes[:len(args[0][0])])  # c10d's list form: the gathered output is the n outputs
+            elif kind in ("all_gather", "reduce_scatter"):
                 # the gathered output or the scattered input: the largest tensor, or the only input × n
                 payload = max(sizes) * (n if "functional" in func.namespace and kind == "all_gather" else 1)
+            if kind in ("all_gather", "reduce_scatter"):
                 wire = payload * (n - 1) / n
             else:
                 payload = sizes[0] if kind in ("send", "recv", "broadcast") else sum(sizes)
@@ -101,6 +134,8 @@ class CollectiveCounter(TorchDispatchMode):
             self.calls[kind] += 1
             self.payload[kind] += payload
             self.wire[kind] += wire
+            if self.watch and _issuer() in self.watch:
+                self.watched[kind] += payload
         return func(*args, **(kwargs or {}))
 
 
@@ -126,10 +161,28 @@ def measure(arch: str, parallel: dict, model: dict, train: dict) -> dict:
         train_step(net, optimizers, batches, lr=1e-4, grad_clip=1.0, autocast=torch.autocast("cpu", enabled=False))
 
     step()  # warm-up: the first step also lays out optimizer state
-    with CollectiveCounter() as counter:
+    with CollectiveCounter(watch=CP_FILES if dims.cp > 1 else ()) as counter:
         step()
-    return {"calls": dict(counter.calls), "payload": dict(counter.payload), "wire": dict(counter.wire),
-            "analytic": analytic(cfg, dims, net, micro_batches=len(batches))}
+    out = {"calls": dict(counter.calls), "payload": dict(counter.payload), "wire": dict(counter.wire),
+           "analytic": analytic(cfg, dims, net, micro_batches=len(batches))}
+    if dims.cp > 1:
+        out["cp"] = {"measured": dict(counter.watched), **cp_analytic(cfg, dims, micro_batches=len(batches))}
+    return out
+
+
+def cp_analytic(cfg, dims, *, micro_batches: int) -> dict:
+    """Context parallelism's payload bytes on the cp group per step on this rank (`launch.perfmodel.cp_volume`), and
+    per block and micro-batch by mechanism (`cp_layer_volume` of each layer: ring P2P, the rest)."""
+    from launch.perfmodel import cp_layer_volume, cp_volume
+    from pretrain.config import layer_config
+
+    m, p = cfg.model, cfg.parallel
+    common = dict(s=m.seq_len, b=cfg.train.micro_batch, cp=dims.cp, tp=dims.tp, dtype_bytes=4,
+                  recompute=p.recompute, reduce_scatter=False)  # gloo reduces with all-reduces; fp32 here
+    per_layer = [{part: {kind: nbytes for kind, (_, nbytes) in vol.items()}
+                  for part, vol in cp_layer_volume(layer_config(m, i), **common).items()} for i in range(m.n_layers)]
+    total = cp_volume(m, micro_batches=micro_batches, **common)
+    return {"analytic": {kind: nbytes for kind, (_, nbytes) in total.items()}, "analytic_per_layer": per_layer}
 
 
 def analytic(cfg, dims, net, *, micro_batches: int) -> dict:
@@ -153,12 +206,12 @@ def analytic(cfg, dims, net, *, micro_batches: int) -> dict:
             # parameters replicated over tp (norms, μ, LoRA down-projections) get partial gradients: summed once
             out["all_reduce"] += sum(q.numel() * 4 for part in net.parts for q in part.parameters()
                                      if q.placements[-1].is_replicate())
-    if dims.dp > 1:
+    if dims.dp * dims.cp > 1:  # FSDP shards (DDP reduces) over dp × cp
         fsdp = p.data_parallel == "fsdp"
 
         def tp_local_count(module):  # this rank's tensor-parallel share of the parameters, FSDP shards undone
             return sum((q.to_local() if isinstance(q, DTensor) else q).numel() for q in module.parameters()) \
-                * (dims.dp_shard if fsdp else 1)
+                * (dims.dp_shard * dims.cp if fsdp else 1)
         params = sum(tp_local_count(part) for part in net.parts)
         # a pipeline schedule accumulates a stage's micro-batches unsharded and reduces once, whatever the option
         add(dp_volume(params, units=1, micro_batches=m, fsdp=fsdp, reshard_after_forward=p.reshard_after_forward,
@@ -166,6 +219,8 @@ def analytic(cfg, dims, net, *, micro_batches: int) -> dict:
                       reduce_bytes=4))
         if dims.dp_replicate > 1:
             add(hsdp_replicate_volume(params, units=1, dp_shard=dims.dp_shard, reduce_bytes=4))
+    if dims.cp > 1:
+        add({kind: (0, nbytes) for kind, nbytes in cp_analytic(cfg, dims, micro_batches=m)["analytic"].items()})
     if dims.pp > 1:
         add(pp_volume(s=s, b=b, h=h, tp=dims.tp, micro_batches=m, boundaries=boundaries(0, dims.pp, virtual_stages(p)),
                       dtype_bytes=4, sequence_parallel=p.sequence_parallel, carry=cfg.model.arch in CARRY_ARCHS))
@@ -192,9 +247,12 @@ def main(argv=None) -> None:
         world, parallel = LAYOUTS[name]
         ranks = run_distributed(measure, world, args.arch, parallel, model, train)
         all_ranks = {key: dict(sum((Counter(r[key]) for r in ranks), Counter())) for key in ("payload", "wire")}
-        print(json.dumps({"layout": name, "processes": world, "arch": args.arch, "model": model, "train": train,
-                          "rank0": {k: ranks[0][k] for k in ("calls", "payload", "wire")},
-                          "all_ranks": all_ranks, "analytic": ranks[0]["analytic"]}), flush=True)
+        row = {"layout": name, "processes": world, "arch": args.arch, "model": model, "train": train,
+               "rank0": {k: ranks[0][k] for k in ("calls", "payload", "wire")},
+               "all_ranks": all_ranks, "analytic": ranks[0]["analytic"]}
+        if "cp" in ranks[0]:
+            row["cp_group_rank0"] = ranks[0]["cp"]
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,3 +19,21 @@ def test_measured_bytes_match_the_analytic_volumes(arch, layout):
         assert measured.get(kind, 0) == analytic.get(kind, 0), (kind, measured, analytic)
     # all-reduces: the analytic terms plus the gradient norm's scalars
     assert 0 <= measured.get("all_reduce", 0) - analytic.get("all_reduce", 0) <= 64, (measured, analytic)
+
+
+@pytest.mark.parametrize("arch, layout", [("transformer", "cp2"), ("fox", "cp2"), ("gla", "cp2"), ("rwkv7", "cp2"),
+                                          pytest.param("rwkv7", "cp2-full", marks=pytest.mark.slow),
+                                          pytest.param("fox", "cp2-full", marks=pytest.mark.slow)])
+def test_context_parallel_bytes_match_the_analytic_volumes(arch, layout):
+    """Ring attention's K/V and dK/dV hops (FoX: with c and its totals' all-gather; Pro: the KV-shift halos), state
+    passing's all-gather of (S_loc, M) and its backward, RWKV-7's token-shift halos and the loss's all-reduce, as
+    issued by parallel/context*.py, equal launch.perfmodel.cp_volume; with FSDP over cp the whole step does too."""
+    world, parallel = LAYOUTS[layout]
+    model = {**MODEL, "pro": arch == "fox"}
+    rank0 = run_distributed(measure, world, arch, parallel, model, TRAIN)[0]
+    assert rank0["cp"]["measured"] == rank0["cp"]["analytic"], rank0["cp"]
+    assert set(rank0["cp"]["measured"]) >= ({"send", "recv"} if arch in ("transformer", "fox") else {"all_gather"})
+    measured, analytic = rank0["payload"], rank0["analytic"]
+    for kind in ("all_gather", "reduce_scatter", "send", "recv"):
+        assert measured.get(kind, 0) == analytic.get(kind, 0), (kind, measured, analytic)
+    assert 0 <= measured.get("all_reduce", 0) - analytic.get("all_reduce", 0) <= 64, (measured, analytic)
