@@ -43,19 +43,24 @@ def corpus(tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def run_dir(corpus, tmp_path_factory) -> Path:
-    """A GLA run after 30 training steps on real text, with its final checkpoint."""
-    run_dir = tmp_path_factory.mktemp("run")
+def train_tiny(corpus: str, run_dir: Path, *, model: dict | None = None, document_mask: bool = False) -> Path:
+    """A run after 30 training steps of a tiny model (GLA unless `model` says otherwise) on real text, validated at
+    the end, with its final checkpoint."""
     train(build_config({}, {
-        "model": {"arch": "gla", "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": SEQ_LEN},
-        "data": {"path": corpus},
+        "model": {**(model or {"arch": "gla"}), "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": SEQ_LEN},
+        "data": {"path": corpus, "document_mask": document_mask},
         "optim": {"lr": 1e-2, "warmup_steps": 5},
-        "train": {"steps": 30, "global_batch": 4, "micro_batch": 4, "run_dir": str(run_dir), "eval_interval": 0},
+        "train": {"steps": 30, "global_batch": 4, "micro_batch": 4, "run_dir": str(run_dir), "eval_interval": 30,
+                  "eval_batches": 3},
         "checkpoint": {"interval": 0},
-        "log": {"interval": 10, "progress": False, "tensorboard": False},
+        "log": {"interval": 10, "progress": False, "tensorboard": True},
     }))
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus, tmp_path_factory) -> Path:
+    return train_tiny(corpus, tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +126,39 @@ def test_perplexity_is_exp_of_the_mean_loss_by_hand(run_dir, corpus, model):
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("eval/ppl")][-1] == (30, pytest.approx(report["ppl"]))
+
+
+def test_perplexity_equals_the_trainers_validation_at_the_same_step(run_dir):
+    """The trainer validated the final weights on the same 3 batches: evaluate reads them as it does."""
+    val_loss = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
+    out = run_dir / "eval" / "same.json"
+    assert main([str(run_dir), "--batches", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["perplexity"]["loss"] == pytest.approx(val_loss, rel=1e-6)
+
+
+def test_perplexity_under_document_masking_reads_the_documents_as_the_trainer_does(corpus, tmp_path):
+    """A run that trained with document masking is evaluated with it: the val loader's position ids (learned
+    positions restart at each document, nothing crosses a document start) and the labels it skips."""
+    run_dir = train_tiny(corpus, tmp_path / "masked", model={"preset": "gpt"}, document_mask=True)
+    out = tmp_path / "masked.json"
+    assert main([str(run_dir), "--batches", "2", "--dtype", "fp64", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())["perplexity"]
+    model = load_model(run_dir, dtype=torch.float64)[0]
+    masked, unmasked, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for inputs, labels, position_ids in ValLoader(corpus, "val", seq_len=SEQ_LEN, micro_batch=4,
+                                                      return_doc_boundaries=True).batches(2):
+            for kwargs, into in (({"position_ids": position_ids}, "masked"), ({}, "unmasked")):
+                loss = float(F.cross_entropy(model(inputs, **kwargs).flatten(0, 1), labels.flatten(),
+                                             reduction="sum", ignore_index=-100))
+                masked, unmasked = (masked + loss, unmasked) if into == "masked" else (masked, unmasked + loss)
+            count += int((labels != -100).sum())
+    assert report["tokens"] == count
+    assert report["loss"] == pytest.approx(masked / count, rel=1e-6)
+    assert abs(unmasked - masked) / count > 1e-3, "the windows should continue documents (positions not 0 … T-1)"
+    val_loss = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]["val_loss"]
+    assert main([str(run_dir), "--batches", "3", "--out", str(out)]) == 0  # the trainer's 3 batches, fp32
+    assert json.loads(out.read_text())["perplexity"]["loss"] == pytest.approx(val_loss, rel=1e-6)
 
 
 def test_local_task_accuracy_equals_the_models_log_likelihoods_by_hand(run_dir, model, task_dir):
