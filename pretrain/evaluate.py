@@ -36,7 +36,7 @@ except ImportError as e:  # an optional dependency (the test extra): say how to 
     raise ImportError("pretrain.evaluate needs lm-eval: pip install 'lm-eval==0.4.13' (or the project's test "
                       "extra, pip install -e '.[test]')") from e
 
-from data.stream import ValLoader
+from data.stream import SYNTHETIC, ValLoader
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError
 from pretrain.checkpoint import find_checkpoint
@@ -233,6 +233,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     report: dict = {"checkpoint": str(checkpoint), "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                       time.gmtime())}
     data = args.data or (None if tasks else (config["data"].get("val_path") or config["data"]["path"]))
+    if data == SYNTHETIC:
+        raise ValueError("the run trained on synthetic tokens, which have no val split: give --data (a prepared "
+                         "dataset) or --tasks")
     if data is not None:
         cfg_data, train = config["data"], config["train"]
         loader = ValLoader(data, "val", seq_len=model.cfg.seq_len, micro_batch=args.micro_batch or train["micro_batch"],
