@@ -15,6 +15,14 @@ With --archs it also measures, for transformer / FoX / GLA / RWKV-7 at tiny widt
 layer for each recompute mode × MsT off/on, and the peak live memory of one forward + backward (`PeakMemory`)
 against sequence length; it prints both as tables and writes them to <out>/memory-cpu-<N>core.json and a plot to
 <out>/memory-vs-seqlen-cpu.png (needs matplotlib, the `bench` extra). CPU only: `PeakMemory` counts CPU storages.
+
+    python -m bench.memory --cp 2 [--cp-seq 1024]
+
+Context parallelism instead (only this): for transformer / FoX / GLA / RWKV-7 at tiny width, the saved-activation
+bytes per layer on one rank with parallel.cp = N (N gloo processes, the model side of the training run's
+`parallelize`: `parallel.context_model.apply_cp`, on the rank's zigzag part of each sequence) against one process with the whole sequence, split by where they were saved: the
+mixer, the MLP, the rest of the block (norms, residual) and the ends (embedding, head, loss); writes
+<out>/memory-cp<N>-cpu.json. The mixer and the MLP should hold ≈ 1/N of the cp = 1 bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import platform
 import time
 import warnings
 import weakref
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -338,6 +347,129 @@ def run_archs(*, seq: int, max_seq: int, out: str) -> dict:
     return result
 
 
+class SavedByModule:
+    """Saved-for-backward bytes of one forward attributed to the innermost tagged module running when each tensor
+    was saved (parameters excluded; each storage counted once, where first saved; those freed before the forward
+    ended do not count). `tags`: {module: label}; what no tagged module saves goes under "other"."""
+
+    def __init__(self, model: torch.nn.Module, tags: dict[torch.nn.Module, str]):
+        self.params = {x.untyped_storage().data_ptr() for p in model.parameters() for x in _stored(p)}
+        self.stack: list[str] = []
+        self.saved: dict[int, tuple[str, weakref.ref]] = {}
+        self.handles = []
+        for module, label in tags.items():
+            self.handles.append(module.register_forward_pre_hook(partial(self._enter, label)))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, label: str, module, args) -> None:
+        self.stack.append(label)
+
+    def _leave(self, module, args, output) -> None:  # None: the module's output stays as it is
+        self.stack.pop()
+
+    def pack(self, t: torch.Tensor):
+        for x in _stored(t):
+            st = x.untyped_storage()
+            if st.data_ptr() not in self.params and x.device.type != "meta" and st.data_ptr() not in self.saved:
+                self.saved[st.data_ptr()] = (self.stack[-1] if self.stack else "other", weakref.ref(st))
+        return t
+
+    def by_label(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for label, ref in self.saved.values():
+            st = ref()
+            if st is not None:
+                out[label] = out.get(label, 0) + st.nbytes()
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def cp_saved_bytes(arch: str, *, seq: int, layers: int = 2, d_model: int = 64, heads: int = 4,
+                   vocab: int = 256) -> dict[str, float]:
+    """This process's saved bytes per layer by part (mixer, mlp, block_rest; ends: embedding, head and loss) for
+    one forward of a tiny `arch` model, fp32, batch 1: inside a process group, context-parallel over all its ranks
+    (`parallel.context_model.apply_cp`, what `parallelize` applies for parallel.cp, on the rank's zigzag part of
+    the sequence with its global positions, as `ParallelModel.local_batch` cuts it); else one process, the whole
+    sequence. No data-parallel wrapper: it only reduces gradients, and DDP's replicate would hand the forward
+    weight copies that are not the parameters' storages."""
+    cp = dist.get_world_size() if dist.is_initialized() else 1
+    cfg = build_config({"model": {"arch": arch, "d_model": d_model, "n_heads": heads, "n_layers": layers,
+                                  "seq_len": seq, "vocab_size": vocab}, "parallel": {"cp": cp}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    model.init_weights()
+    model.train()
+    tokens = torch.randint(0, vocab, (1, seq))
+    labels, inputs = tokens, {}
+    if cp > 1:
+        from parallel.context import ContextShard
+        from parallel.context_model import apply_cp
+
+        shard = ContextShard.from_group(dist.group.WORLD)
+        apply_cp(model, shard, documents=False)
+        tokens, labels = shard.split(tokens), shard.split(labels)  # (1, seq / cp) each
+        inputs["position_ids"] = shard.positions(seq).unsqueeze(0)  # (1, seq / cp)
+    tags = {}
+    for block in model.layers.values():
+        tags[block] = "block_rest"
+        tags[block.mixer] = "mixer"
+        tags[block.mlp] = "mlp"
+    counter = SavedByModule(model, tags)
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        out = model(tokens, labels=labels, **inputs)  # holds the graph while the storages are summed
+        parts = counter.by_label()
+    counter.close()
+    del out
+    per_layer = {k: parts.get(k, 0) / layers for k in ("mixer", "mlp", "block_rest")}
+    return {**per_layer, "layer": sum(per_layer.values()), "ends": parts.get("other", 0), "local_steps": seq // cp}
+
+
+def cp_rank_bytes(arch: str, seq: int) -> dict[str, float]:
+    """`cp_saved_bytes` on one rank of a process group (positional arguments, for tests.dist.run_distributed)."""
+    return cp_saved_bytes(arch, seq=seq)
+
+
+def cp_rows(*, cp: int, seq: int, archs=ARCHS) -> dict[str, dict]:
+    """Per architecture: cp = 1 (one process) and cp = `cp` (every rank's bytes) from `cp_saved_bytes`, with the
+    per-rank / cp = 1 ratio of each part."""
+    from tests.dist import run_distributed
+
+    rows = {}
+    for arch in archs:
+        one = cp_saved_bytes(arch, seq=seq)
+        ranks = run_distributed(cp_rank_bytes, cp, arch, seq)
+        worst = {k: max(r[k] for r in ranks) for k in ("mixer", "mlp", "block_rest", "layer", "ends")}
+        rows[arch] = {"cp1": one, f"cp{cp}_per_rank": ranks, f"cp{cp}_max_rank": worst,
+                      "ratio": {k: worst[k] / one[k] for k in worst if one[k]}}
+    return rows
+
+
+def run_cp(*, cp: int, seq: int, out: str) -> dict:
+    rows = cp_rows(cp=cp, seq=seq)
+    print(f"\nsaved bytes per layer per rank, cp={cp} vs one process (fp32, d=64, 4 heads, 2 layers, T={seq}, batch 1)")
+    print(f"{'arch':<12}{'part':<12}{'cp=1':>12}{f'cp={cp}':>12}{'ratio':>8}")
+    for arch, row in rows.items():
+        for part in ("mixer", "mlp", "block_rest", "layer", "ends"):
+            print(f"{arch:<12}{part:<12}{row['cp1'][part]:>12.0f}{row[f'cp{cp}_max_rank'][part]:>12.0f}"
+                  f"{row['ratio'].get(part, float('nan')):>8.3f}")
+    result = {"command": f"python -m bench.memory --cp {cp} --cp-seq {seq}",
+              "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}",
+              "note": "saved-for-backward bytes of one forward (saved_tensors_hooks), parameters excluded, fp32, "
+                      "batch 1, tiny models (d=64, 4 heads, 2 layers, vocab 256), attributed to the innermost of "
+                      "mixer / mlp / block (norms, residual) running when saved, per layer; ends = embedding, LM head "
+                      "and loss. cp ranks run parallel.cp on gloo (parallel.context_model.apply_cp, the model side of "
+                      "parallelize). "
+                      "ratio = the largest rank's bytes / one process's.",
+              "seq": seq, "cp": cp, "rows": rows}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"memory-cp{cp}-cpu.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, default=512)
@@ -349,7 +481,13 @@ def main(argv=None) -> None:
     ap.add_argument("--arch-seq", type=int, default=1024, help="sequence length of the per-layer bytes")
     ap.add_argument("--max-seq", type=int, default=32768, help="longest sequence of the peak sweep")
     ap.add_argument("--out", default="bench/results", help="where the JSON files and the plot go")
+    ap.add_argument("--cp", type=int, default=1, help="measure context parallelism at this cp (gloo processes) "
+                                                      "against one process, and nothing else")
+    ap.add_argument("--cp-seq", type=int, default=1024, help="sequence length of the --cp measurement")
     args = ap.parse_args(argv)
+    if args.cp > 1:
+        run_cp(cp=args.cp, seq=args.cp_seq, out=args.out)
+        return
     s, b, h, a = args.seq, args.batch, args.d_model, args.heads
     rows = gpt_rows(s=s, b=b, h=h, a=a, tp=args.tp)
     result = {"command": "python -m bench.memory" + (f" --tp {args.tp}" if args.tp != 2 else ""),
