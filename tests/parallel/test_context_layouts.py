@@ -75,6 +75,16 @@ def test_cp2_composed(parallel, train):
     check(4, parallel, documents=True, train=train)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel, archs", [
+    # HSDP: replicated over dp_replicate, sharded over dp_shard × cp (= cp here)
+    pytest.param({"cp": 2, "dp_replicate": 2}, ("transformer", "gla"), id="cp2-hsdp-r2"),
+    pytest.param({"cp": 2, "pp": 2, "pp_schedule": "interleaved_1f1b"}, ("fox", "rwkv7"), id="cp2-pp2-interleaved"),
+])
+def test_cp2_more_layouts(parallel, archs):
+    check(4, parallel, documents=True, train={"micro_batch": 2}, archs=archs)
+
+
 def test_cp2_tp2_without_sequence_parallelism_and_minisequence_chunks():
     """TP without SP all-reduces the mixer input's gradient; the vocab-parallel chunked loss sits under the CP loss."""
     check(4, {"cp": 2, "tp": 2, "sequence_parallel": False, "minisequence_chunks": 2}, documents=False,
@@ -156,6 +166,7 @@ def config(parallel: dict, **model):
     ({"cp": 2, "tp": 4}, {"seq_len": 20}, r"seq_len / cp = 20 / 2 = 10 steps, not divisible by parallel.tp=4"),
     ({"cp": 0}, {}, r"parallel.cp must be >= 1"),
     ({"cp": 2, "compile": True}, {}, r"parallel.compile with parallel.cp=2 is not supported"),
+    ({"cp": 2, "pp": 2, "pp_schedule": "zero_bubble"}, {}, r"pp_schedule='zero_bubble' with parallel.cp=2"),
 ])
 def test_config_errors(parallel, model, message):
     with pytest.raises(ConfigError, match=message):
