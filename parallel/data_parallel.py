@@ -22,6 +22,8 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, *, mode: str, reshar
     mode: "fsdp" shards parameters, gradients and optimizer state over the ranks (each block gathers its
     parameters just before use); "ddp" keeps whole replicas and all-reduces gradients. A 2-D `mesh`
     (dp_replicate, dp_shard) makes FSDP hybrid (HSDP): sharded over the second axis, replicated over the first.
+    Under context parallelism the mesh spans the cp ranks too (`parallel.mesh.data_parallel_mesh`): they hold the
+    same parameters and other tokens, so their gradients are reduced with the data-parallel ones.
     A block per unit lets communication for one block overlap computation of another. `param_dtype` (e.g. bf16)
     is what forward and backward compute in; gradients are reduced and parameters kept in float32.
     `reduce_every_micro_step` (FSDP): see `set_gradient_sync`.
