@@ -27,6 +27,9 @@ atomically), and report.md with its PNG plots is rewritten after every part, so 
 7. hybrid      the 3:1 hybrids at ~350M (configs/hybrid-gla-340m.toml, hybrid-rwkv7-340m.toml) next to their pure
                parents (GLA, RWKV-7, the Transformer) at 8k and 32k tokens, as the throughput part trains them:
                tokens/s and peak memory, and each hybrid's ratio to each parent.
+8. ceiling     the single-device context ceiling that context parallelism (parallel.cp) goes beyond: the four
+               architectures at ~350M with 32k and 64k tokens per sequence, batch 1, parallel.cp = 1 and full
+               recomputation, as the throughput part trains them (a few steps): tokens/s, MFU and peak memory.
 
 Time: --minutes bounds the run. Each part gets the time left times its share of the shares still to come; a part or a
 point whose estimated time exceeds what it has left is recorded as skipped with the estimate, and a watchdog (SIGALRM)
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import importlib.util
@@ -116,6 +120,10 @@ class Sizes:
     """Multiplies the prior time estimates of points nothing comparable has been measured for yet."""
     hybrid_seqs: tuple
     """Sequence lengths of the hybrid part."""
+    ceiling_seqs: tuple = (32768, 65536)
+    """Sequence lengths of the single-device context ceiling part (batch 1, full recomputation)."""
+    ceiling_steps: tuple = (1, 3)
+    """(warm-up, timed) steps per ceiling point: a 64k step of a ~350M model takes seconds."""
 
 
 # The shipped ~350M configs. There is no ~350M Transformer config: it takes GLA-340M's body (1024 wide, 24 layers,
@@ -139,16 +147,17 @@ SMOKE = Sizes(
     tokens_per_step=256, warmup_steps=1, timed_steps=2, longest_archs=("transformer", "gla"),
     probe_lens=(64, 128, 256), granularity=32, memory_modes=(("none", 1), ("full", 4)), series_seconds=15.0,
     capacity_bytes=32 * 2**20, korthikanti={"seq": 128, "d_model": 64, "heads": 4}, memory_seq=128,
-    prior_scale=0.05, hybrid_seqs=(64,))
+    prior_scale=0.05, hybrid_seqs=(64,), ceiling_seqs=(128,), ceiling_steps=(1, 2))
 
 # Share of the remaining time each part gets (of the parts still to come), and the least it needs to start.
 PART_SHARES = {"kernels": 0.22, "throughput": 0.30, "peers": 0.18, "longest": 0.12, "memory": 0.06, "checkpoint": 0.12,
-               "hybrid": 0.12}
+               "hybrid": 0.12, "ceiling": 0.12}
 PART_MIN_SECONDS = {"kernels": 20, "throughput": 30, "peers": 20, "longest": 20, "memory": 10, "checkpoint": 20,
-                    "hybrid": 30}
+                    "hybrid": 30, "ceiling": 30}
 # Prior time estimates of points (GPU seconds), replaced by what the run measures for the same kind of point.
 POINT_PRIORS = {"kernel fla": 20, "kernel flex": 40, "kernel torch": 5, "ours eager": 15, "ours compiled": 60,
-                "peer eager": 15, "peer compiled": 60, "activations": 5, "longest": 15, "memory": 10, "checkpoint": 60}
+                "peer eager": 15, "peer compiled": 60, "activations": 5, "longest": 15, "memory": 10, "checkpoint": 60,
+                "ceiling": 40}
 REPORT_RESERVE_S = 15  # kept back from the parts for the final report
 WATCHDOG_GRACE = 1.1  # the watchdog stops a part at 110% of its time: points already try to stay within it
 
@@ -614,6 +623,36 @@ def run_hybrid(suite: Suite, part: Part) -> None:
             part.point(f"ours eager:{name}-{seq}", row, lambda: measure_ours(suite, name, seq=seq, compiled=False))
             entry["ratios"] = hybrid_ratios(entry["rows"])
             suite.results.save()
+
+
+# ----------------------------------------------------------------------------------------------- 8. ceiling
+
+def measure_ceiling(suite: Suite, arch: str, *, seq: int) -> dict:
+    """One sequence of `seq` tokens per step on this one device, parallel.cp = 1, full recomputation: tokens/s and
+    peak memory of `ceiling_steps` timed steps (fewer than the throughput part's: a step is seconds long)."""
+    cfg = run_config(suite, arch, seq=seq, batch=1, parallel={"recompute": "full"})
+    model, optimizers = build_ours(cfg, suite.device)
+    tokens, labels = random_batch(cfg.model.vocab_size, 1, seq, suite.device)
+    autocast = suite.autocast()
+
+    def step():
+        loss, _ = train_step(model, optimizers, [(tokens, labels)], lr=cfg.optim.lr, grad_clip=cfg.optim.grad_clip,
+                             autocast=autocast)
+        return loss
+
+    warmup, timed = suite.sizes.ceiling_steps
+    few_steps = dataclasses.replace(suite, sizes=dataclasses.replace(suite.sizes, warmup_steps=warmup,
+                                                                     timed_steps=timed))
+    row = {"batch": 1, "params": sum(p.numel() for p in model.parameters()), "kernel": mixer_kernel(arch, suite.device)}
+    row.update(time_training(few_steps, step, flops=flops_per_token(cfg.model), batch=1, seq=seq))
+    return row
+
+
+def run_ceiling(suite: Suite, part: Part) -> None:
+    for seq in suite.sizes.ceiling_seqs:  # every architecture at 32k before any at 64k
+        for arch in ARCHS:
+            row = {"arch": arch, "seq": seq, "cp": 1, "recompute": "full"}
+            part.point(f"ceiling:{arch}-{seq}", row, lambda: measure_ceiling(suite, arch, seq=seq))
 
 
 # ------------------------------------------------------------------------------------------------- 3. peers
@@ -1106,12 +1145,20 @@ def hybrid_section(entry: dict) -> list[str]:
                                                           "peak memory ratio"], ratios)
 
 
+def ceiling_section(entry: dict) -> list[str]:
+    table = [[r["arch"], r["seq"], r["kernel"], r["tokens_per_s"], r["tflops"], r["mfu"], r["peak_memory_gib"],
+              r["step_ms"]] for r in _ok(entry["rows"])]
+    return _table(["arch", "seq (batch 1, cp 1, full recompute)", "mixer", "tokens/s", "TFLOP/s", "MFU", "peak GiB",
+                   "step ms"], table)
+
+
 SECTIONS = {"kernels": ("1. Kernels", kernels_section), "throughput": ("2. Training throughput", throughput_section),
             "peers": ("3. Peers in the same run", peers_section),
             "longest": ("4. Longest trainable sequence", longest_section),
             "memory": ("5. Memory by phase", memory_section), "checkpoint": ("6. Checkpoint blocking",
                                                                              checkpoint_section),
-            "hybrid": ("7. Hybrids and their pure parents", hybrid_section)}
+            "hybrid": ("7. Hybrids and their pure parents", hybrid_section),
+            "ceiling": ("8. Single-device context ceiling", ceiling_section)}
 
 
 def write_report(suite: Suite) -> None:
@@ -1207,7 +1254,7 @@ def plot_part(suite: Suite, name: str) -> None:
 # --------------------------------------------------------------------------------------------------- main
 
 PARTS = {"kernels": run_kernels, "throughput": run_throughput, "peers": run_peers, "longest": run_longest,
-         "memory": run_memory, "checkpoint": run_checkpoint, "hybrid": run_hybrid}
+         "memory": run_memory, "checkpoint": run_checkpoint, "hybrid": run_hybrid, "ceiling": run_ceiling}
 
 
 def run_parts(suite: Suite, names: list[str], parts: dict | None = None) -> None:

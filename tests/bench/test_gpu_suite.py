@@ -201,3 +201,20 @@ def test_gpu_wheels_cover_every_runtime_dependency_the_gpu_image_lacks():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     needed = {re.split(r"[<>=!\[ ;]", dep)[0].lower() for dep in deps}
     assert needed - has - wheels == set(), "add them to GPU_WHEELS in the Makefile"
+
+
+def test_the_context_ceiling_part_trains_each_architecture_at_batch_1_with_full_recompute(tmp_path):
+    """Part 8 (the single-device ceiling context parallelism goes beyond), at smoke sizes on CPU: every architecture
+    at every length, one sequence per step, measured tokens/s, and its section in the report."""
+    suite = _suite(tmp_path, 120.0)
+    gpu_suite.run_parts(suite, ["ceiling"])
+    entry = json.loads((tmp_path / "results.json").read_text())["parts"]["ceiling"]
+    assert entry["status"] == "ok"
+    rows = entry["rows"]
+    assert [(r["arch"], r["seq"]) for r in rows] == [(a, s) for s in gpu_suite.SMOKE.ceiling_seqs
+                                                     for a in gpu_suite.ARCHS]
+    for r in rows:
+        assert r["status"] == "ok" and r["batch"] == 1 and r["cp"] == 1 and r["recompute"] == "full", r
+        assert r["tokens_per_s"] > 0 and r["finite"]
+    assert "8. Single-device context ceiling" in (tmp_path / "report.md").read_text()
+    assert gpu_suite.FULL.ceiling_seqs == (32768, 65536)
