@@ -65,7 +65,9 @@ Not modelled: kernel efficiency changing with micro-batch, width or TP shard siz
 used as is); overlap of TP communication with compute (async TP) and of PP p2p with compute; stage imbalance
 from the embedding and LM head; NCCL tree / NVLS / SHARP algorithms (ring α-β only, conservative at scale);
 network contention between concurrent groups; stragglers, data loading, checkpointing, optimizer step time;
-memory fragmentation beyond `reserved_bytes`; FoX/Transformer "Pro" extras in activations beyond ~5 sbh.
+memory fragmentation beyond `reserved_bytes`; FoX/Transformer "Pro" extras in activations beyond ~5 sbh; under
+context parallelism, document masking's extras (int64 document ids travelling with each ring block, the per-forward
+plan), load imbalance from documents, and the overlap of FoX's and the halos' small collectives.
 """
 
 from __future__ import annotations
@@ -678,20 +680,21 @@ def predict(model_cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Clust
         / layout.gpus / achieved
 
     t, p, d, m, b = layout.tp, layout.pp, layout.dp, layout.micro_batches, layout.micro_batch
+    # TP's and PP's activation volumes below are per sequence piece: a cp rank's s / cp steps
     g = cluster.gpus_per_node
     h, L = model_cfg.d_model, model_cfg.n_layers
     tp_s = pp_s = dp_s = cp_s = 0.0
     if layout.cp > 1:
         cp_s = cp_time(model_cfg, layout, seq_len, cluster, achieved=achieved)
     if t > 1:
-        vol = tp_volume(s=seq_len, b=b, h=h, layers=L // p, ends=2 if p == 1 else 1, micro_batches=m,
+        vol = tp_volume(s=seq_len // layout.cp, b=b, h=h, layers=L // p, ends=2 if p == 1 else 1, micro_batches=m,
                         dtype_bytes=cluster.dtype_bytes, sequence_parallel=layout.sp,
                         recompute_full=layout.recompute == "full")
         alpha, beta = cluster.link(t > g)
         tp_s = volume_time(vol, group=t, alpha=alpha, beta=beta)
     if p > 1:
         crossings = max(boundaries(r, p, layout.v) for r in range(p))
-        vol = pp_volume(s=seq_len, b=b, h=h, tp=t, micro_batches=m, boundaries=crossings,
+        vol = pp_volume(s=seq_len // layout.cp, b=b, h=h, tp=t, micro_batches=m, boundaries=crossings,
                         dtype_bytes=cluster.dtype_bytes, sequence_parallel=layout.sp,
                         carry="rwkv7" in layer_mixers(model_cfg))
         alpha, beta = cluster.link(d * t * p > g)  # neighbours are dp·tp ranks apart

@@ -288,3 +288,11 @@ def test_studies_accept_parallel_cp(tmp_path):
     assert (layout.cp, layout.dp, layout.gpus) == (2, 1, 2) and "cp2" in layout.label()
     pred = predict(build_config({"model": {**TINY, "seq_len": 64}}).model, layout, 64, CPU)
     assert pred.breakdown_s["cp_comm"] > 0 and pred.breakdown_s["dp_comm"] > 0  # FSDP over cp
+
+
+def test_tensor_and_pipeline_volumes_carry_a_cp_ranks_own_steps():
+    cfg = build_config({"model": {**TINY, "seq_len": 4096}}).model
+    no_latency = dataclasses.replace(H100, intra_alpha=0.0, inter_alpha=0.0)
+    one, two = (predict(cfg, Layout(tp=2, pp=2, cp=cp, global_batch=4), 4096, no_latency) for cp in (1, 2))
+    assert two.breakdown_s["tp_comm"] == pytest.approx(one.breakdown_s["tp_comm"] / 2)
+    assert two.breakdown_s["pp_comm"] == pytest.approx(one.breakdown_s["pp_comm"] / 2)
