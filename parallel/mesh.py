@@ -94,15 +94,16 @@ class ParallelDims:
                               f"{micro_batches} micro-batches per step (it evaluates that many at a time).")
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The named mesh over every process, with its flattened axes "dp", "dp_shard_cp" and "dp_cp" (see the
-        module docstring; torch.distributed must be initialised)."""
+        """The named mesh over every process, with its flattened axes "dp" and, with cp > 1, "dp_shard_cp" and "dp_cp"
+        (see the module docstring; torch.distributed must be initialised)."""
         mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp),
                                 mesh_dim_names=MESH_DIMS)
         # DeviceMesh has no public flatten in torch 2.13; `_flatten` registers the name on the root mesh, so
         # mesh.get_group("dp") and mesh.get_local_rank("dp") address the axes as one (data_parallel_mesh gives them)
         mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        if self.cp > 1:  # each flattened axis makes process groups: only where context parallelism uses them
+            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+            mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
         return mesh
 
 
