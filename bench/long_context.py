@@ -168,7 +168,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     rows = run(args.archs.split(","), cap=cap, start=args.start, grid=args.grid, max_seq=args.max_seq,
                threads=args.threads)
-    table = [f"{'arch':<12}{'cp=1 longest':>14}{'cp=2 longest':>14}{'gain':>7}   (cap {args.cap_mib:g} MiB per process)"]
+    table = [f"{'arch':<12}{'cp=1 longest':>14}{'cp=2 longest':>14}{'gain':>7}"
+             f"   (cap {args.cap_mib:g} MiB per process)"]
     for arch, r in rows.items():
         gain = f"{r['gain']:.2f}" if r["gain"] else "-"
         table.append(f"{arch:<12}{r['cp1']['longest_seq']:>14}{r['cp2']['longest_seq']:>14}{gain:>7}")

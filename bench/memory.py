@@ -20,8 +20,9 @@ against sequence length; it prints both as tables and writes them to <out>/memor
 
 Context parallelism instead (only this): for transformer / FoX / GLA / RWKV-7 at tiny width, the saved-activation
 bytes per layer on one rank with parallel.cp = N (N gloo processes, the model side of the training run's
-`parallelize`: `parallel.context_model.apply_cp`, on the rank's zigzag part of each sequence) against one process with the whole sequence, split by where they were saved: the
-mixer, the MLP, the rest of the block (norms, residual) and the ends (embedding, head, loss); writes
+`parallelize`: `parallel.context_model.apply_cp`, on the rank's zigzag part of each sequence) against one process
+with the whole sequence, split by where they were saved: the mixer, the MLP, the rest of the block (norms,
+residual) and the ends (embedding, head, loss); writes
 <out>/memory-cp<N>-cpu.json. The mixer and the MLP should hold ≈ 1/N of the cp = 1 bytes.
 """
 

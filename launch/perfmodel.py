@@ -20,7 +20,7 @@ Inputs
         all-gather / reduce-scatter  (g−1)/g · n/β + (g−1)·α   (n = the gathered / scattered-from size)
         send             n/β + α
     The TP group uses the intra-node link when tp ≤ gpus_per_node; the DP and PP groups use the inter-node link
-    when they span nodes (mesh order (pp, dp_replicate, dp_shard, tp), tp innermost, ranks packed node by node):
+    when they span nodes (mesh order (pp, dp_replicate, dp_shard, cp, tp), tp innermost, ranks packed node by node):
     FSDP's gathers and reduce-scatters run over dp_shard, HSDP's all-reduce over dp_replicate.
   * Pipeline bubble: (p−1)/(v·m) of the pipelined work for 1F1B (v = 1) and interleaved 1F1B (v virtual stages,
     m micro-batches per step); zero_bubble is ASSUMED to leave 1/3 of that, (p−1)/(3·v·m), as ZB-H1 does in Qi et
@@ -37,7 +37,9 @@ the tile loop and only their excess over it is exposed; state passing's all-gath
 halos and the loss's all-reduce are exposed (α-dominated), the state chain adds 2·cp small kernels. Activations
 per rank are those of seq_len / cp steps (plus `ring_extra_bytes_per_layer`), the logits too; FSDP shards and
 reduces over dp × cp. cp is suggested when sequences are long (`MIN_CP_LOCAL_STEPS` per rank at least): where
-no layout without it fits in memory, the suggestions are cp layouts. Memory per GPU (the first pipeline stage, which holds most activations):
+no layout without it fits in memory, the suggestions are cp layouts.
+
+Memory per GPU (the first pipeline stage, which holds most activations):
   * weights, gradients and AdamW states: 4 + 4 + 8 = 16 bytes per parameter (fp32 master weights, fp32
     gradients, two fp32 moments), the stage's parameters split over tp and, under FSDP, over dp_shard (= dp
     without HSDP) — except the gradients when FSDP accumulates them unsharded over m > 1 micro-steps
@@ -210,7 +212,9 @@ class Layout:
 
     def label(self) -> str:
         dp = f"dp{self.dp}" + (f"=r{self.dp_replicate}s{self.dp_shard}" if self.dp_replicate > 1 else "")
-        parts = [dp, f"tp{self.tp}" + ("sp" if self.sp else ""), f"pp{self.pp}"] + ([f"cp{self.cp}"] if self.cp > 1 else [])
+        parts = [dp, f"tp{self.tp}" + ("sp" if self.sp else ""), f"pp{self.pp}"]
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
         if self.pp > 1:
             parts.append({"1f1b": "1f1b", "interleaved_1f1b": f"i1f1b-v{self.v}", "zero_bubble": f"zb-v{self.v}"}
                          [self.pp_schedule])
