@@ -50,8 +50,8 @@ def size(row: dict) -> str:
 
 def layout(row: dict) -> str:
     p = row.get("config", {}).get("parallel", {}) if row.get("config") else {}
-    dp = row["world_size"] // max(1, p.get("tp", 1) * p.get("pp", 1))
-    text = f"dp{dp}·tp{p.get('tp', 1)}·pp{p.get('pp', 1)}"
+    dp = row["world_size"] // max(1, p.get("tp", 1) * p.get("pp", 1) * p.get("cp", 1))
+    text = f"dp{dp}·tp{p.get('tp', 1)}·pp{p.get('pp', 1)}" + (f"·cp{p['cp']}" if p.get("cp", 1) > 1 else "")
     if p.get("tp", 1) > 1 and p.get("sequence_parallel"):
         text += "+sp"
     if p.get("recompute", "none") != "none":

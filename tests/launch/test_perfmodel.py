@@ -288,6 +288,10 @@ def test_studies_accept_parallel_cp(tmp_path):
     assert (layout.cp, layout.dp, layout.gpus) == (2, 1, 2) and "cp2" in layout.label()
     pred = predict(build_config({"model": {**TINY, "seq_len": 64}}).model, layout, 64, CPU)
     assert pred.breakdown_s["cp_comm"] > 0 and pred.breakdown_s["dp_comm"] > 0  # FSDP over cp
+    from launch.report import layout as report_layout
+
+    row = {"world_size": 2, "config": sweep.point_config(study, points[-1]).to_dict()}
+    assert report_layout(row) == "dp1·tp1·pp1·cp2"  # the study report names the cp points as such
 
 
 def test_tensor_and_pipeline_volumes_carry_a_cp_ranks_own_steps():
