@@ -85,6 +85,7 @@ def test_cp2_more_layouts(parallel, archs):
     check(4, parallel, documents=True, train={"micro_batch": 2}, archs=archs)
 
 
+@pytest.mark.slow
 def test_cp2_tp2_without_sequence_parallelism_and_minisequence_chunks():
     """TP without SP all-reduces the mixer input's gradient; the vocab-parallel chunked loss sits under the CP loss."""
     check(4, {"cp": 2, "tp": 2, "sequence_parallel": False, "minisequence_chunks": 2}, documents=False,
