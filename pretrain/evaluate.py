@@ -33,8 +33,7 @@ try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as e:  # an optional dependency (the test extra): say how to get it
-    raise ImportError("pretrain.evaluate needs lm-eval: pip install 'lm-eval==0.4.13' (or the project's test "
-                      "extra, pip install -e '.[test]')") from e
+    raise ImportError("pretrain.evaluate needs lm-eval: pip install -e '.[eval]' (or 'lm-eval==0.4.13')") from e
 
 from data.stream import SYNTHETIC, ValLoader
 from pretrain.checkpoint import CheckpointError
