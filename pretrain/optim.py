@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from pretrain.config import OptimConfig
+from pretrain.config import OptimConfig, layer_mixers
 
 # RWKV-7's decay bias w₀ is the bias of the decay LoRA's up-projection (pretrain/models/rwkv7.py).
 RWKV7_DECAY_BIAS = "w_lora.up.bias"
@@ -22,44 +22,45 @@ RWKV7_DECAY_BIAS_LR_SCALE = 2.0
 def param_groups(model: nn.Module, weight_decay: float, *, rwkv7_reference: bool = False) -> list[dict]:
     """Decay weight matrices; never norms, biases or embeddings (a tied LM head counts as an embedding).
 
-    `rwkv7_reference`: BlinkDL's recipe instead (RWKV-LM `RWKV-v7/train_temp`, `configure_optimizers`): w₀ gets
-    2× the learning rate and no decay; every other matrix is decayed (the embedding and the LM head too) except the
-    LoRAs' (the reference's w1, w2, a1, …, which it keeps outside its ".weight" rule); vectors are never decayed.
-    Parameters are told apart by name, which FSDP and tensor parallelism keep (their DTensors keep the full ndim).
+    `rwkv7_reference`: BlinkDL's recipe (RWKV-LM `RWKV-v7/train_temp`, `configure_optimizers`) for the parameters
+    of RWKV-7 layers: w₀ gets 2× the learning rate and no decay; every other matrix is decayed except the LoRAs'
+    (the reference's w1, w2, a1, …, which it keeps outside its ".weight" rule); vectors are never decayed. In a pure
+    RWKV-7 model the embedding and the LM head follow the recipe too (decayed, as in BlinkDL's model). In a hybrid,
+    only the parameters under `layers.{i}.` of RWKV-7 layers do: the embedding, final norm and LM head are shared by
+    every mixer and follow the shared rule (no decay on the embedding; an untied head is a decayed matrix), since
+    BlinkDL's recipe was tuned for a model whose every layer is RWKV-7, and the other mixers' references do not
+    decay embeddings. Parameters are told apart by name, which FSDP and tensor parallelism keep (their DTensors keep
+    the full ndim), and layer indices survive pipeline splitting (`LanguageModel.layers` is keyed by index).
     """
-    if rwkv7_reference:
-        return _rwkv7_param_groups(model, weight_decay)
-    no_decay_ids = set()
+    mixers = layer_mixers(model.cfg) if rwkv7_reference else []
+    rwkv7_layers = {f"layers.{i}." for i, mixer in enumerate(mixers) if mixer == "rwkv7"}
+    whole_model_rwkv7 = bool(mixers) and len(rwkv7_layers) == len(mixers)
+    embedding_ids = set()
     for module in model.modules():
         if isinstance(module, nn.Embedding):
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
-    for p in model.parameters():  # shared (tied) parameters are yielded once
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _rwkv7_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+            embedding_ids.update(id(p) for p in module.parameters(recurse=False))
     decay, no_decay, decay_bias = [], [], []
     for name, p in model.named_parameters():  # shared (tied) parameters are yielded once
         if not p.requires_grad:
             continue
-        if name.endswith(RWKV7_DECAY_BIAS):
+        in_rwkv7_layer = any(name.startswith(prefix) for prefix in rwkv7_layers)
+        if in_rwkv7_layer and name.endswith(RWKV7_DECAY_BIAS):
             decay_bias.append(p)
-        elif p.ndim >= 2 and "_lora." not in name:
-            decay.append(p)
+        elif in_rwkv7_layer or (whole_model_rwkv7 and not name.startswith("layers.")):
+            (decay if p.ndim >= 2 and "_lora." not in name else no_decay).append(p)
         else:
-            no_decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-            {"params": decay_bias, "weight_decay": 0.0, "lr_scale": RWKV7_DECAY_BIAS_LR_SCALE}]
+            (no_decay if p.ndim < 2 or id(p) in embedding_ids else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if rwkv7_layers:
+        groups.append({"params": decay_bias, "weight_decay": 0.0, "lr_scale": RWKV7_DECAY_BIAS_LR_SCALE})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `model`, a `LanguageModel` or a pipeline stage of one (its `cfg` names the architecture)."""
-    rwkv7_reference = model.cfg.arch == "rwkv7" and cfg.rwkv7_reference_groups
-    groups = [g for g in param_groups(model, cfg.weight_decay, rwkv7_reference=rwkv7_reference) if g["params"]]
+    """AdamW over `model`, a `LanguageModel` or a pipeline stage of one (its `cfg` names the architecture, and for
+    a hybrid each layer's mixer): BlinkDL's groups for RWKV-7 layers when optim.rwkv7_reference_groups is on."""
+    groups = param_groups(model, cfg.weight_decay, rwkv7_reference=cfg.rwkv7_reference_groups)
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         fused=device.type == "cuda",  # one kernel for all parameters on GPU; the CPU path is the reference

@@ -100,3 +100,34 @@ def test_lr_scale_survives_the_training_steps_lr():
     # Adam's first step moves each entry by lr · sign(g) (bias-corrected, no decay on w₀): 2 × 0.25
     moved = (w0.detach() - before).abs()
     assert torch.allclose(moved[moved > 0], torch.tensor(0.5), rtol=1e-3)
+
+
+def test_hybrid_rwkv7_layers_get_blinkdl_groups_and_the_rest_the_shared_rule():
+    """'rwkv7*3,transformer': layers 0-2 follow BlinkDL's recipe, layer 3 and the shared embedding / head the
+    shared rule (embedding undecayed, untied head decayed)."""
+    cfg = build_config({}, {"model": {"arch": "hybrid", "mixers": "rwkv7*3,transformer", "d_model": 64,
+                                      "n_heads": 2, "n_layers": 4, "vocab_size": 64, "seq_len": 16,
+                                      "tie_embeddings": False}})
+    model = build_model(cfg.model)
+    groups = param_groups(model, 0.1, rwkv7_reference=True)
+    decayed, plain, doubled = group_names(model, groups)
+    assert groups[2]["lr_scale"] == 2.0
+    assert doubled == {f"layers.{i}.mixer.w_lora.up.bias" for i in range(3)}
+    assert {"layers.2.mixer.r_proj.weight", "layers.0.mlp.up_proj.weight", "layers.3.mixer.q_proj.weight",
+            "layers.3.mlp.down_proj.weight", "lm_head.weight"} <= decayed
+    assert {"layers.1.mixer.w_lora.down.weight", "layers.2.mixer.a_lora.up.weight", "layers.0.mixer.k_k",
+            "tok_emb.weight", "norm.weight"} <= plain
+    assert not any(n.startswith("layers.3.") and "lora" in n for n in decayed | plain | doubled)
+    assert len(decayed) + len(plain) + len(doubled) == len(list(model.parameters()))
+    # the whole-model recipe applies only when every layer is RWKV-7: the pure model decays its embedding
+    _, pure = rwkv7_model()
+    pure_decayed = group_names(pure, param_groups(pure, 0.1, rwkv7_reference=True))[0]
+    assert "tok_emb.weight" in pure_decayed
+
+
+def test_hybrid_without_rwkv7_layers_has_two_groups():
+    from pretrain.optim import build_optimizer
+    cfg = build_config({}, {"model": {"arch": "hybrid", "mixers": "gla,transformer", "d_model": 32, "n_heads": 2,
+                                      "n_layers": 2, "vocab_size": 64, "seq_len": 16}})
+    model = build_model(cfg.model)
+    assert len(build_optimizer(model, cfg.optim, torch.device("cpu")).param_groups) == 2
