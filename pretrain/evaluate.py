@@ -18,6 +18,7 @@ run's TensorBoard directory `<run_dir>/tb/` at the checkpoint's step (`eval/loss
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -28,12 +29,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-try:
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-except ImportError as e:  # an optional dependency (the test extra): say how to get it
-    raise ImportError("pretrain.evaluate needs lm-eval: pip install -e '.[eval]' (or 'lm-eval==0.4.13')") from e
 
 from data.stream import SYNTHETIC, ValLoader
 from pretrain.checkpoint import CheckpointError
@@ -64,8 +59,32 @@ def perplexity(model: nn.Module, loader: ValLoader, *, batches: int = 0) -> dict
     return {"loss": loss, "ppl": math.exp(loss), "tokens": int(tokens), "batches": count}
 
 
-class OurLM(TemplateLM):
-    """lm-eval's model interface for one of our models and its tokenizer.
+def _lm_eval():
+    """The lm_eval package, imported only where tasks run: perplexity alone needs no optional dependency."""
+    try:
+        import lm_eval.api.model
+        import lm_eval.utils
+    except ImportError as e:  # an optional dependency (the eval extra): say how to get it
+        raise ImportError("lm-eval tasks need lm-eval: pip install -e '.[eval]' (or 'lm-eval==0.4.13')") from e
+    return lm_eval
+
+
+@functools.cache
+def our_lm_class() -> type:
+    """`OurLM`: lm-eval's TemplateLM with `_OurLMMethods`, built on first use so importing this module (and
+    perplexity) does not need lm-eval. `from pretrain.evaluate import OurLM` builds it too."""
+    return type("OurLM", (_OurLMMethods, _lm_eval().api.model.TemplateLM), {"__module__": __name__})
+
+
+def __getattr__(name: str):
+    if name == "OurLM":
+        return our_lm_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _OurLMMethods:
+    """lm-eval's model interface for one of our models and its tokenizer (mixed into lm-eval's TemplateLM by
+    `our_lm_class`).
 
     loglikelihood scores continuations in batches of `batch_size` rows (right-padded: the models are causal, so the
     padding never reaches the scored positions); loglikelihood_rolling cuts long texts into windows of the model's
@@ -105,11 +124,12 @@ class OurLM(TemplateLM):
             inputs = torch.zeros(len(chunk), width, dtype=torch.long)  # (b, T), right-padded
             for r, i in enumerate(chunk):
                 inputs[r, :len(rows[i]) - 1] = torch.tensor(rows[i][:-1])
-            logprobs = F.log_softmax(self.model(inputs.to(self.device)).double(), dim=-1)  # (b, T, V)
+            logits = self.model(inputs.to(self.device))  # (b, T, V) in the model's dtype
             for r, i in enumerate(chunk):
                 n, end = scored[i], len(rows[i]) - 1
                 target = torch.tensor(rows[i][-n:], device=self.device)  # (n,)
-                window = logprobs[r, end - n:end]  # (n, V): the predictions of the continuation's tokens
+                # fp64 only over the continuation's predictions: a whole (b, T, V) in fp64 would be 2-4× the logits
+                window = F.log_softmax(logits[r, end - n:end].double(), dim=-1)  # (n, V)
                 results[i] = (window.gather(-1, target[:, None]).sum().item(),
                               bool((window.argmax(-1) == target).all()))
         return results
@@ -117,7 +137,8 @@ class OurLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for (string,) in (req.args for req in requests):
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+            utils = _lm_eval().utils
+            windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
                 token_list=self.tok_encode(string), prefix_token=self.eot_token_id, max_seq_len=self.max_length,
                 context_len=1)]
             scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
@@ -154,10 +175,11 @@ class OurLM(TemplateLM):
         return out
 
 
-def run_tasks(lm: OurLM, tasks: list[str], *, include_path: str | None = None, num_fewshot: int | None = None,
+def run_tasks(lm: _OurLMMethods, tasks: list[str], *, include_path: str | None = None, num_fewshot: int | None = None,
               limit: float | None = None, log_samples: bool = False) -> dict:
     """lm-eval's results for `tasks`: its `simple_evaluate` output, with the per-sample records only if
     `log_samples` (every request's arguments and our model's responses)."""
+    _lm_eval()  # the install hint when lm-eval is missing
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -244,7 +266,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                            vocab_size=model.cfg.vocab_size)
         report["perplexity"] = {"data": str(data), **perplexity(model, loader, batches=args.batches)}
     if tasks:
-        lm = OurLM(model, load_run_tokenizer(config, args.tokenizer), batch_size=args.batch_size, seed=args.seed)
+        lm = our_lm_class()(model, load_run_tokenizer(config, args.tokenizer), batch_size=args.batch_size, seed=args.seed)
         report["tasks"] = run_tasks(lm, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
                                     limit=args.limit, log_samples=args.log_samples)
     out = Path(args.out) if args.out else run_dir / "eval" / f"{checkpoint.name}-{time.strftime('%Y%m%dT%H%M%S')}.json"

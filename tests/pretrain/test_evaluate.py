@@ -216,3 +216,45 @@ def window_by_hand(model, context: list[int], continuation: list[int]) -> float:
     with torch.no_grad():
         logprobs = F.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)
     return sum(float(logprobs[t, ids[t + 1]]) for t in range(len(context) - 1, len(ids) - 1))
+
+
+def test_log_softmax_in_fp64_covers_only_the_scored_positions(model, monkeypatch):
+    """The fp64 log-softmax is taken over each request's continuation, never the whole (b, T, V) batch."""
+    import pretrain.evaluate
+    shapes, log_softmax = [], F.log_softmax
+
+    def spy(x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return log_softmax(x, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain.evaluate.F, "log_softmax", spy)
+    lm = OurLM(model, load_run_tokenizer({"data": {"tokenizer": "byte"}}), batch_size=4)
+    pairs = [(q, c) for q, choices, _ in QUESTIONS[:2] for c in choices]
+    lm.loglikelihood([request("loglikelihood", *p) for p in pairs])
+    assert sorted(shapes) == sorted((len(c.encode()), model.cfg.vocab_size) for _, c in pairs)
+
+
+PERPLEXITY_WITHOUT_LM_EVAL = """
+import sys
+sys.modules["lm_eval"] = None  # import lm_eval now raises ImportError
+from pretrain.evaluate import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_help_and_perplexity_work_without_lm_eval(run_dir, tmp_path):
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[2]
+
+    def evaluate(*args):
+        return subprocess.run([sys.executable, "-c", PERPLEXITY_WITHOUT_LM_EVAL, *args], cwd=root,
+                              capture_output=True, text=True, timeout=300)
+
+    assert evaluate("--help").returncode == 0
+    out = tmp_path / "ppl.json"
+    done = evaluate(str(run_dir), "--batches", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["perplexity"]["batches"] == 1
+    tasks = evaluate(str(run_dir), "--tasks", "anything", "--out", str(tmp_path / "tasks.json"))
+    assert tasks.returncode != 0 and "pip install -e '.[eval]'" in tasks.stderr
