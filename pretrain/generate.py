@@ -110,7 +110,8 @@ def decode(model: nn.Module, prompt: torch.Tensor, *, max_new_tokens: int, tempe
     an inference cache, then one cached step per token. The caller decides when to stop (EOS, stop strings)."""
     # every step fed, known up front: the prompt and all new tokens but the last
     cache = InferenceCache(capacity=prompt.shape[1] + max(max_new_tokens - 1, 0))
-    logits = model(prompt, cache=cache)[:, -1]  # (B, V): only the last position predicts the next token
+    # only the last position predicts the next token: the head runs there alone
+    logits = model(prompt, cache=cache, last_only=True)[:, -1]  # (B, V)
     for i in range(max_new_tokens):
         token = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)  # (B,)
         yield token
@@ -163,7 +164,7 @@ def time_inference(model: nn.Module, *, prompt_tokens: int, decode_tokens: int, 
         cache = InferenceCache(capacity=prompt_tokens + decode_tokens)
         synchronize()
         start = time.perf_counter()
-        logits = model(prompt, cache=cache)[:, -1]  # (B, V)
+        logits = model(prompt, cache=cache, last_only=True)[:, -1]  # (B, V)
         synchronize()
         prefilled = time.perf_counter()
         for _ in range(decode_tokens):

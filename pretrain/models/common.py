@@ -229,9 +229,15 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *,
-                position_ids: torch.Tensor | None = None, cache: InferenceCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache: InferenceCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), the mean loss when `labels` are given, or the hidden state (B, T, d) from a pipeline
+        stage without the head. `last_only`: the final norm and LM head run on the last position alone, giving
+        (B, 1, V): a prefill needs only the next token's prediction, not T · V logits."""
         if cache is not None and position_ids is not None:
             raise ValueError("an inference cache continues whole rows; it takes no position_ids (document masking)")
+        if last_only and labels is not None:
+            raise ValueError("last_only gives the last position's logits; a loss over labels needs every position")
         # built once per forward: the layers share its derived forms (masks, varlen boundaries)
         docs = self.document_mask(position_ids)
         if self.tok_emb is None:  # a later pipeline stage: the input is already the hidden state
@@ -252,6 +258,8 @@ class LanguageModel(nn.Module):
             cache.steps += h.shape[1]
         if self.lm_head is None:
             return h
+        if last_only:
+            h = h[:, -1:]  # (B, 1, d)
         h = self.norm(h)
         if labels is None:
             return self.lm_head(h)  # (B, T, V)

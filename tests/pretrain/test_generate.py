@@ -200,3 +200,30 @@ def test_cli_explains_its_options_and_rejects_bad_ones(tmp_path, capsys):
     time_help = capsys.readouterr().out
     for option in ("--decode-tokens", "--warmup", "--repeats", "--out"):
         assert option in time_help
+
+
+@pytest.mark.parametrize("name", ["transformer", "gpt", "gla", "rwkv7", "hybrid"])
+@torch.no_grad()
+def test_last_only_equals_the_full_forwards_last_row(name):
+    model = perturbed_model(ARCHS[name])
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
+    full = model(tokens)  # (B, T, V)
+    last = model(tokens, last_only=True)  # (B, 1, V)
+    assert last.shape == (2, 1, TINY["vocab_size"])
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-12)
+    torch.testing.assert_close(model(tokens, cache=InferenceCache(), last_only=True), last, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="last_only"):
+        model(tokens, tokens, last_only=True)
+
+
+@torch.no_grad()
+def test_prefill_runs_the_head_on_the_last_position_only():
+    """decode and time_inference prefill a prompt of 7 tokens; the LM head sees one position per row each call."""
+    from pretrain.generate import decode
+    model = perturbed_model(ARCHS["gla"])
+    positions = []
+    model.lm_head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[1]))
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(4))
+    assert len(list(decode(model, prompt, max_new_tokens=3))) == 3
+    time_inference(model, prompt_tokens=7, decode_tokens=2, batch=2, warmup=0, repeats=1)
+    assert positions == [1] * 6
