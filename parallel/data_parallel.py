@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed._composable.replicate_with_fsdp import ReplicateModule, replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -67,3 +67,15 @@ def set_gradient_sync(model: nn.Module, *, last_micro_step: bool) -> None:
         model.set_requires_gradient_sync(last_micro_step)
     if getattr(model, "keep_gathered", False):
         model.set_reshard_after_backward(last_micro_step)
+
+
+def keep_parameters_gathered(model: nn.Module) -> None:
+    """Turn FSDP's reshard_after_forward off for `model` and every FSDP unit inside it: parameters gathered for a
+    forward stay gathered, and registered on their modules, until something reshards them (the backward's end when
+    reshard_after_backward is on, or an explicit `reshard()`). A no-op without FSDP; DDP keeps whole parameters anyway.
+
+    The zero-bubble pipeline schedule needs it (`parallel.pipeline.build_schedule`). Its cost: a stage's parameters
+    stay whole, in compute dtype, through the step, next to the whole fp32 gradients every pipeline schedule already
+    accumulates for it until the step's reduction; its all-gathers drop to one per step."""
+    if isinstance(model, FSDPModule) and not isinstance(model, ReplicateModule):
+        model.set_reshard_after_forward(False)

@@ -21,6 +21,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleI
                                           ScheduleInterleavedZeroBubble)
 from torch.distributed.tensor import DTensor
 
+from parallel.data_parallel import keep_parameters_gathered
 from parallel.plans import CARRY_ARCHS
 from pretrain.config import CHOICES, ConfigError, ModelConfig, ParallelConfig, layer_mixers
 
@@ -195,4 +196,12 @@ def build_schedule(stages: list[nn.Module], indices: list[int], *, n_stages: int
     if schedule == "1f1b":
         return Schedule1F1B(pipeline_stages[0], n_microbatches, loss_fn=_loss_of_last_stage)
     cls = {"interleaved_1f1b": ScheduleInterleaved1F1B, "zero_bubble": ScheduleInterleavedZeroBubble}[schedule]
+    if schedule == "zero_bubble":
+        # Zero bubble splits each backward: the input-gradient pass (B) takes the stage's registered parameters as
+        # the weights whose autograd leaves it keeps for the weight-gradient pass (W). Under FSDP the leaves are the
+        # gathered parameters, registered only while gathered; once FSDP resharded a block after its forward, B saw
+        # the sharded ones, found none in the graph, and that block's weight gradients were silently lost. Kept
+        # gathered, they stay registered from the schedule's UNSHARD of the stage to its RESHARD after the step.
+        for module in stages:
+            keep_parameters_gathered(module)
     return cls(pipeline_stages, n_microbatches, loss_fn=_loss_of_last_stage)
