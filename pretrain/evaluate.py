@@ -266,7 +266,8 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
                            vocab_size=model.cfg.vocab_size)
         report["perplexity"] = {"data": str(data), **perplexity(model, loader, batches=args.batches)}
     if tasks:
-        lm = our_lm_class()(model, load_run_tokenizer(config, args.tokenizer), batch_size=args.batch_size, seed=args.seed)
+        lm = our_lm_class()(model, load_run_tokenizer(config, args.tokenizer), batch_size=args.batch_size,
+                            seed=args.seed)
         report["tasks"] = run_tasks(lm, tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
                                     limit=args.limit, log_samples=args.log_samples)
     out = Path(args.out) if args.out else run_dir / "eval" / f"{checkpoint.name}-{time.strftime('%Y%m%dT%H%M%S')}.json"

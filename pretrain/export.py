@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from pretrain.config import ConfigError, ModelConfig, load_config
+from pretrain.config import ConfigError, ModelConfig, layer_config, layer_mixers, load_config
 from pretrain.models.common import mlp_hidden_size
 
 TARGETS = ("hf", "fla", "rwkv")
@@ -248,11 +248,22 @@ def _require(cfg: ModelConfig, fmt: str, field: str, allowed, why: str = "") -> 
                           "cannot be exported to it faithfully.")
 
 
+def pure_config(cfg: ModelConfig) -> ModelConfig:
+    """The pure model's config for a hybrid pattern of one mixer ('gla*4' is the pure GLA bitwise: the same
+    parameter names and computation), `cfg` itself for a pure model; ExportError for a hybrid of several mixers."""
+    if cfg.arch != "hybrid":
+        return cfg
+    if len(set(layer_mixers(cfg))) > 1:
+        raise ExportError(f"model.mixers={cfg.mixers!r}: exporting hybrids of several mixers is not implemented "
+                          "yet (fla's GLA and RWKV-7 configs take softmax attention layers through their 'attn' "
+                          "option, but the mapping to it is not written); export models of one mixer.")
+    return layer_config(cfg, 0)
+
+
 def format_for(cfg: ModelConfig, target: str) -> str:
     """The format a `--to` target means for this model ('llama', 'gpt2', 'fla-gla', …), after checking that the
     target computes what our model computes; ExportError naming the option otherwise."""
-    if cfg.mixers:
-        raise ExportError(f"model.mixers={cfg.mixers!r}: hybrid models have no counterpart in {target}.")
+    cfg = pure_config(cfg)
     if target == "hf":
         _require(cfg, "Hugging Face (Llama / GPT-2)", "arch", ("transformer",),
                  "; export FoX, GLA and RWKV-7 with --to fla")
@@ -347,31 +358,26 @@ def to_ours(theirs: dict[str, torch.Tensor], rules: list[Rule], *, source: str) 
 
 def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, ModelConfig, dict]:
     """(plain fp32 model on the CPU, its ModelConfig, the run config) from a checkpoint of any layout, or a run
-    directory's newest: the files' checksums are verified, then only the model's tensors are read (DCP reshards)."""
-    from pretrain.checkpoint import CheckpointError, find_checkpoint, load_weights, read_meta
-    from pretrain.models import build_model
+    directory's newest: `pretrain.generate.load_model`, the one loader of checkpoints for inference (the stored
+    config validated, model.attn_impl 'fla' read as 'auto' off CUDA, checksums verified, only the model's tensors
+    read: DCP reshards)."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.generate import load_model
 
     try:
-        path = find_checkpoint(path)
-        run_config = read_meta(path)["config"]
-        cfg = ModelConfig(**run_config["model"])
-        with torch.device("meta"):  # no initialisation: every tensor is read from the checkpoint
-            model = build_model(cfg)
-        model.to_empty(device="cpu")
-        if cfg.tie_embeddings:  # to_empty unties them
-            model.lm_head.weight = model.tok_emb.weight
-        load_weights(path, model)
-    except CheckpointError as error:
+        model, run_config = load_model(path, device="cpu", dtype=torch.float32)
+    except (CheckpointError, ConfigError) as error:
         raise ExportError(str(error)) from error
-    return model.eval(), cfg, run_config
+    return model, model.cfg, run_config
 
 
 def run_tokenizer(run_config: dict):
-    """The tokenizer the run trained with (data.tokenizer), or None where it cannot be loaded here."""
-    from data.tokenizer import load_tokenizer
+    """The tokenizer the run trained with (`pretrain.generate.load_run_tokenizer`: data.tokenizer, its EOS token
+    from the data manifest), or None where it cannot be loaded here."""
+    from pretrain.generate import load_run_tokenizer
 
     try:
-        return load_tokenizer(run_config.get("data", {}).get("tokenizer", "byte"))
+        return load_run_tokenizer(run_config)
     except (OSError, ValueError):
         return None
 
@@ -391,7 +397,7 @@ def export(source: str | Path, target: str, out: str | Path, *, dtype: str = "fp
     """Write the checkpoint `source` (or a run directory's newest) in `target`'s format to `out`; returns `out`."""
     model, cfg, run_config = load_checkpoint_model(source)
     fmt = format_for(cfg, target)
-    return write(model, cfg, fmt, out, dtype=dtype, run_config=run_config)
+    return write(model, pure_config(cfg), fmt, out, dtype=dtype, run_config=run_config)
 
 
 def write(model: nn.Module, cfg: ModelConfig, fmt: str, out: str | Path, *, dtype: str = "fp32",
@@ -475,7 +481,7 @@ def import_model(source: str, directory: str | Path, cfg: ModelConfig) -> nn.Mod
     if source not in SOURCES:
         raise ExportError(f"--from {source!r} is unknown; use one of {', '.join(SOURCES)}")
     fmt = format_for(cfg, source)
-    model = build_model(cfg)
+    model, cfg = build_model(cfg), pure_config(cfg)  # a hybrid of one mixer reads the pure model's files
     config, theirs = read_theirs(directory)
     config, expected = _their_fields(config), _their_fields(their_config(cfg, fmt))
     # a field left null there (fla's intermediate_size: derived from hidden_ratio) is checked by the tensors' shapes

@@ -367,3 +367,66 @@ def test_pro_qk_norm_eps_is_the_references():
 if __name__ == "__main__":
     if sys.argv[1:2] == ["fla"]:
         print(fla_check(Path(sys.argv[2])))
+
+
+# --------------------------------------------------------------------------- hybrids, loaders
+
+@pytest.mark.parametrize("arch, target", [("gla", "fla"), ("transformer", "hf"), ("rwkv7", "rwkv")])
+def test_a_hybrid_of_one_mixer_exports_as_the_pure_model(tmp_path, arch, target):
+    """'NAME*2' builds the pure model bitwise (same parameters): its files are the pure model's, byte for byte."""
+    extra = RWKV7 if arch == "rwkv7" else {}
+    pure, hybrid = tiny(arch, **extra), tiny("hybrid", mixers=f"{arch}*2", **extra)
+    assert format_for(hybrid, target) == format_for(pure, target)
+    from pretrain.export import pure_config
+    files = {}
+    for name, cfg in (("pure", pure), ("hybrid", hybrid)):
+        write(perturbed_model(cfg), pure_config(cfg), format_for(cfg, target), tmp_path / name)
+        files[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())}
+    assert files["hybrid"] == files["pure"]
+
+
+def test_a_hybrid_of_one_mixer_exports_from_its_checkpoint(tmp_path):
+    from pretrain.export import export
+    _train(run_tree(tmp_path / "run", {}, {"arch": "hybrid", "mixers": "transformer"}))
+    export(tmp_path / "run", "hf", tmp_path / "hf")
+    ours, cfg, _ = load_checkpoint_model(tmp_path / "run")
+    assert cfg.arch == "hybrid"
+    report("HF llama from a one-mixer hybrid", relative_error(ours_logits(ours, tokens()),
+                                                               hf_logits(tmp_path / "hf", tokens())))
+
+
+@pytest.mark.parametrize("target", ["hf", "fla", "rwkv"])
+def test_a_hybrid_of_several_mixers_is_not_implemented_yet(target):
+    with pytest.raises(ExportError, match="not implemented yet .*fla's GLA and RWKV-7 configs take softmax "
+                                          "attention layers"):
+        format_for(tiny("hybrid", mixers="gla,transformer"), target)
+
+
+def test_checkpoint_loader_and_tokenizer_are_generates(tmp_path):
+    """Export reads a checkpoint as pretrain.generate does (model.attn_impl 'fla' runs as 'auto' off CUDA, the stored
+    config validated) and the run's tokenizer with the EOS token its data manifest names."""
+    from pretrain.checkpoint import save_weights
+    from pretrain.export import run_tokenizer
+    from tests.data.test_tokenizer import train_tiny_bpe
+
+    cfg = tiny("gla")
+    run_config = build_config({}, {"model": {**cfg.__dict__, "attn_impl": "fla"}}).to_dict()
+    save_weights(tmp_path / "run", perturbed_model(cfg), run_config=run_config)
+    model, loaded, _ = load_checkpoint_model(tmp_path / "run")
+    assert loaded.attn_impl == "auto"
+    run_config["model"]["mixers"] = "gla*2"  # mixers without model.arch='hybrid': build_config refuses it
+    save_weights(tmp_path / "bad", perturbed_model(cfg), run_config=run_config)
+    with pytest.raises(ExportError, match="model.mixers='gla\\*2' is read only by model.arch='hybrid'"):
+        load_checkpoint_model(tmp_path / "bad")
+
+    path = train_tiny_bpe(tmp_path / "tokenizer.json", special_tokens=("<|endoftext|>", "<doc>"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"tokenizer": {"eos_token": "<doc>"}}))
+    tokenizer = run_tokenizer({"data": {"tokenizer": path, "path": str(data)}})
+    assert tokenizer.eos_token == "<doc>"
+    cfg = tiny(vocab_size=320)
+    write(perturbed_model(cfg), cfg, "llama", tmp_path / "hf", run_config={"data": {"tokenizer": path,
+                                                                                     "path": str(data)}})
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == tokenizer.eos_id
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["eos_token"] == "<doc>"
