@@ -841,6 +841,7 @@ class Checkpointer:
             reason, found = _on_rank0(lambda: _inspect(path), f"inspecting checkpoint {path}")
             if reason is None:
                 self._check_config(path, found["meta"])
+                self._check_shapes(path, found["model_shapes"], parts)
                 reason = _verify_files(path, found["meta"]["files"])
             weights_only = reason is None and found["meta"].get("weights_only", False)
             if reason is None:
@@ -925,6 +926,18 @@ class Checkpointer:
                 + ". Resume with the config the checkpoint was made with, or start fresh with "
                 "--checkpoint.resume=none (or another train.run_dir).")
 
+    @staticmethod
+    def _check_shapes(path: Path, stored: dict[str, tuple[int, ...]], parts) -> None:
+        """Collective: CheckpointError on every rank if a model tensor of any rank's parts has another shape in the
+        checkpoint (a model whose code changed a parameter's shape since the save): not a corrupt file, so no other
+        checkpoint of the run would load either."""
+        mismatch = None
+        for module, _ in parts:
+            mismatch = mismatch or _shape_mismatch(path, stored, get_model_state_dict(module, options=_SD_OPTIONS))
+        found = sorted(m for m in _gather(mismatch) if m is not None)
+        if found:
+            raise CheckpointError(found[0])
+
     def _load_into(self, path: Path, parts, *, has_rng: bool) -> None:
         sd, keys = _state_dict(parts)
         if has_rng:
@@ -977,9 +990,12 @@ def read_meta(path: Path) -> dict:
 def load_weights(path: Path, model: nn.Module) -> None:
     """One process, no process group: the model tensors of checkpoint `path` (never its optimizer state), written
     under any layout, into the plain `model` (DCP reshards). A tied LM head may be absent from the files."""
-    stored = {key.removeprefix("model.") for key in read_dcp_metadata(path).state_dict_metadata
-              if key.startswith("model.")}
+    shapes = _stored_model_shapes(read_dcp_metadata(path))
+    stored = set(shapes)
     state = model.state_dict()
+    mismatch = _shape_mismatch(path, shapes, state)
+    if mismatch:
+        raise CheckpointError(mismatch)
     tied = {"lm_head.weight"} if getattr(model, "lm_head", None) is not None and \
         model.lm_head.weight is getattr(model.tok_emb, "weight", None) else set()
     absent = sorted(set(state) - stored - tied)
@@ -1064,7 +1080,33 @@ def _inspect(path: Path) -> tuple[str | None, dict | None]:
             return f"data file {name} has {file.stat().st_size} bytes, {expected['bytes']} were written", None
     rng_ranks = [int(key.rsplit("_", 1)[1]) for key, md in metadata.state_dict_metadata.items()
                  if key.startswith("rng.") and isinstance(md, BytesStorageMetadata)]
-    return None, {"meta": meta, "rng_ranks": rng_ranks}
+    return None, {"meta": meta, "rng_ranks": rng_ranks, "model_shapes": _stored_model_shapes(metadata)}
+
+
+def _stored_model_shapes(metadata: Metadata) -> dict[str, tuple[int, ...]]:
+    """The global shape of every model tensor a checkpoint holds, by parameter name, from its DCP metadata."""
+    return {key.removeprefix("model."): tuple(md.size) for key, md in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and not isinstance(md, BytesStorageMetadata)}
+
+
+def _shape_mismatch(path: Path, stored: dict[str, tuple[int, ...]], model: dict[str, torch.Tensor]) -> str | None:
+    """Why `model` (a state dict; DTensors give their global shape) cannot take the checkpoint's tensors of another
+    shape, naming each and both shapes; None when every tensor both hold has one shape."""
+    wrong = sorted(name for name, tensor in model.items()
+                   if name in stored and tuple(tensor.shape) != stored[name])
+    if not wrong:
+        return None
+    listed = "; ".join(f"{name} is {stored[name]} there, {tuple(model[name].shape)} in this model"
+                       for name in wrong[:5]) + (f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else "")
+    message = f"checkpoint {path} holds model tensors of other shapes than this model's: {listed}."
+    if any(name.endswith("mixer.o_norm.weight") and len(stored[name]) == 1 and len(model[name].shape) == 1
+           and stored[name][0] > model[name].shape[0] for name in wrong):
+        message += (" GLA's output norm became shared across heads (one scale per channel of a head, d/H of them, "
+                    "as fla's; older checkpoints hold one per head and channel, d): start fresh, or convert the "
+                    "checkpoint by averaging each o_norm.weight over its heads (not exact: the outputs change).")
+    else:
+        message += " Load it with the model config and code it was saved with."
+    return message
 
 
 def _verify_files(path: Path, files: dict[str, dict]) -> str | None:

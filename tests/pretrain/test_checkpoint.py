@@ -650,3 +650,38 @@ def test_run_lock_under_torchrun(two_ranks):
     assert locks[0]["holder_pid"] == locks[1]["holder_pid"] == locks[0]["pid"]
     assert locks[0]["second"] == locks[1]["second"] and f"pid {locks[0]['pid']}" in locks[1]["second"]
     assert not (run_dir / "lock/train.lock").exists()
+
+
+def _gla_with_per_head_output_norm():
+    """A tiny GLA as checkpoints before the shared output norm (9660b06) held it: o_norm.weight of size d."""
+    from pretrain.config import build_config
+    from pretrain.models import build_model
+
+    cfg = build_config({}, {"model": {"arch": "gla", "d_model": 32, "n_layers": 2, "n_heads": 2, "vocab_size": 64,
+                                      "seq_len": 16}})
+    old = build_model(cfg.model)
+    for block in old.layers.values():
+        block.mixer.o_norm.weight = nn.Parameter(block.mixer.o_norm.weight.detach().repeat(2))  # (d,)
+    return cfg, old, build_model(cfg.model)
+
+
+@pytest.mark.parametrize("resume", ["auto", "explicit"])
+def test_a_parameter_of_another_shape_is_named_with_both_shapes(tmp_path, resume):
+    """An old GLA checkpoint (per-head output norm) is refused naming the parameter, both shapes and the change,
+    by Checkpointer.load and load_weights alike, not as a corrupt checkpoint to repair."""
+    from pretrain.checkpoint import load_weights
+
+    cfg, old, new = _gla_with_per_head_output_norm()
+    run_config = {**RUN_CONFIG, "model": cfg.to_dict()["model"]}
+    ck = Checkpointer(Cfg(), tmp_path, run_config=run_config)
+    ck.save(1, model=old, optimizer=torch.optim.AdamW(old.parameters()), state={})
+    ck.close()
+    expected = (r"layers\.0\.mixer\.o_norm\.weight is \(32,\) there, \(16,\) in this model.*"
+                r"GLA's output norm became shared across heads.*averaging")
+    path = str(tmp_path / "checkpoints" / "step_00000001") if resume == "explicit" else "auto"
+    loader = Checkpointer(Cfg(resume=path), tmp_path, run_config=run_config)
+    with pytest.raises(CheckpointError, match=expected) as refused:
+        loader.load(model=new, optimizer=torch.optim.AdamW(new.parameters()))
+    assert "Repair" not in str(refused.value) and "reading it failed" not in str(refused.value)
+    with pytest.raises(CheckpointError, match=expected):
+        load_weights(tmp_path / "checkpoints" / "step_00000001", new)
