@@ -107,7 +107,7 @@ class ParallelConfig:
     data_parallel: str = "fsdp"
     """The dp axis: fsdp (FSDP2, parameters and optimizer state sharded) | ddp (replicated, gradients all-reduced)."""
     reshard_after_forward: bool = True
-    """FSDP: free gathered parameters after forward, gather again in backward (false: once per step, more memory)."""
+    """FSDP: free gathered parameters after forward, gather again in backward (false, and zero_bubble: once a step)."""
     fsdp_reduce_every_micro_step: bool = True
     """FSDP: reduce-scatter gradients after each micro-step, so they stay sharded (false: unsharded, once per step)."""
     pp_schedule: str = "1f1b"
@@ -594,11 +594,6 @@ def _validate_context_parallel(cfg: Config) -> None:
         raise ConfigError(f"each context-parallel rank holds seq_len / cp = {m.seq_len} / {p.cp} = {m.seq_len // p.cp} "
                           f"steps, not divisible by parallel.tp={p.tp} for sequence parallelism; pick a seq_len that "
                           f"is a multiple of {2 * p.cp * p.tp} or set parallel.sequence_parallel=false.")
-    if p.pp > 1 and p.pp_schedule == "zero_bubble":
-        # found with tests/parallel/test_context_layouts.py; dp2·pp2 zero_bubble without cp differs from one process too
-        raise ConfigError(f"parallel.pp_schedule='zero_bubble' with parallel.cp={p.cp}: cp reduces gradients over its "
-                          f"ranks like data parallelism, and zero-bubble's split backward with FSDP does not give one "
-                          f"process's gradients yet; use pp_schedule='1f1b' or 'interleaved_1f1b'.")
     if p.compile:
         raise ConfigError(f"parallel.compile with parallel.cp={p.cp} is not supported yet (the ring's send/recv and "
                           f"the state scan are untested inside compiled blocks); set parallel.compile=false.")
