@@ -192,6 +192,10 @@ _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _document_plan(docs: DocumentMask, shard: ContextShard) -> _DocumentPlan:
+    """This rank's `_DocumentPlan` for `docs`, cached per mask: one all-gather of chunk summaries and one host read
+    of the (2N, 2N) table per forward (not per layer). The table stays device-built: the loader's whole rows are on
+    the host only before `ParallelModel.local_batch`, and a pipeline schedule re-splits the batch into micro-batches
+    that only tensors survive, so a host-built table would need its own path into every stage's mask."""
     key = (shard.group, shard.rank, shard.size)
     cached = _plans.get(docs, {}).get(key)
     if cached is not None:
@@ -528,19 +532,10 @@ def rwkv7_context(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
 # Token shift halo
 
 
-def previous_steps(x: torch.Tensor, *, shard: ContextShard) -> torch.Tensor:
-    """x_{t−1} at every local step of a zigzag-local x (B, T_loc, ...), zero at global step 0: the whole-sequence
-    `shift_tokens(x)` (without docs), then split. The caller applies its own document "continues" mask.
-
-    A DTensor x (tensor parallelism: Replicate, or Shard on a trailing dim) is shifted on its local tensor and
-    comes back as a DTensor with the same spec."""
-    if isinstance(x, DTensor):
-        if any(isinstance(p, Shard) and p.dim % x.ndim in (0, 1) for p in x.placements):
-            raise ValueError(f"previous_steps shifts along the sequence (dim 1), so x may not be sharded on "
-                             f"dims 0 or 1 over tp; got placements {x.placements}")
-        shifted = previous_steps(x.to_local(), shard=shard)
-        return DTensor.from_local(shifted, x.device_mesh, x.placements, run_check=False, shape=x.shape,
-                                  stride=x.stride())
+def chunk_halo(x: torch.Tensor, *, shard: ContextShard) -> torch.Tensor:
+    """The step before each of the two local chunks of a zigzag-local x (B, T_loc, ...) (a DTensor's local part),
+    stacked (2, B, ...): zero before global step 0. One small all-gather of every rank's two chunk ends."""
+    x = x.to_local() if isinstance(x, DTensor) else x
     Tc = _check_local_len(x.shape[1], shard, "previous_steps")
     ends = torch.stack((x[:, Tc - 1], x[:, -1]))  # (2, B, ...)  the last step of each local chunk
     every = _all_gather(ends, shard)  # (N, 2, B, ...)
@@ -550,7 +545,35 @@ def previous_steps(x: torch.Tensor, *, shard: ContextShard) -> torch.Tensor:
     # local step Tc is chunk 2N−1−r's first: chunk 2N−2−r is rank r + 1's second chunk, or for r = N − 1 this
     # rank's own first chunk
     second = every[r, 0] if r == n - 1 else every[r + 1, 1]
-    return torch.cat((first.unsqueeze(1), x[:, :Tc - 1], second.unsqueeze(1), x[:, Tc:-1]), 1)
+    return torch.stack((first, second))  # (2, B, ...)
 
 
-__all__ = ["ContextShard", "chain_states", "gla_context", "previous_steps", "ring_attention", "rwkv7_context"]
+def previous_steps(x: torch.Tensor, *, shard: ContextShard,
+                   piece: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+    """x_{t−1} at every local step of a zigzag-local x (B, T_loc, ...), zero at global step 0: the whole-sequence
+    `shift_tokens(x)` (without docs), then split. The caller applies its own document "continues" mask.
+    `piece` = (whole, halo, start): x is whole[:, start:start + n] (a mini-sequence piece) and halo its whole's
+    `chunk_halo`, fetched once for all pieces: no collective then.
+
+    A DTensor x (tensor parallelism: Replicate, or Shard on a trailing dim) is shifted on its local tensor and
+    comes back as a DTensor with the same spec."""
+    if isinstance(x, DTensor):
+        if any(isinstance(p, Shard) and p.dim % x.ndim in (0, 1) for p in x.placements):
+            raise ValueError(f"previous_steps shifts along the sequence (dim 1), so x may not be sharded on "
+                             f"dims 0 or 1 over tp; got placements {x.placements}")
+        local_piece = None if piece is None else (piece[0].to_local(), *piece[1:])
+        shifted = previous_steps(x.to_local(), shard=shard, piece=local_piece)
+        return DTensor.from_local(shifted, x.device_mesh, x.placements, run_check=False, shape=x.shape,
+                                  stride=x.stride())
+    whole, halo, start = (x, chunk_halo(x, shard=shard), 0) if piece is None else piece
+    Tc = _check_local_len(whole.shape[1], shard, "previous_steps")
+    # the chunks' first local steps (0 and Tc) take their previous step from the halo, the others from whole
+    first = whole[:, start - 1] if start % Tc else halo[start // Tc]  # (B, ...)
+    second = Tc - start  # where in x the second chunk starts
+    if 0 < second < x.shape[1]:
+        return torch.cat((first.unsqueeze(1), x[:, :second - 1], halo[1].unsqueeze(1), x[:, second:-1]), 1)
+    return torch.cat((first.unsqueeze(1), x[:, :-1]), 1)
+
+
+__all__ = ["ContextShard", "chain_states", "chunk_halo", "gla_context", "previous_steps", "ring_attention",
+           "rwkv7_context"]

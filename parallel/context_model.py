@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from parallel.context import ContextShard, gla_context, previous_steps, ring_attention, rwkv7_context
+from parallel.context import ContextShard, chunk_halo, gla_context, previous_steps, ring_attention, rwkv7_context
 from pretrain.models.common import IGNORE_INDEX
 from pretrain.models.fox import ForgettingAttention
 from pretrain.models.gla import GatedLinearAttention
@@ -81,14 +81,15 @@ class ContextDocumentMask(DocumentMask):
         mask, whole, start, stop = self._whole
         if x.shape[1] != stop - start:
             raise ValueError(f"this mask covers steps {start}…{stop - 1} of a piece; got {x.shape[1]} steps")
-        return mask._previous_of(whole)[:, start:stop]
+        return previous_steps(x, shard=self.shard, piece=(whole, mask._halo_of(whole), start))
 
-    def _previous_of(self, whole: torch.Tensor) -> torch.Tensor:
-        """`previous_steps(whole)`, fetched once per forward for all the pieces cut from `whole` (and reused when a
-        checkpointed piece runs again in backward, which then needs no collective)."""
-        key = ("previous", id(whole))
+    def _halo_of(self, whole: torch.Tensor) -> torch.Tensor:
+        """`chunk_halo(whole)` (2, B, ...), fetched once per forward for all the pieces cut from `whole` (and reused
+        when a checkpointed piece runs again in backward, which then needs no collective)."""
+        key = ("halo", id(whole))
         if key not in self._by_key:
-            self._by_key[key] = (whole, previous_steps(whole, shard=self.shard))  # whole kept: its id stays its own
+            # whole is kept (no copy; the pieces hold it anyway) so that its id stays its own
+            self._by_key[key] = (whole, chunk_halo(whole, shard=self.shard))
         return self._by_key[key][1]
 
     def piece(self, x: torch.Tensor, start: int, stop: int) -> ContextDocumentMask:
@@ -122,7 +123,10 @@ def _mask_for_ops(docs: DocumentMask | None) -> DocumentMask | None:
 
 
 def _softmax_attend(mixer: Attention, shard: ContextShard, q, k, v, x, docs=None):
-    # model.dropout > 0 is refused under cp for the transformer (config validation): no probability dropout here
+    # config validation refuses model.dropout > 0 under cp for softmax layers; this catches a model built around it
+    if mixer.training and mixer.dropout_p > 0:
+        raise NotImplementedError(f"ring attention has no attention-probability dropout (dropout_p={mixer.dropout_p});"
+                                  f" set model.dropout=0 or parallel.cp=1")
     return ring_attention(q, k, v, shard=shard, docs=_mask_for_ops(docs))  # (B, T_loc, H, D)
 
 

@@ -61,7 +61,7 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         grad_params = [None] * len(params)
         device_type, enabled, dtype = ctx.autocast
-        scale = grad_loss / count
+        scale = grad_loss / count.clamp(min=1)  # no labels: 0, not 0/0 (cp's global mean sends grad_loss = 0)
         for s in ctx.slices:
             with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
                 h_chunk = h[s].detach().requires_grad_()
@@ -101,7 +101,7 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
         h, labels, weight, count = ctx.saved_tensors
         grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
         device_type, enabled, dtype = ctx.autocast
-        scale = grad_loss / count
+        scale = grad_loss / count.clamp(min=1)  # no labels: 0, not 0/0 (cp's global mean sends grad_loss = 0)
         for s in ctx.slices:
             with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
                 h_chunk, w = h[s].detach().requires_grad_(), weight.detach().requires_grad_()

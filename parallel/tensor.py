@@ -267,8 +267,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         shifted, sum_exp, labels, count = ctx.saved_tensors
+        # no labels: a zero gradient, not 0/0 (under cp the global mean sends grad_loss = 0 to such a rank)
         grad = vocab_parallel_logits_grad(shifted, sum_exp, labels, vocab_start=ctx.vocab_start,
-                                          scale=grad_loss / count)
+                                          scale=grad_loss / count.clamp(min=1))
         return grad, None, None, None
 
 

@@ -587,7 +587,7 @@ def _validate_context_parallel(cfg: Config) -> None:
         raise ConfigError(f"model.seq_len={m.seq_len} is not divisible by 2 × parallel.cp = {2 * p.cp}: context "
                           f"parallelism cuts each sequence into 2·cp chunks (rank r keeps chunks r and 2·cp−1−r, "
                           f"which balances causal work); pick a seq_len that is a multiple of {2 * p.cp}.")
-    if m.dropout > 0 and m.arch == "transformer":
+    if m.dropout > 0 and "transformer" in layer_mixers(m):
         raise ConfigError(f"model.dropout={m.dropout} also drops softmax-attention probabilities, which ring attention "
                           f"(parallel.cp={p.cp}) does not do; set model.dropout=0 or parallel.cp=1.")
     if p.tp > 1 and p.sequence_parallel and (m.seq_len // p.cp) % p.tp:

@@ -6,6 +6,7 @@ chunks. The tiny models see T = 16, so at cp2 each rank holds chunks of 4 steps 
 
 import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.context import ContextShard
-from parallel.context_model import global_mean_loss
+from parallel.context_model import _softmax_attend, global_mean_loss
+from parallel.minisequence import _ChunkedVocabParallelLoss, chunked_loss
 from parallel.mesh import ParallelDims
+from parallel.tensor import vocab_parallel_cross_entropy
 from pretrain.config import ConfigError, build_config
 from tests.dist import run_distributed
 from pretrain.train import train_step
@@ -122,38 +125,70 @@ def test_the_gradient_norm_counts_each_parameter_once(data_parallel):
             assert abs(norms[arch] - reference[arch]) < 1e-5 * reference[arch], (arch, norms[arch], reference[arch])
 
 
-def _logits_and_labels() -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T, V) logits and (B, T) labels of 2 rows of 8 steps whose chunks 1 and 2 (all of cp rank 1's steps at cp2)
-    are ignored: rank 1's own mean is 0/0."""
+def _hidden_head_and_labels() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, d) hidden states, a (V, d) head and (B, T) labels of 2 rows of 8 steps whose chunks 1 and 2 (all of cp
+    rank 1's steps at cp2) are ignored: rank 1's own mean is 0/0."""
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 8, 5, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 5, (2, 8), generator=g)
+    h = torch.randn(2, 8, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 6, (2, 8), generator=g)
     labels[:, 2:6] = -100
-    return logits, labels
+    return h, weight, labels
 
 
-def _cp_loss_and_gradient() -> tuple[float, torch.Tensor]:
-    shard = ContextShard.from_group(dist.group.WORLD)
-    logits, labels = _logits_and_labels()
-    local, local_labels = shard.split(logits).requires_grad_(), shard.split(labels)
-    local_mean = F.cross_entropy(local.flatten(0, 1), local_labels.flatten(), ignore_index=-100)
+def _cp_loss_and_gradient(loss_kind: str) -> tuple[float, torch.Tensor]:
+    """This cp rank's global mean loss and the gradient of its hidden steps, with the loss that `loss_kind` names:
+    F.cross_entropy, the mini-sequence chunked loss, or (on 4 processes: cp2 × tp2) the vocab-parallel loss, plain
+    or chunked. Under tp each tp rank holds half the head's rows and the h gradient is summed over tp."""
+    world = dist.get_world_size()
+    tp = 2 if loss_kind.startswith("tp") else 1
+    groups = {name: [dist.new_group(ranks) for ranks in rank_lists] for name, rank_lists in (
+        ("cp", [list(range(t, world, tp)) for t in range(tp)]), ("tp", [list(range(c, c + tp)) for c in
+                                                                        range(0, world, tp)]))}
+    rank = dist.get_rank()
+    cp_group, tp_group = groups["cp"][rank % tp], groups["tp"][rank // tp]
+    shard = ContextShard.from_group(cp_group)
+    h, weight, labels = _hidden_head_and_labels()
+    local, local_labels = shard.split(h).requires_grad_(), shard.split(labels)
+    rows = weight.shape[0] // tp
+    vocab_start = rows * (rank % tp)
+    if loss_kind == "cross_entropy":
+        local_mean = F.cross_entropy(F.linear(local, weight).flatten(0, 1), local_labels.flatten(), ignore_index=-100)
+    elif loss_kind == "minisequence":
+        head = torch.nn.Linear(4, 6, bias=False, dtype=torch.float64)
+        head.weight.data.copy_(weight)
+        local_mean = chunked_loss(head, local, local_labels, chunks=2)
+    elif loss_kind == "tp2":
+        logits = F.linear(local, weight[vocab_start:vocab_start + rows]).flatten(0, 1)  # (N, V / tp)
+        local_mean = vocab_parallel_cross_entropy(logits, local_labels.flatten(), vocab_start=vocab_start,
+                                                  group=tp_group)
+    else:  # tp2 with mini-sequence chunks
+        local_mean = _ChunkedVocabParallelLoss.apply(local.flatten(0, 1), local_labels.flatten(),
+                                                     weight[vocab_start:vocab_start + rows], 2, vocab_start, tp_group)
     loss = global_mean_loss(local_mean, local_labels, shard)
     loss.backward()
-    return loss.item(), local.grad
+    grad = local.grad
+    dist.all_reduce(grad, group=tp_group)  # each tp rank's share of the h gradient
+    return loss.item(), grad
 
 
-def test_the_loss_is_the_whole_mean_even_where_a_rank_has_no_labels():
+@pytest.mark.parametrize("loss_kind, world", [("cross_entropy", 2), ("minisequence", 2), ("tp2", 4),
+                                              ("tp2_minisequence", 4)])
+def test_the_loss_is_the_whole_mean_even_where_a_rank_has_no_labels(loss_kind, world):
     """Every rank reports the whole sequence's mean, and its gradient is cp × the one-process one at its steps (data
-    parallelism's average over the cp ranks then gives the one-process gradient of a shared parameter)."""
-    results = run_distributed(_cp_loss_and_gradient, 2)
-    logits, labels = _logits_and_labels()
-    logits.requires_grad_()
-    full = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    parallelism's average over the cp ranks then gives the one-process gradient of a shared parameter), with each
+    loss the model may compute: a rank without labels gets a zero gradient, not 0/0."""
+    results = run_distributed(_cp_loss_and_gradient, world, loss_kind)
+    h, weight, labels = _hidden_head_and_labels()
+    h.requires_grad_()
+    full = F.cross_entropy(F.linear(h, weight).flatten(0, 1), labels.flatten(), ignore_index=-100)
     full.backward()
+    tol = 1e-12 if loss_kind == "cross_entropy" else 1e-6  # the chunked and vocab-parallel losses compute in fp32
     for rank, (loss, grad) in enumerate(results):
-        assert abs(loss - full.item()) < 1e-12
-        shard = ContextShard(group=None, rank=rank, size=2)
-        torch.testing.assert_close(grad / 2, shard.split(logits.grad), rtol=0, atol=1e-15)
+        assert abs(loss - full.item()) < tol
+        tp = world // 2
+        shard = ContextShard(group=None, rank=rank // tp, size=2)  # ranks: cp rank × tp + tp rank
+        torch.testing.assert_close(grad / 2, shard.split(h.grad), rtol=0, atol=tol)
 
 
 def config(parallel: dict, **model):
@@ -166,6 +201,8 @@ def config(parallel: dict, **model):
     ({"cp": 2}, {"seq_len": 18}, r"seq_len=18 is not divisible by 2 × parallel.cp = 4"),
     ({"cp": 4}, {"seq_len": 20}, r"seq_len=20 is not divisible by 2 × parallel.cp = 8"),
     ({"cp": 2}, {"dropout": 0.1}, r"model.dropout=0.1 also drops softmax-attention probabilities.*model.dropout=0"),
+    ({"cp": 2}, {"arch": "hybrid", "mixers": "gla,transformer", "dropout": 0.1},
+     r"model.dropout=0.1 also drops softmax-attention probabilities"),
     ({"cp": 2, "tp": 4}, {"seq_len": 20}, r"seq_len / cp = 20 / 2 = 10 steps, not divisible by parallel.tp=4"),
     ({"cp": 0}, {}, r"parallel.cp must be >= 1"),
     ({"cp": 2, "compile": True}, {}, r"parallel.compile with parallel.cp=2 is not supported"),
@@ -173,6 +210,13 @@ def config(parallel: dict, **model):
 def test_config_errors(parallel, model, message):
     with pytest.raises(ConfigError, match=message):
         config(parallel, **model)
+
+
+def test_ring_attention_refuses_a_mixer_that_drops_probabilities():
+    """The guard behind the config check: a softmax mixer training with dropout is refused, not run without it."""
+    mixer = SimpleNamespace(training=True, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match=r"no attention-probability dropout \(dropout_p=0.1\)"):
+        _softmax_attend(mixer, ContextShard(group=None, rank=0, size=2), None, None, None, None)
 
 
 def test_world_counts_cp():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from parallel.context import ContextShard, _document_plan, chain_states, gla_context, previous_steps, \
+from parallel.context import ContextShard, _document_plan, chain_states, chunk_halo, gla_context, previous_steps, \
     ring_attention, rwkv7_context
 from pretrain.models.common import shift_tokens
 from pretrain.ops import DocumentMask, causal_attention, forgetting_attention, gla, rwkv7
@@ -242,6 +242,24 @@ def _document_plan_and_dtensor_halo():
     with pytest.raises(ValueError, match="sharded on dims 0 or 1"):
         previous_steps(DTensor.from_local(local, mesh["tp"], [Shard(1)], run_check=False), shard=shard)
     return True
+
+
+def _pieces_of_a_halo():
+    """A mini-sequence piece's previous steps, from its whole's halo (one all-gather for all pieces), equal the
+    whole's previous steps cut to the piece: pieces inside a chunk, across the chunk boundary and at its start."""
+    shard = ContextShard.from_group(dist.group.WORLD)
+    whole = shard.split(_randn(B, T, 3, seed=17))  # (B, T_loc, 3)
+    expected = previous_steps(whole, shard=shard)
+    halo = chunk_halo(whole, shard=shard)  # (2, B, 3)
+    Tc = whole.shape[1] // 2
+    for start, stop in ((0, 5), (4, Tc + 3), (Tc - 1, Tc + 1), (Tc, Tc + 4), (Tc + 2, 2 * Tc)):
+        piece = previous_steps(whole[:, start:stop], shard=shard, piece=(whole, halo, start))
+        assert torch.equal(piece, expected[:, start:stop]), (start, stop)
+    return True
+
+
+def test_mini_sequence_pieces_shift_from_the_halo():
+    assert all(run_distributed(_pieces_of_a_halo, 2))
 
 
 def test_shard_split_gather_positions():
