@@ -1,6 +1,7 @@
 """Bytes each collective moves in one training step, per layout, next to the analytic volumes.
 
-    python bench/comm.py [--arch transformer] [--layouts tp2-sp,dp2-fsdp,...] [--d-model 64 --layers 4 ...]
+    python bench/comm.py [--arch transformer | --arch hybrid --mixers gla,rwkv7] [--layouts tp2-sp,dp2-fsdp,...]
+                         [--d-model 64 --layers 4 ...]
 
 Each layout runs on gloo CPU processes with the training loop's own step; every collective of one step (after a
 warm-up step) is counted on each rank and one JSON object per layout is printed: per collective kind the calls
@@ -21,7 +22,8 @@ a = s·b·h·4 bytes, P = parameter bytes on the rank):
             fsdp_reduce_every_micro_step off (once, after the last micro-step; unsharded until then).
   HSDP      as FSDP over the dp_shard group; all-reduce = P/dp_shard over dp_replicate (once per step).
   DDP       all-reduce = P (last micro-step only).
-  PP        send = recv = m·(a/t under SP)·(1 + carry) per stage boundary crossing, forward and backward.
+  PP        send = recv = m·(a/t under SP) per stage boundary crossing, forward and backward, + m·a/t for the
+            RWKV-7 carry on the crossings past the first RWKV-7 layer (all of them for a pure RWKV-7).
   CP        (N = cp, T = s/N steps per rank, H heads / t, K×V head dims; per block and micro-batch; `cp_layer_volume`)
             ring attention (transformer, FoX): send = recv = (N−1)·(2 + r) hops of k and v in fp32 (forward, its
             recomputation r, backward; FoX adds c in fp64) + N hops of the dK|dV(|dc) accumulator; FoX all-gathers
@@ -189,12 +191,13 @@ def analytic(cfg, dims, net, *, micro_batches: int) -> dict:
     """The main terms' payload bytes per step on this rank (see the module docstring), from the volume functions
     the performance model (launch/perfmodel.py) uses, so this benchmark checks the model's volumes too."""
     from parallel.pipeline import virtual_stages
-    from parallel.plans import CARRY_ARCHS
     from torch.distributed.tensor import DTensor
 
-    from launch.perfmodel import boundaries, dp_volume, hsdp_replicate_volume, pp_volume, tp_volume
+    from launch.perfmodel import (boundaries, carry_boundaries, dp_volume, hsdp_replicate_volume, pp_volume,
+                                  tp_volume)
     m, p = micro_batches, cfg.parallel
-    s, b, h, L = cfg.model.seq_len, cfg.train.micro_batch, cfg.model.d_model, cfg.model.n_layers
+    # TP's and PP's activations are a cp rank's own s / cp steps
+    s, b, h, L = cfg.model.seq_len // dims.cp, cfg.train.micro_batch, cfg.model.d_model, cfg.model.n_layers
     out = Counter()
 
     def add(volume):
@@ -222,14 +225,17 @@ def analytic(cfg, dims, net, *, micro_batches: int) -> dict:
     if dims.cp > 1:
         add({kind: (0, nbytes) for kind, nbytes in cp_analytic(cfg, dims, micro_batches=m)["analytic"].items()})
     if dims.pp > 1:
-        add(pp_volume(s=s, b=b, h=h, tp=dims.tp, micro_batches=m, boundaries=boundaries(0, dims.pp, virtual_stages(p)),
-                      dtype_bytes=4, sequence_parallel=p.sequence_parallel, carry=cfg.model.arch in CARRY_ARCHS))
+        v = virtual_stages(p)
+        add(pp_volume(s=s, b=b, h=h, tp=dims.tp, micro_batches=m, boundaries=boundaries(0, dims.pp, v), dtype_bytes=4,
+                      sequence_parallel=p.sequence_parallel,
+                      carry_boundaries=carry_boundaries(cfg.model, 0, dims.pp, v, p.pp_layers)))
     return dict(out)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="transformer", help="transformer | fox | gla | rwkv7")
+    parser.add_argument("--arch", default="transformer", help="transformer | fox | gla | rwkv7 | hybrid")
+    parser.add_argument("--mixers", default="", help="with --arch hybrid: each layer's mixer, e.g. 'gla,rwkv7'")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, from: {', '.join(LAYOUTS)}")
     parser.add_argument("--d-model", type=int, default=64, help="hidden size h")
     parser.add_argument("--layers", type=int, default=4, help="blocks L")
@@ -241,7 +247,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from tests.dist import run_distributed
     model = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads, "seq_len": args.seq_len,
-             "vocab_size": args.vocab}
+             "vocab_size": args.vocab, **({"mixers": args.mixers} if args.mixers else {})}
     train = {"global_batch": args.global_batch, "micro_batch": args.micro_batch}
     for name in args.layouts.split(","):
         world, parallel = LAYOUTS[name]

@@ -218,7 +218,7 @@ class Layout:
         if self.pp > 1:
             parts.append({"1f1b": "1f1b", "interleaved_1f1b": f"i1f1b-v{self.v}", "zero_bubble": f"zb-v{self.v}"}
                          [self.pp_schedule])
-        if self.dp > 1 and self.data_parallel == "ddp":
+        if self.dp * self.cp > 1 and self.data_parallel == "ddp":  # DDP over dp × cp
             parts.append("ddp")
         elif self.dp * self.cp > 1:
             parts.append(("hsdp" if self.dp_replicate > 1 else "fsdp") + ("" if self.reshard_after_forward
@@ -266,7 +266,7 @@ class ModelStats:
 def _stats(model_json: str) -> ModelStats:
     import torch
 
-    from pretrain.metrics import flops_per_token, matmul_params, mixer_flops_per_token
+    from pretrain.metrics import flops_per_token, mixer_flops_per_token
     from pretrain.models import build_model
 
     cfg = ModelConfig(**json.loads(model_json))
@@ -305,7 +305,8 @@ def model_stats(cfg: ModelConfig, seq_len: int) -> ModelStats:
 
 
 def arch_label(cfg: ModelConfig) -> str:
-    """The architecture as reports and calibration keys name it; a hybrid with its pattern: 'hybrid(gla*3,transformer)'."""
+    """The architecture as reports and calibration keys name it; a hybrid with its pattern:
+    'hybrid(gla*3,transformer)'."""
     return f"hybrid({cfg.mixers})" if cfg.arch == "hybrid" else cfg.arch
 
 
@@ -362,19 +363,38 @@ def hsdp_replicate_volume(param_count: float, *, units: int, dp_shard: int,
 
 
 def pp_volume(*, s: int, b: int, h: int, tp: int, micro_batches: int, boundaries: int, dtype_bytes: int,
-              sequence_parallel: bool, carry: bool) -> dict[str, tuple[int, float]]:
+              sequence_parallel: bool, carry_boundaries: int) -> dict[str, tuple[int, float]]:
     """Pipeline p2p: per micro-batch and stage-boundary crossing of this rank (forward and backward each count),
-    the hidden state (sequence-sharded under SP) and, for RWKV-7, its carried first-layer value (tp-sharded)."""
+    the hidden state (sequence-sharded under SP) and, on the `carry_boundaries` of them past the first RWKV-7
+    layer, its carried first-layer value (tp-sharded)."""
     crossing = s * b * h * dtype_bytes // (tp if tp > 1 and sequence_parallel else 1)
-    extra = s * b * h * dtype_bytes // tp if carry else 0
+    extra = s * b * h * dtype_bytes // tp
     n = micro_batches * boundaries
-    return {"send": (n, n * (crossing + extra)), "recv": (n, n * (crossing + extra))}
+    nbytes = n * crossing + micro_batches * carry_boundaries * extra
+    return {"send": (n, nbytes), "recv": (n, nbytes)}
 
 
 def boundaries(pp_rank: int, pp: int, v: int) -> int:
     """Stage-boundary crossings per micro-batch of one pipeline rank (looped stages r, r + pp, …)."""
     n = pp * v
     return sum((i > 0) + (i < n - 1) for i in range(pp_rank, n, pp))
+
+
+def carry_boundaries(model_cfg: ModelConfig, pp_rank: int, pp: int, v: int, spec: str = "") -> int:
+    """Of `boundaries`' crossings, those that also carry RWKV-7's first-layer value: as parallel/pipeline.py's
+    `stage_carries`, the boundaries after the first RWKV-7 layer (stages as `stage_layers` cuts them, `spec` being
+    parallel.pp_layers)."""
+    mixers = layer_mixers(model_cfg)
+    if "rwkv7" not in mixers:
+        return 0
+    if model_cfg.arch != "hybrid" and not spec:  # every boundary of a pure RWKV-7 (no even split needed to say so)
+        return boundaries(pp_rank, pp, v)
+    from parallel.pipeline import stage_carries, stage_layers
+
+    n = pp * v
+    layers = stage_layers(model_cfg, n, spec)
+    return sum(takes + (gives and i < n - 1)
+               for i in range(pp_rank, n, pp) for takes, gives in [stage_carries(model_cfg, layers[i])])
 
 
 def _head_dims(cfg: ModelConfig) -> tuple[int, int]:
@@ -697,10 +717,10 @@ def predict(model_cfg: ModelConfig, layout: Layout, seq_len: int, cluster: Clust
         alpha, beta = cluster.link(t > g)
         tp_s = volume_time(vol, group=t, alpha=alpha, beta=beta)
     if p > 1:
-        crossings = max(boundaries(r, p, layout.v) for r in range(p))
-        vol = pp_volume(s=seq_len // layout.cp, b=b, h=h, tp=t, micro_batches=m, boundaries=crossings,
-                        dtype_bytes=cluster.dtype_bytes, sequence_parallel=layout.sp,
-                        carry="rwkv7" in layer_mixers(model_cfg))
+        vol = max((pp_volume(s=seq_len // layout.cp, b=b, h=h, tp=t, micro_batches=m,
+                             boundaries=boundaries(r, p, layout.v), dtype_bytes=cluster.dtype_bytes,
+                             sequence_parallel=layout.sp, carry_boundaries=carry_boundaries(model_cfg, r, p, layout.v))
+                   for r in range(p)), key=lambda volume: volume["send"][1])  # the busiest pipeline rank
         alpha, beta = cluster.link(d * t * p > g)  # neighbours are dp·tp ranks apart
         pp_s = volume_time(vol, group=2, alpha=alpha, beta=beta)
     if d * layout.cp > 1:  # FSDP / DDP over dp × cp

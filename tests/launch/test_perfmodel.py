@@ -300,3 +300,28 @@ def test_tensor_and_pipeline_volumes_carry_a_cp_ranks_own_steps():
     one, two = (predict(cfg, Layout(tp=2, pp=2, cp=cp, global_batch=4), 4096, no_latency) for cp in (1, 2))
     assert two.breakdown_s["tp_comm"] == pytest.approx(one.breakdown_s["tp_comm"] / 2)
     assert two.breakdown_s["pp_comm"] == pytest.approx(one.breakdown_s["pp_comm"] / 2)
+
+
+def test_a_hybrids_pipeline_carry_starts_at_its_first_rwkv7_layer():
+    """As parallel/pipeline.py's stage_carries: RWKV-7's carry crosses only the boundaries after the first RWKV-7
+    layer (4 stages of one layer, rank 0 holding stages 0 and 2, rank 1 stages 1 and 3)."""
+    from launch.perfmodel import boundaries, carry_boundaries
+
+    def model(arch, mixers=""):
+        return build_config({"model": {**TINY, "arch": arch, "mixers": mixers}}).model
+    hybrid = model("hybrid", "gla,rwkv7")  # the carry starts at layer 1: boundaries 1→2 and 2→3 carry it
+    assert [carry_boundaries(hybrid, r, 2, 2, "1,1,1,1") for r in (0, 1)] == [2, 2]
+    assert [boundaries(r, 2, 2) for r in (0, 1)] == [3, 3]
+    assert carry_boundaries(model("rwkv7"), 0, 2, 2) == 3 and carry_boundaries(model("gla"), 0, 2, 2) == 0
+    no_latency = dataclasses.replace(H100, intra_alpha=0.0, inter_alpha=0.0)
+    layout = Layout(pp=2, pp_schedule="interleaved_1f1b", virtual_stages=2, global_batch=4)
+    pp_comm = {name: predict(cfg, layout, 64, no_latency).breakdown_s["pp_comm"]
+               for name, cfg in (("gla", model("gla")), ("hybrid", model("hybrid", "rwkv7,gla")),
+                                 ("late", model("hybrid", "gla*3,rwkv7")), ("rwkv7", model("rwkv7")))}
+    assert pp_comm["hybrid"] == pytest.approx(pp_comm["rwkv7"]) and pp_comm["late"] == pytest.approx(pp_comm["gla"])
+    assert pp_comm["rwkv7"] > pp_comm["gla"]
+
+
+def test_a_ddp_layout_over_cp_is_named_ddp():
+    assert Layout(cp=2, data_parallel="ddp").label().split()[-3] == "ddp"
+    assert "fsdp" in Layout(cp=2).label() and "ddp" not in Layout(dp=1).label()

@@ -37,3 +37,30 @@ def test_context_parallel_bytes_match_the_analytic_volumes(arch, layout):
     for kind in ("all_gather", "reduce_scatter", "send", "recv"):
         assert measured.get(kind, 0) == analytic.get(kind, 0), (kind, measured, analytic)
     assert 0 <= measured.get("all_reduce", 0) - analytic.get("all_reduce", 0) <= 64, (measured, analytic)
+
+
+@pytest.mark.parametrize("mixers", ["rwkv7,gla", "gla*3,rwkv7"], ids=["carried", "after-the-boundary"])
+def test_a_hybrid_pipeline_carries_from_its_first_rwkv7_layer(mixers):
+    """A hybrid's stages send RWKV-7's carry across the boundaries after its first RWKV-7 layer only."""
+    world, parallel = LAYOUTS["pp2-1f1b"]
+    rank0 = run_distributed(measure, world, "hybrid", parallel, {**MODEL, "mixers": mixers}, TRAIN)[0]
+    measured, analytic = rank0["payload"], rank0["analytic"]
+    for kind in ("send", "recv"):
+        assert measured.get(kind, 0) == analytic.get(kind, 0), (kind, measured, analytic)
+
+
+def test_tensor_and_pipeline_volumes_count_a_cp_ranks_own_steps():
+    """analytic() gives tp_volume and pp_volume a cp rank's s / cp steps, as launch/perfmodel.py does."""
+    from types import SimpleNamespace
+
+    from bench.comm import analytic
+    from parallel.mesh import ParallelDims
+    from pretrain.config import build_config
+
+    volumes = {}
+    for cp in (1, 2):
+        cfg = build_config({"model": {"arch": "rwkv7", **MODEL}, "parallel": {"pp": 2, "tp": 2, "cp": cp},
+                            "train": TRAIN})
+        no_parameters = SimpleNamespace(parts=[])  # the data-parallel terms are not under test here
+        volumes[cp] = analytic(cfg, ParallelDims.from_config(cfg, 4 * cp), no_parameters, micro_batches=2)
+    assert volumes[2]["send"] == volumes[1]["send"] / 2 and volumes[2]["reduce_scatter"] < volumes[1]["reduce_scatter"]
