@@ -49,7 +49,8 @@ def _inputs(name: str, B: int, T: int, H: int, D: int) -> list[torch.Tensor]:
         return [randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, D), F.logsigmoid(randn(B, T, H, K)) / 16]
     kappa = F.normalize(randn(B, T, H, D), dim=-1)
     w = -0.6 * torch.sigmoid(randn(B, T, H, D))
-    return [randn(B, T, H, D), w, randn(B, T, H, D), randn(B, T, H, D), -kappa, kappa * torch.sigmoid(randn(B, T, H, D))]
+    return [randn(B, T, H, D), w, randn(B, T, H, D), randn(B, T, H, D), -kappa,
+            kappa * torch.sigmoid(randn(B, T, H, D))]
 
 
 def _whole(name, xs, docs):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import ModelConfig, layer_config, layer_mixers
+from pretrain.config import ModelConfig, layer_config
 from pretrain.ops.gla import CHUNK_SIZE
 
 # Dense bf16 tensor-core peaks in FLOP/s (vendor data sheets; "dense" = without 2:4 sparsity).

@@ -66,7 +66,8 @@ def test_recurrence_matches_token_by_token_definition():
         alpha = torch.sigmoid(gate).pow(1 / 16).view(2, H, Dk)  # log α = logsigmoid(·) / 16
         S = alpha[..., None] * S + k[..., :, None] * v[..., None, :]
         o = torch.einsum("bhk,bhkv->bhv", q, S) / math.sqrt(Dk)
-        o = o / o.pow(2).mean(-1, keepdim=True).add(cfg.norm_eps).sqrt() * W["o_norm.weight"]  # (Dv,): shared by the heads
+        # o_norm.weight (Dv,) is shared by the heads
+        o = o / o.pow(2).mean(-1, keepdim=True).add(cfg.norm_eps).sqrt() * W["o_norm.weight"]
         o = o.flatten(1) * F.silu(xt @ W["g_proj.weight"].T)
         outs.append(o @ W["o_proj.weight"].T)
     torch.testing.assert_close(layer(x)[0], torch.stack(outs, 1), rtol=1e-10, atol=1e-10)
