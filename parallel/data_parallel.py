@@ -56,8 +56,8 @@ def set_gradient_sync(model: nn.Module, *, last_micro_step: bool) -> None:
 
     With FSDP's reshard_after_forward off, parameters also stay gathered from one micro-step's backward to the
     next one's forward and are freed after the last: one all-gather per optimizer step instead of one per
-    micro-step. Pipeline stages are not called here: torch's schedules keep their parameters gathered and their
-    gradients unsharded across a step's micro-batches on their own, and reduce once."""
+    micro-step. Pipeline stages are not called here: torch's schedules keep their gradients unsharded across a step's
+    micro-batches on their own, and reduce once (zero bubble also needs `keep_parameters_gathered`)."""
     if not isinstance(model, FSDPModule):
         return
     if getattr(model, "reduce_every_micro_step", False):
