@@ -49,8 +49,8 @@ study: install
 	$(PY) -m launch sweep configs/studies/tiny.toml --cluster configs/clusters/cpu-gloo.toml
 
 # Wheels the lent GPU machines lack, for their CPython 3.12 on manylinux x86_64 (they have torch, triton,
-# transformers, tokenizers, numpy, matplotlib, tensorboard, einops and pyyaml, and no package index), into the
-# ignored .whl/ that `bash bench/gpu_suite.sh` installs from. Every dependency is named: pip fetches none.
+# transformers, safetensors, tokenizers, numpy, matplotlib, tensorboard, einops and pyyaml, and no package
+# index), into the ignored .whl/ that `bash bench/gpu_suite.sh` installs from. Every dependency is named: pip fetches none.
 GPU_WHEELS ?= fla-core==0.6.0 flash-linear-attention==0.6.0 webdataset==1.0.2 braceexpand==0.1.7 crc32c==2.9.post0
 gpu-wheels:
 	rm -rf .whl
