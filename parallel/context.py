@@ -298,13 +298,28 @@ def _tiles(Tc: int, block_q: int, causal: bool):
         yield i0, i1, (i1 if causal else Tc)
 
 
+def _scored_tiles(qs, c, doc, block, *, src: int, shard: ContextShard, visible, block_q: int):
+    """(query rows, key columns, logits (B, H, bq, bk)) of every tile this rank computes against the ring `block`
+    (k, v[, c][, doc]) that started on rank `src`: the forward's and the backward's shared walk over block pairs."""
+    k_b = block[0]
+    c_b = block[2] if c is not None else None
+    doc_b = block[-1] if doc is not None else None
+    Tc = qs.shape[-2] // 2
+    for q0, k0, causal in _block_pairs(shard.chunks, (src, 2 * shard.size - 1 - src), Tc, visible):
+        for i0, i1, kn in _tiles(Tc, block_q, causal):
+            rows, keys = slice(q0 + i0, q0 + i1), slice(k0, k0 + kn)
+            yield rows, keys, _tile_logits(qs[..., rows, :], k_b[..., keys, :],
+                                           None if c is None else c[..., rows], None if c is None else c_b[..., keys],
+                                           None if doc is None else doc[:, rows],
+                                           None if doc is None else doc_b[:, keys], i0 if causal else None)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, c, doc, visible, shard, scale, block_q):
         # q, k (B, H, T_loc, D), v (B, H, T_loc, Dv) in the compute dtype; c (B, H, T_loc) float64 or None;
         # doc (B, T_loc) global document ids or None
         B, H, T_loc, _ = q.shape
-        Tc = T_loc // 2
         ring = _Ring(shard) if shard.size > 1 else None
         qs = q * scale
         m = q.new_full((B, H, T_loc), float("-inf"))  # running max of the logits
@@ -315,28 +330,19 @@ class _RingAttention(torch.autograd.Function):
             src = (shard.rank - step) % shard.size
             if step < shard.size - 1:  # the next block is on its way while this one is computed
                 incoming, requests = ring.shift(block, tag=0)
-            k_b, v_b = block[0], block[1]
-            c_b = block[2] if c is not None else None
-            doc_b = block[-1] if doc is not None else None
-            src_chunks = (src, 2 * shard.size - 1 - src)
-            for q0, k0, causal in _block_pairs(shard.chunks, src_chunks, Tc, visible):
-                for i0, i1, kn in _tiles(Tc, block_q, causal):
-                    rows = slice(q0 + i0, q0 + i1)
-                    keys = slice(k0, k0 + kn)
-                    s = _tile_logits(qs[..., rows, :], k_b[..., keys, :],
-                                     None if c is None else c[..., rows], None if c is None else c_b[..., keys],
-                                     None if doc is None else doc[:, rows], None if doc is None else doc_b[:, keys],
-                                     i0 if causal else None)  # (B, H, bq, bk)
-                    m_old = m[..., rows]
-                    m_new = torch.maximum(m_old, s.amax(-1))  # (B, H, bq)
-                    # without documents every query sees a key in every tile computed; with them a row may see
-                    # none yet (m = −inf): subtract 0 there, never −inf − −inf
-                    m_ref = m_new if doc is None else m_new.masked_fill(m_new.isneginf(), 0.0)
-                    p = (s - m_ref[..., None]).exp()  # (B, H, bq, bk)
-                    rescale = (m_old - m_ref).exp()
-                    den[..., rows] = den[..., rows] * rescale + p.sum(-1)
-                    acc[..., rows, :] = acc[..., rows, :] * rescale[..., None] + p @ v_b[..., keys, :]
-                    m[..., rows] = m_new
+            v_b = block[1]
+            for rows, keys, s in _scored_tiles(qs, c, doc, block, src=src, shard=shard, visible=visible,
+                                               block_q=block_q):
+                m_old = m[..., rows]
+                m_new = torch.maximum(m_old, s.amax(-1))  # (B, H, bq)
+                # without documents every query sees a key in every tile computed; with them a row may see
+                # none yet (m = −inf): subtract 0 there, never −inf − −inf
+                m_ref = m_new if doc is None else m_new.masked_fill(m_new.isneginf(), 0.0)
+                p = (s - m_ref[..., None]).exp()  # (B, H, bq, bk)
+                rescale = (m_old - m_ref).exp()
+                den[..., rows] = den[..., rows] * rescale + p.sum(-1)
+                acc[..., rows, :] = acc[..., rows, :] * rescale[..., None] + p @ v_b[..., keys, :]
+                m[..., rows] = m_new
             if step < shard.size - 1:
                 _wait(requests)
                 block = incoming
@@ -354,7 +360,6 @@ class _RingAttention(torch.autograd.Function):
         visible, shard, scale, block_q = ctx.config
         B, H, T_loc, D = q.shape
         Dv = v.shape[-1]
-        Tc = T_loc // 2
         ring = _Ring(shard) if shard.size > 1 else None
         do = do.contiguous()
         qs = q * scale
@@ -367,28 +372,19 @@ class _RingAttention(torch.autograd.Function):
             if step < shard.size - 1:
                 incoming, requests = ring.shift(block, tag=0)
             k_b, v_b = block[0], block[1]
-            c_b = block[2] if c is not None else None
-            doc_b = block[-1] if doc is not None else None
             dk, dv = torch.zeros_like(k_b), torch.zeros_like(v_b)  # this rank's share of the block's gradients
             dc = None if c is None else q.new_zeros(B, H, T_loc)
-            src_chunks = (src, 2 * shard.size - 1 - src)
-            for q0, k0, causal in _block_pairs(shard.chunks, src_chunks, Tc, visible):
-                for i0, i1, kn in _tiles(Tc, block_q, causal):
-                    rows = slice(q0 + i0, q0 + i1)
-                    keys = slice(k0, k0 + kn)
-                    s = _tile_logits(qs[..., rows, :], k_b[..., keys, :],
-                                     None if c is None else c[..., rows], None if c is None else c_b[..., keys],
-                                     None if doc is None else doc[:, rows], None if doc is None else doc_b[:, keys],
-                                     i0 if causal else None)  # (B, H, bq, bk)
-                    p = (s - lse[..., rows, None]).exp()  # (B, H, bq, bk)
-                    do_i = do[..., rows, :]
-                    dv[..., keys, :] += p.transpose(-1, -2) @ do_i
-                    ds = p * (do_i @ v_b[..., keys, :].transpose(-1, -2) - delta[..., rows, None])
-                    dq[..., rows, :] += ds @ k_b[..., keys, :]
-                    dk[..., keys, :] += ds.transpose(-1, -2) @ qs[..., rows, :]
-                    if c is not None:
-                        # the logit has +c_i − c_j; the +c_i part sums ds over a whole softmax row, exactly 0
-                        dc[..., keys] -= ds.sum(-2)
+            for rows, keys, s in _scored_tiles(qs, c, doc, block, src=src, shard=shard, visible=visible,
+                                               block_q=block_q):
+                p = (s - lse[..., rows, None]).exp()  # (B, H, bq, bk)
+                do_i = do[..., rows, :]
+                dv[..., keys, :] += p.transpose(-1, -2) @ do_i
+                ds = p * (do_i @ v_b[..., keys, :].transpose(-1, -2) - delta[..., rows, None])
+                dq[..., rows, :] += ds @ k_b[..., keys, :]
+                dk[..., keys, :] += ds.transpose(-1, -2) @ qs[..., rows, :]
+                if c is not None:
+                    # the logit has +c_i − c_j; the +c_i part sums ds over a whole softmax row, exactly 0
+                    dc[..., keys] -= ds.sum(-2)
             # one buffer travels for dk | dv | dc
             part = torch.cat((dk, dv) if c is None else (dk, dv, dc.unsqueeze(-1)), -1)  # (B, H, T_loc, width)
             if step == 0:
