@@ -92,27 +92,35 @@ def train_layouts(archs, parallel: dict, train: dict | None = None, steps: int =
         cfg = tiny_config(arch, parallel, **(train or {}))
         if model_overrides:
             cfg.model = dataclasses.replace(cfg.model, **model_overrides)
-        cfg.data.document_mask = documents  # as the loader's batches would say (context parallelism reads it)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        dims = ParallelDims.from_config(cfg, world)
-        mesh = dims.build_mesh("cpu") if world > 1 else None
-        dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
-        model, optimizers = build(cfg, mesh)
-        first = 1
-        if run_dir is not None:
-            ckpt = Checkpointer(cfg.checkpoint, f"{run_dir}/{arch}", run_config=cfg.to_dict())
-            resumed = ckpt.load(model=model.parts, optimizer=optimizers)
-            first = resumed["step"] + 1 if resumed else 1
-        losses = []
-        for step in range(first, (stop_after or steps) + 1):
-            micro_batches = local_micro_batches(global_batch(step, cfg, documents), cfg, dp_rank=dp_rank, dp=dims.dp)
-            loss, _ = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, steps),
-                                 grad_clip=cfg.optim.grad_clip, autocast=torch.autocast("cpu", enabled=False))
-            losses.append(mean_across_ranks(loss))
-        if run_dir is not None:
-            ckpt.save(step, model=model.parts, optimizer=optimizers, state={})
-        out[arch] = (losses, full_params(model))
+        out[arch] = train_config(cfg, run_dir=run_dir and f"{run_dir}/{arch}", stop_after=stop_after,
+                                 documents=documents, steps=steps)
     return out
+
+
+def train_config(cfg, *, run_dir: str | None = None, stop_after: int | None = None, documents: bool = False,
+                 steps: int = STEPS) -> tuple[list[float], dict]:
+    """Train `cfg` on this process's share of the layout it names: the logged losses and this rank's full parameters
+    (see train_layouts for run_dir, stop_after and documents)."""
+    cfg.data.document_mask = documents  # as the loader's batches would say (context parallelism reads it)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dims = ParallelDims.from_config(cfg, world)
+    mesh = dims.build_mesh("cpu") if world > 1 else None
+    dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
+    model, optimizers = build(cfg, mesh)
+    first = 1
+    if run_dir is not None:
+        ckpt = Checkpointer(cfg.checkpoint, run_dir, run_config=cfg.to_dict())
+        resumed = ckpt.load(model=model.parts, optimizer=optimizers)
+        first = resumed["step"] + 1 if resumed else 1
+    losses = []
+    for step in range(first, (stop_after or steps) + 1):
+        micro_batches = local_micro_batches(global_batch(step, cfg, documents), cfg, dp_rank=dp_rank, dp=dims.dp)
+        loss, _ = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, steps),
+                             grad_clip=cfg.optim.grad_clip, autocast=torch.autocast("cpu", enabled=False))
+        losses.append(mean_across_ranks(loss))
+    if run_dir is not None:
+        ckpt.save(step, model=model.parts, optimizer=optimizers, state={})
+    return losses, full_params(model)
 
 
 def assert_same_training(results: list[dict], reference: dict, archs) -> None:

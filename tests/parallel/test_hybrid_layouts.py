@@ -8,18 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
-from parallel.mesh import ParallelDims
 from parallel.pipeline import balance_layers, stage_carries, stage_imbalance, stage_layers
-from pretrain.checkpoint import Checkpointer
 from pretrain.config import ConfigError, ModelConfig, build_config
 from pretrain.metrics import flops_by_layer, flops_per_token
-from pretrain.optim import lr_at
-from pretrain.train import mean_across_ranks, train_step
 from tests.dist import run_distributed
-from tests.parallel.layouts import (STEPS, TOLERANCE, assert_same_params, assert_same_training, build, full_params,
-                                    global_batch, local_micro_batches)
+from tests.parallel.layouts import STEPS, TOLERANCE, assert_same_params, assert_same_training, train_config
 
 # Every mixer once, the carry starting mid-stack (its stage boundaries: none, then one); GLA:attention 3:1; and
 # RWKV-7 first (RWKV-7's ends, a carry across every boundary) interleaved with FoX.
@@ -46,27 +40,9 @@ def train_hybrids(patterns, parallel: dict, train: dict | None = None, *, run_di
     out = {}
     for mixers in patterns:
         cfg = hybrid_config(mixers, parallel, **(train or {}))
-        cfg.data.document_mask = documents  # as the loader's batches would say (context parallelism reads it)
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        dims = ParallelDims.from_config(cfg, world)
-        mesh = dims.build_mesh("cpu") if world > 1 else None
-        dp_rank = mesh.get_local_rank("dp") if mesh is not None else 0
-        model, optimizers = build(cfg, mesh)
-        first = 1
-        if run_dir is not None:
-            ckpt = Checkpointer(cfg.checkpoint, f"{run_dir}/{mixers.replace('*', 'x').replace(',', '-')}",
-                                run_config=cfg.to_dict())
-            resumed = ckpt.load(model=model.parts, optimizer=optimizers)
-            first = resumed["step"] + 1 if resumed else 1
-        losses = []
-        for step in range(first, (stop_after or STEPS) + 1):
-            micro_batches = local_micro_batches(global_batch(step, cfg, documents), cfg, dp_rank=dp_rank, dp=dims.dp)
-            loss, _ = train_step(model, optimizers, micro_batches, lr=lr_at(step, cfg.optim, STEPS),
-                                 grad_clip=cfg.optim.grad_clip, autocast=torch.autocast("cpu", enabled=False))
-            losses.append(mean_across_ranks(loss))
-        if run_dir is not None:
-            ckpt.save(step, model=model.parts, optimizer=optimizers, state={})
-        out[mixers] = (losses, full_params(model))
+        name = mixers.replace("*", "x").replace(",", "-")
+        out[mixers] = train_config(cfg, run_dir=run_dir and f"{run_dir}/{name}", stop_after=stop_after,
+                                   documents=documents)
     return out
 
 
