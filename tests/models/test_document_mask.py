@@ -57,9 +57,9 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_packed_documents_equal_documents_run_alone(name):
-    model = fp64_model(name)
+def assert_packed_equals_alone(model) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Each document of `packed_batch()`'s rows gives, packed, the logits and parameter gradients of running it alone
+    (fp64, 1e-9 of their scale); returns the tokens, the documents' logits run alone and their scale."""
     tokens, position_ids, weights = packed_batch()
 
     packed = model(tokens, position_ids=position_ids)  # (B, T, V)
@@ -78,7 +78,13 @@ def test_packed_documents_equal_documents_run_alone(name):
     assert packed_grads.keys() == alone_grads.keys()
     for n, g in alone_grads.items():
         torch.testing.assert_close(packed_grads[n], g, rtol=0, atol=1e-9 * max(float(g.abs().max()), 1e-3), msg=n)
+    return tokens, alone, scale
 
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_packed_documents_equal_documents_run_alone(name):
+    model = fp64_model(name)
+    tokens, alone, scale = assert_packed_equals_alone(model)
     # the mask has an effect: without it, later documents see earlier ones
     unmasked = model(tokens).detach()
     assert (unmasked - alone).abs().max() > 1e-4 * scale

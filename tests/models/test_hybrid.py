@@ -15,7 +15,7 @@ from pretrain.models.transformer import Attention
 from tests.models.contract import assert_gradients_reach_every_parameter, assert_meta_build_equals_eager, build
 from tests.models.test_document_mask import T as DOC_T
 from tests.models.test_document_mask import VOCAB as DOC_VOCAB
-from tests.models.test_document_mask import grads, packed_batch, pieces
+from tests.models.test_document_mask import assert_packed_equals_alone
 
 VOCAB = 61
 TINY = {"d_model": 32, "n_heads": 4, "vocab_size": VOCAB, "seq_len": 32}
@@ -175,24 +175,7 @@ def test_packed_documents_equal_documents_run_alone(mixers, pro):
     torch.manual_seed(0)
     model = build_model(cfg).double().eval()
     perturb(model)
-    tokens, position_ids, weights = packed_batch()
-
-    packed = model(tokens, position_ids=position_ids)  # (B, T, V)
-    (packed * weights).sum().backward()
-    packed_grads = grads(model)
-    model.zero_grad(set_to_none=True)
-    alone = torch.empty_like(packed)
-    for r, a, b in pieces():
-        logits = model(tokens[r:r + 1, a:b], position_ids=position_ids[r:r + 1, a:b])  # (1, n, V)
-        (logits * weights[r:r + 1, a:b]).sum().backward()
-        alone[r, a:b] = logits[0].detach()
-    scale = float(alone.abs().max())
-    torch.testing.assert_close(packed.detach(), alone, rtol=0, atol=1e-9 * scale)
-    alone_grads = grads(model)
-    assert packed_grads.keys() == alone_grads.keys()
-    for n, grad in alone_grads.items():
-        torch.testing.assert_close(packed_grads[n], grad, rtol=0, atol=1e-9 * max(float(grad.abs().max()), 1e-3),
-                                   msg=n)
+    assert_packed_equals_alone(model)
 
 
 def test_hybrid_trains():
