@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pretrain.config import ConfigError, ModelConfig
 from pretrain.models.common import LanguageModel, LayerCache
 from pretrain.models.transformer import HeadRMSNorm
-from pretrain.ops.gla import gla
+from pretrain.ops.gla import gla, gla_step
 
 GATE_RANK = 16  # low rank of the decay projection (GLA paper)
 GATE_NORMALIZER = 16  # log α = logsigmoid(·) / 16 keeps the decays near 1 (slow forgetting) at initialisation
@@ -87,7 +87,9 @@ class GatedLinearAttention(nn.Module):
         g = F.logsigmoid(gk) / GATE_NORMALIZER  # (B, T, H, Dk): log decay
         if cache is None:
             o = self.attend(q, k, v, g, docs)  # (B, T, H, Dv)
-        else:  # inference: continue from the cached state (B, H, Dk, Dv), constant cost per token
+        elif T == 1:  # decoding one token: the plain recurrent step on the cached state (B, H, Dk, Dv)
+            o, cache.tensors["state"] = gla_step(q, k, v, g, cache.tensors.get("state"), impl=self.impl)
+        else:  # prefill: the chunked recurrence, continuing from the cached state, constant cost per token
             o, cache.tensors["state"] = gla(q, k, v, g, impl=self.impl, initial_state=cache.tensors.get("state"),
                                             output_final_state=True)
         o = self.o_norm(o) * F.silu(self.g_proj(x)).view_as(o)  # (B, T, H, Dv)

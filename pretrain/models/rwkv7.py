@@ -38,7 +38,7 @@ from pretrain.config import ConfigError, ModelConfig
 from pretrain.models.common import (Block, LanguageModel, LayerCache, init_by_steps, make_norm,
                                     mlp_hidden_size, orthogonal_weight, shift_tokens, zero_weight)
 from pretrain.models.gla import LowRank, at_least_fp32, linear_mixer_impl, reject_rope
-from pretrain.ops.rwkv7 import rwkv7
+from pretrain.ops.rwkv7 import rwkv7, rwkv7_step
 
 DECAY_SCALE = math.exp(-0.5)  # w = −e^{−½}·σ(·) ∈ (−0.607, 0): a step keeps at least e^{−0.607} ≈ 0.545 of S
 GROUP_NORM_EPS = 64e-5  # the reference's ln_x eps for its 64-wide heads (fla: head_dim · 1e-5)
@@ -128,7 +128,10 @@ class RWKV7TimeMix(nn.Module):
         k, v, a = (t.view(B, T, -1, D) for t in (k, v, a))  # (B, T, H, D) each
         if cache is None:
             o = self.attend(r, w, k, v, -kk, kk * a, docs)  # (B, T, H, D)
-        else:  # inference: continue from the cached state (B, H, D, D), constant cost per token
+        elif T == 1:  # decoding one token: the plain recurrent step on the cached state (B, H, D, D)
+            o, cache.tensors["state"] = rwkv7_step(r, w, k, v, -kk, kk * a, cache.tensors.get("state"),
+                                                   impl=self.impl)
+        else:  # prefill: the chunked recurrence, continuing from the cached state, constant cost per token
             o, cache.tensors["state"] = rwkv7(r, w, k, v, -kk, kk * a, impl=self.impl,
                                               initial_state=cache.tensors.get("state"), output_final_state=True)
         bonus = (r * k * self.r_k.view(-1, D)).sum(-1, keepdim=True) * v  # (B, T, H, D): the current token's own term

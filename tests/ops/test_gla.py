@@ -1,5 +1,6 @@
 """`pretrain.ops.gla`: equals fla's naive recurrence (outputs and every input gradient), the plain recurrence in
-float64, carries state across calls, keeps memory linear in T, and rejects bad input.
+float64, carries state across calls, keeps memory linear in T, and rejects bad input. `gla_step` (one decode
+step) equals fla's naive recurrence and the float64 loop step by step from a nonzero state.
 
 Tolerances: float32 vs fla, max |error| ≤ 1e-4 · max(1, max |reference|); float64 vs the loop, 1e-10 (same
 scaling); bf16 on GPU vs the float32 torch path, normwise relative error ≤ 2e-2 (outputs) / 5e-2 (grads).
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.ops.gla import gla
+from pretrain.ops.gla import gla, gla_step
 from tests.ops.helpers import (assert_grads_rel, assert_matches, assert_near, assert_saved_memory_linear, log_gates,
                                qkv, rel_err)
 
@@ -122,3 +123,74 @@ def test_fla_kernel_matches_torch_path_bf16():
     assert o.dtype == torch.bfloat16
     assert rel_err(o, o_ref) <= 2e-2 and rel_err(ht, ht_ref) <= 2e-2
     assert_grads_rel((o, ht), [*bf, h0_bf], (o_ref, ht_ref), ref_in, NAMES, [torch.randn_like(o_ref), None])
+
+
+def test_step_matches_fla_naive_one_step_at_a_time():
+    """From a nonzero state, each step's output, new state and the gradients of both (w.r.t. q, k, v, g and the
+    state entering the step) equal fla's naive recurrence run for that one step (which computes in float32)."""
+    from fla.ops.gla.naive import naive_recurrent_gla
+
+    q, k, v, g, h0 = (x.detach() for x in make_inputs(2, 6, 2, 16, 32, seed=4))
+    S = h0
+    for t in range(q.shape[1]):
+        inputs = [x[:, t:t + 1].clone().requires_grad_() for x in (q, k, v, g)] + [S.clone().requires_grad_()]
+        o, S_next = gla_step(*inputs[:4], inputs[4])
+        assert o.shape == (2, 1, 2, 32) and S_next.shape == h0.shape
+        reference = naive_recurrent_gla(*inputs[:4], initial_state=inputs[4], output_final_state=True)
+        assert_matches((o, S_next), reference, inputs, NAMES, 1e-6)
+        S = S_next.detach()
+
+
+def test_step_float64_matches_loop():
+    """Stepping through a sequence in float64 gives the recurrence loop's outputs and final state to 1e-12, with a
+    scale other than the default."""
+    q, k, v, g, h0 = (x.detach() for x in make_inputs(2, 20, 2, 16, 24, dtype=torch.float64, seed=5))
+    scale = 0.3
+    S, outputs = h0, []
+    for t in range(q.shape[1]):
+        o, S = gla_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], S, scale)
+        outputs.append(o)
+    assert S.dtype == torch.float64
+    o_loop, S_loop = loop_gla(q, k, v, g, h0, scale)
+    assert_near(torch.cat(outputs, 1), o_loop, 1e-12, "o")
+    assert_near(S, S_loop, 1e-12, "final state")
+
+
+def test_step_without_a_state_starts_from_zero_and_keeps_a_float32_state():
+    q, k, v, g, _ = (x.detach() for x in make_inputs(2, 1, 2, 16, 16, seed=6))
+    o, S = gla_step(q, k, v, g)
+    o_chunked, S_chunked = gla(q, k, v, g, output_final_state=True)
+    assert_near(o, o_chunked, 1e-6, "o")
+    assert_near(S, S_chunked, 1e-6, "state")
+    o_bf16, S_bf16 = gla_step(q.bfloat16(), k.bfloat16(), v.bfloat16(), g.bfloat16(), S)
+    assert o_bf16.dtype == torch.bfloat16 and S_bf16.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", ["two_steps", "k_shape", "v_heads", "state", "fla_on_cpu"])
+def test_step_bad_input_raises(bad):
+    q, k, v, g, h0 = (x.detach() for x in make_inputs(1, 2, 2, 16, 16))
+    q, k, v, g = (x[:, :1] for x in (q, k, v, g))
+    kwargs = {}
+    if bad == "two_steps":
+        q, k, v, g = (torch.cat((x, x), 1) for x in (q, k, v, g))
+    elif bad == "k_shape":
+        k = k[..., :8]
+    elif bad == "v_heads":
+        v = v[:, :, :1]
+    elif bad == "state":
+        h0 = h0[:, :1]
+    else:
+        kwargs["impl"] = "fla"
+    with pytest.raises(ValueError):
+        gla_step(q, k, v, g, h0, **kwargs)
+
+
+@pytest.mark.gpu
+def test_fla_step_matches_torch_step_bf16():
+    pytest.importorskip("fla")
+    q, k, v, g, h0 = (x.detach().cuda() for x in make_inputs(2, 1, 4, 64, 128, seed=7))
+    g = F.logsigmoid(torch.randn_like(g)) / 16  # GLA's gate range
+    o_ref, S_ref = gla_step(q, k, v, g, h0, impl="torch")
+    o, S = gla_step(q.bfloat16(), k.bfloat16(), v.bfloat16(), g.bfloat16(), h0, impl="fla")
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
+    assert rel_err(o, o_ref) <= 2e-2 and rel_err(S, S_ref) <= 2e-2

@@ -1,5 +1,6 @@
 """`pretrain.ops.rwkv7`: equals fla's `dplr_recurrence` (outputs and every input gradient), the plain recurrence
-in float64, carries state across calls, keeps memory linear in T, and rejects bad input.
+in float64, carries state across calls, keeps memory linear in T, and rejects bad input. `rwkv7_step` (one decode
+step) equals `dplr_recurrence` and the float64 loop step by step from a nonzero state.
 
 Tolerances: float32 vs fla, max |error| ≤ 1e-4 · max(1, max |reference|); float64 vs the loop, 1e-10 (same
 scaling); bf16 on GPU vs the float32 torch path, normwise relative error ≤ 2e-2 (outputs) / 5e-2 (grads).
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.ops.rwkv7 import rwkv7
+from pretrain.ops.rwkv7 import rwkv7, rwkv7_step
 from tests.ops.helpers import (assert_grads_rel, assert_matches, assert_near, assert_saved_memory_linear, log_gates,
                                qkv, rel_err)
 
@@ -141,3 +142,69 @@ def test_fla_kernel_matches_torch_path_bf16():
     assert o.dtype == torch.bfloat16
     assert rel_err(o, o_ref) <= 2e-2 and rel_err(ht, ht_ref) <= 2e-2
     assert_grads_rel((o, ht), [*bf, h0], (o_ref, ht_ref), ref_in, NAMES, [torch.randn_like(o_ref), None])
+
+
+@pytest.mark.parametrize("rwkv_ab", [True, False])
+def test_step_matches_fla_dplr_recurrence_one_step_at_a_time(rwkv_ab):
+    """From a nonzero state, each step's output, new state and the gradients of both (w.r.t. every input and the
+    state entering the step) equal fla's `dplr_recurrence` run for that one step (which computes in float32)."""
+    r, w, k, v, a, b, h0 = (x.detach() for x in make_inputs(2, 6, 2, 16, 32, seed=4, rwkv_ab=rwkv_ab))
+    S = h0
+    for t in range(r.shape[1]):
+        inputs = [x[:, t:t + 1].clone().requires_grad_() for x in (r, w, k, v, a, b)] + [S.clone().requires_grad_()]
+        o, S_next = rwkv7_step(*inputs)
+        assert o.shape == (2, 1, 2, 32) and S_next.shape == h0.shape
+        assert_matches((o, S_next), fla_reference(*inputs), inputs, NAMES, 1e-6)
+        S = S_next.detach()
+
+
+def test_step_float64_matches_loop():
+    """Stepping through a sequence in float64 gives the recurrence loop's outputs and final state to 1e-12."""
+    r, w, k, v, a, b, h0 = (x.detach() for x in make_inputs(2, 20, 2, 16, 24, dtype=torch.float64, seed=5))
+    S, outputs = h0, []
+    for t in range(r.shape[1]):
+        o, S = rwkv7_step(*(x[:, t:t + 1] for x in (r, w, k, v, a, b)), S)
+        outputs.append(o)
+    assert S.dtype == torch.float64
+    o_loop, S_loop = loop_rwkv7(r, w, k, v, a, b, h0)
+    assert_near(torch.cat(outputs, 1), o_loop, 1e-12, "o")
+    assert_near(S, S_loop, 1e-12, "final state")
+
+
+def test_step_without_a_state_starts_from_zero_and_keeps_a_float32_state():
+    inputs = [x.detach() for x in make_inputs(2, 1, 2, 16, 16, seed=6)[:6]]
+    o, S = rwkv7_step(*inputs)
+    o_chunked, S_chunked = rwkv7(*inputs, output_final_state=True)
+    assert_near(o, o_chunked, 1e-6, "o")
+    assert_near(S, S_chunked, 1e-6, "state")
+    o_bf16, S_bf16 = rwkv7_step(*(x.bfloat16() for x in inputs), S)
+    assert o_bf16.dtype == torch.bfloat16 and S_bf16.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", ["two_steps", "w_shape", "b_shape", "state", "fla_on_cpu"])
+def test_step_bad_input_raises(bad):
+    r, w, k, v, a, b, h0 = (x.detach()[:, :1] if x.ndim == 4 else x.detach() for x in make_inputs(1, 2, 2, 16, 16))
+    kwargs = {}
+    if bad == "two_steps":
+        r, w, k, v, a, b = (torch.cat((x, x), 1) for x in (r, w, k, v, a, b))
+    elif bad == "w_shape":
+        w = w[..., :8]
+    elif bad == "b_shape":
+        b = b[:, :, :1]
+    elif bad == "state":
+        h0 = h0.transpose(-1, -2)[..., :8]
+    else:
+        kwargs["impl"] = "fla"
+    with pytest.raises(ValueError):
+        rwkv7_step(r, w, k, v, a, b, h0, **kwargs)
+
+
+@pytest.mark.gpu
+def test_fla_step_matches_torch_step_bf16():
+    pytest.importorskip("fla")
+    inputs = [x.detach().cuda() for x in make_inputs(2, 1, 4, 64, 64, seed=7)]
+    inputs[1] = -0.6065 * torch.sigmoid(torch.randn_like(inputs[1]))  # RWKV-7's decay range
+    o_ref, S_ref = rwkv7_step(*inputs, impl="torch")
+    o, S = rwkv7_step(*(x.bfloat16() for x in inputs[:6]), inputs[6], impl="fla")
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
+    assert rel_err(o, o_ref) <= 2e-2 and rel_err(S, S_ref) <= 2e-2

@@ -47,8 +47,9 @@ def perturbed_model(overrides: dict) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("pieces, capacity", [([5] + [1] * 19, None), ([7, 1, 3, 9], None), ([4] + [1] * 16, 24)],
-                         ids=["prefill_then_tokens", "uneven", "preallocated"])
+@pytest.mark.parametrize("pieces, capacity", [([5] + [1] * 19, None), ([7, 1, 3, 9], None), ([4] + [1] * 16, 24),
+                                             ([1] * 10, None)],
+                         ids=["prefill_then_tokens", "uneven", "preallocated", "tokens_from_the_start"])
 @pytest.mark.parametrize("name", ARCHS)
 @torch.no_grad()
 def test_cache_continues_the_full_forward(name, pieces, capacity):
