@@ -20,8 +20,6 @@ So a hybrid of one mixer is the pure model, parameter for parameter and bit for 
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn as nn
 
@@ -29,8 +27,7 @@ from pretrain.config import ModelConfig, check_mixers, layer_config, layer_mixer
 from pretrain.models.common import Block, LanguageModel, build_mlp
 from pretrain.models.fox import ForgettingAttention
 from pretrain.models.gla import GatedLinearAttention
-from pretrain.models.rwkv7 import (RWKV7Block, RWKV7ChannelMix, RWKV7TimeMix, _HandOn, _orthogonal_head,
-                                   _uniform_embedding)
+from pretrain.models.rwkv7 import RWKV7Block, RWKV7ChannelMix, RWKV7TimeMix, end_init_steps, hand_on
 from pretrain.models.transformer import Attention
 
 # The mixers that use the shared Block(mixer, model.mlp feed-forward); RWKV-7 has a block of its own.
@@ -43,7 +40,7 @@ class CarryingBlock(Block):
 
     def forward(self, *args, **kwargs):
         x, carry = super().forward(*args, **kwargs)
-        return x, _HandOn.apply(carry)  # (B, T, d), the first RWKV-7 layer's values (B, T, H·D)
+        return x, hand_on(carry)  # (B, T, d), the first RWKV-7 layer's values (B, T, H·D)
 
 
 class HybridModel(LanguageModel):
@@ -64,15 +61,11 @@ class HybridModel(LanguageModel):
         super().__init__(cfg, make_block=make_block)
 
     def init_steps(self, generator: torch.Generator | None = None):
-        """The shared init and every block's own; with RWKV-7 as layer 0, then RWKV-7's embedding and head inits
-        (in `RWKV7.init_steps`' order, so a hybrid of RWKV-7 alone draws what a pure RWKV-7 draws)."""
+        """The shared init and every block's own; with RWKV-7 as layer 0, then RWKV-7's ends (`end_init_steps`, as
+        `RWKV7.init_steps` ends, so a hybrid of RWKV-7 alone draws what a pure RWKV-7 draws)."""
         yield from super().init_steps(generator)
-        if self.mixers[0] != "rwkv7" or self.cfg.tie_embeddings:
-            return
-        if self.tok_emb is not None:
-            yield "tok_emb", partial(_uniform_embedding, generator=generator)
-        if self.lm_head is not None:
-            yield "lm_head", partial(_orthogonal_head, generator=generator)
+        if self.mixers[0] == "rwkv7":
+            yield from end_init_steps(self, generator)
 
 
 def build_hybrid(cfg: ModelConfig) -> HybridModel:

@@ -248,6 +248,13 @@ class _HandOn(torch.autograd.Function):
         return grad
 
 
+def hand_on(carry: torch.Tensor) -> torch.Tensor:
+    """The carry a block returns (the first RWKV-7 layer's values, (B, T, H·D)): the same values and storage as a new
+    tensor that is no view (see `_HandOn`). Every block after the first RWKV-7 layer returns its carry through this,
+    of any mixer (hybrid blocks too)."""
+    return _HandOn.apply(carry)
+
+
 class RWKV7Block(Block):
     """The shared pre-norm block; the first one also normalises the (tiny-initialised) embeddings (ln0)."""
 
@@ -260,7 +267,7 @@ class RWKV7Block(Block):
         if self.emb_norm is not None:
             x = self.emb_norm(x)  # (B, T, d)
         x, carry = super().forward(x, carry, docs=docs, cache=cache)
-        return x, _HandOn.apply(carry)  # (B, T, d), the first layer's values (B, T, H·D)
+        return x, hand_on(carry)  # (B, T, d), the first layer's values (B, T, H·D)
 
 
 class RWKV7(LanguageModel):
@@ -270,15 +277,22 @@ class RWKV7(LanguageModel):
                                                               first=i == 0))
 
     def init_steps(self, generator: torch.Generator | None = None):
-        """Shared init plus every block's own, then the reference's embedding (uniform ±1e-4, which the first
-        block's emb_norm rescales) and orthogonal LM head; a tied embedding keeps the shared normal init."""
+        """Shared init plus every block's own, then RWKV-7's ends (`end_init_steps`)."""
         yield from super().init_steps(generator)
-        if self.cfg.tie_embeddings:
-            return
-        if self.tok_emb is not None:
-            yield "tok_emb", partial(_uniform_embedding, generator=generator)
-        if self.lm_head is not None:
-            yield "lm_head", partial(_orthogonal_head, generator=generator)
+        yield from end_init_steps(self, generator)
+
+
+def end_init_steps(model: LanguageModel, generator: torch.Generator | None = None):
+    """RWKV-7's init of a model's ends, as steps (`LanguageModel.init_steps`) that follow the shared ones: the
+    reference's embedding (uniform ±1e-4, which the first block's emb_norm rescales) and orthogonal LM head, each
+    where the model (or its pipeline stage) has it; a tied embedding keeps the shared normal init. A pure RWKV-7 and
+    a hybrid whose layer 0 is RWKV-7 both end with these."""
+    if model.cfg.tie_embeddings:
+        return
+    if model.tok_emb is not None:
+        yield "tok_emb", partial(_uniform_embedding, generator=generator)
+    if model.lm_head is not None:
+        yield "lm_head", partial(_orthogonal_head, generator=generator)
 
 
 def _uniform_embedding(embedding: nn.Embedding, *, generator: torch.Generator | None) -> None:
