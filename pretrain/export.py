@@ -8,13 +8,16 @@ model on the CPU (DCP reshards; no process group), renames them and writes what 
 - `--to hf`: `model.safetensors` + `config.json` for `transformers.AutoModelForCausalLM`: the Transformer as
   `LlamaForCausalLM`, the `gpt` preset as `GPT2LMHeadModel` (activation_function "gelu", exact);
 - `--to fla`: the same files for fla's `GLAForCausalLM`, `ForgettingTransformerForCausalLM` and `RWKV7ForCausalLM`
-  (after `import fla`);
+  (after `import fla`); a GLA + transformer hybrid as `GLAForCausalLM` whose `attn` option puts fla's softmax
+  `Attention` at our transformer layers (fla's Attention needs flash-attn to run);
 - `--to rwkv`: `model.pth` for BlinkDL's `rwkv` package (RWKV-7 "x070": `RWKV(model=DIR/model, ...)` with
   RWKV_V7_ON=1);
 plus the run's `tokenizer.json` (with a `tokenizer_config.json`) when it trained with one. A config that the
 target cannot compute faithfully (another norm, MLP or position encoding, biases the reference lacks, the Pro
 block outside our own code, RWKV-7's GroupNorm eps against fla's at head sizes other than 64) is refused with an
-`ExportError` naming the option.
+`ExportError` naming the option. A hybrid of one mixer is the pure model; hybrids of several mixers export only as
+above: fla has no hybrid with FoX layers, its RWKV-7 + attention hybrids are not ours (`RWKV7_HYBRID_REASONS`), and
+the HF and rwkv formats have one mixer.
 
 Import reads `config.json` + safetensors of a Llama, GPT-2 or fla GLA / FoX / RWKV-7 model, checks them against
 the model of `--config FILE`, and writes them as a weights-only checkpoint (`checkpoint.save_weights`) in RUN_DIR:
@@ -156,10 +159,13 @@ def _fla_shell(cfg: ModelConfig) -> list[Rule]:
 
 
 def _fla_gla_rules(cfg: ModelConfig) -> list[Rule]:
+    """fla's GLA model; a hybrid's transformer layers are its softmax Attention layers (the 'attn' option)."""
     mixer = [(f"{p}.weight", f"{p}.weight") for p in ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj")]
     mixer += [("gk_proj.0.weight", "gk_proj.down.weight"), ("gk_proj.1.weight", "gk_proj.up.weight"),
               ("gk_proj.1.bias", "gk_proj.up.bias"), ("g_norm_swish_gate.weight", "o_norm.weight")]
-    return _fla_shell(cfg) + [r for i in range(cfg.n_layers) for r in _fla_block_rules(i, mixer)]
+    attention = [(f"{p}.weight", f"{p}.weight") for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    return _fla_shell(cfg) + [r for i, name in enumerate(layer_mixers(cfg))
+                              for r in _fla_block_rules(i, attention if name == "transformer" else mixer)]
 
 
 def _fla_fox_rules(cfg: ModelConfig) -> list[Rule]:
@@ -250,20 +256,56 @@ def _require(cfg: ModelConfig, fmt: str, field: str, allowed, why: str = "") -> 
 
 def pure_config(cfg: ModelConfig) -> ModelConfig:
     """The pure model's config for a hybrid pattern of one mixer ('gla*4' is the pure GLA bitwise: the same
-    parameter names and computation), `cfg` itself for a pure model; ExportError for a hybrid of several mixers."""
-    if cfg.arch != "hybrid":
+    parameter names and computation); `cfg` itself for a pure model or a hybrid of several mixers."""
+    if cfg.arch != "hybrid" or len(set(layer_mixers(cfg))) > 1:
         return cfg
-    if len(set(layer_mixers(cfg))) > 1:
-        raise ExportError(f"model.mixers={cfg.mixers!r}: exporting hybrids of several mixers is not implemented "
-                          "yet (fla's GLA and RWKV-7 configs take softmax attention layers through their 'attn' "
-                          "option, but the mapping to it is not written); export models of one mixer.")
     return layer_config(cfg, 0)
+
+
+# Why fla's RWKV-7 hybrids are not ours (fla-core 0.6.0, fla/models/rwkv7/modeling_rwkv7.py).
+RWKV7_HYBRID_REASONS = (
+    "fla's RWKV7Block unpacks four outputs (the last v_first) from its mixer while fla's Attention returns three, "
+    "so an RWKV7Config with 'attn' fails in its forward ('not enough values to unpack'); "
+    "its attention layers keep RWKV-7's channel mix (squared ReLU, token shift) where ours keep model.mlp; "
+    "its value residual starts from zeros and only its layer 0 makes v_first, and its layer 0 always has the "
+    "embedding LayerNorm (pre_norm), so attention at layer 0 differs twice from ours (values from the first RWKV-7 "
+    "layer, no embedding norm before an attention layer)")
+
+
+def _hybrid_format(cfg: ModelConfig, target: str) -> str:
+    """The format of a hybrid of several mixers: fla's GLA config with softmax-attention layers (its 'attn' option)
+    for gla + transformer; ExportError with the reason for every other pattern and target."""
+    present, pattern = set(layer_mixers(cfg)), f"model.mixers={cfg.mixers!r}"
+    if target == "hf":
+        raise ExportError(f"{pattern}: Hugging Face's Llama and GPT-2 have softmax attention in every layer and no "
+                          "other mixer; export GLA + transformer hybrids with --to fla.")
+    if target == "rwkv":
+        raise ExportError(f"{pattern}: BlinkDL's rwkv package runs RWKV-7 blocks only, with no other mixer.")
+    if "fox" in present:
+        raise ExportError(f"{pattern}: fla has no hybrid with FoX layers: its hybrids are a GLA or RWKV-7 config "
+                          "whose 'attn' option puts its standard softmax Attention (rotary, no forget gate) in the "
+                          "listed layers, and its FoX model (ForgettingTransformerConfig) takes no other mixer.")
+    if {"gla", "rwkv7"} <= present:
+        raise ExportError(f"{pattern}: fla has no config with both GLA and RWKV-7 layers (a GLA or RWKV-7 model "
+                          "takes only softmax attention as other layers).")
+    if "rwkv7" in present:
+        raise ExportError(f"{pattern}: RWKV-7 + softmax attention hybrids do not export to fla faithfully: "
+                          f"{RWKV7_HYBRID_REASONS}.")
+    attention = "fla's softmax Attention (fla/layers/attn.py) in a GLA model"
+    _require(cfg, attention, "pos", ("rope",), ": it rotates q and k in every attention layer (GPT-NeoX halves), "
+             "and GLA layers take no positions")
+    _require(cfg, attention, "pro", (False,), ": it has no KV-shift, output gate or output norm, and fla's configs "
+             "never turn on its qk_norm")
+    format_for(layer_config(cfg, layer_mixers(cfg).index("gla")), "fla")  # the GLA layers' (and blocks') options
+    return "fla-gla"
 
 
 def format_for(cfg: ModelConfig, target: str) -> str:
     """The format a `--to` target means for this model ('llama', 'gpt2', 'fla-gla', …), after checking that the
     target computes what our model computes; ExportError naming the option otherwise."""
     cfg = pure_config(cfg)
+    if cfg.arch == "hybrid":
+        return _hybrid_format(cfg, target)
     if target == "hf":
         _require(cfg, "Hugging Face (Llama / GPT-2)", "arch", ("transformer",),
                  "; export FoX, GLA and RWKV-7 with --to fla")
@@ -323,7 +365,7 @@ def their_config(cfg: ModelConfig, fmt: str) -> dict:
     if fmt == "fla-gla":
         return {"architectures": ["GLAForCausalLM"], "model_type": "gla", **fla, "num_heads": H, "expand_k": 0.5,
                 "expand_v": 1.0, "hidden_act": "swish", "use_short_conv": False, "use_output_gate": True,
-                "feature_map": None, "clamp_min": None}
+                "feature_map": None, "clamp_min": None, "attn": attention_spec(cfg)}
     if fmt == "fla-fox":
         return {"architectures": ["ForgettingTransformerForCausalLM"], "model_type": "forgetting_transformer", **fla,
                 "num_heads": H, "num_kv_heads": None, "qkv_bias": False, "qk_norm": False, "use_output_gate": False,
@@ -334,6 +376,41 @@ def their_config(cfg: ModelConfig, fmt: str) -> dict:
             "value_dim": d, "hidden_act": "sqrelu", "norm_first": True, "norm_bias": cfg.bias,
             "decay_low_rank_dim": lora_rank(d, 2.5), "a_low_rank_dim": lora_rank(d, 2.5),
             "v_low_rank_dim": lora_rank(d, 1.7), "gate_low_rank_dim": lora_rank(d, 5.0)}
+
+
+def attention_spec(cfg: ModelConfig) -> dict | None:
+    """fla's 'attn' option for the transformer layers of a hybrid (None without any): their indices and the
+    settings of fla's Attention that are ours: every head its own keys (no GQA), no q/k/v bias, no sliding window,
+    our rotary base. The same dict fla's config normalises it to, so a config fla saves compares equal."""
+    layers = [i for i, name in enumerate(layer_mixers(cfg)) if name == "transformer"]
+    if not layers:
+        return None
+    return {"layers": layers, "num_heads": cfg.n_heads, "num_kv_heads": cfg.n_heads, "qkv_bias": False,
+            "window_size": None, "rope_theta": cfg.rope_theta}
+
+
+def _check_attention_spec(config: dict, cfg: ModelConfig, directory) -> None:
+    """ExportError unless the directory's 'attn' option (a dict, a list of them, or none) puts the same softmax
+    attention at the same layers as model.mixers does."""
+    ours = attention_spec(cfg)
+    specs = config.get("attn") or []
+    specs = [specs] if isinstance(specs, dict) else specs
+    theirs_layers = sorted(i for spec in specs for i in spec.get("layers", []))
+    ours_layers = ours["layers"] if ours else []
+    where = f"model.mixers={cfg.mixers!r}" if cfg.arch == "hybrid" else f"model.arch={cfg.arch!r}"
+    if theirs_layers != ours_layers:
+        raise ExportError(f"{directory}: its config.json puts softmax attention ('attn' layers) at layers "
+                          f"{theirs_layers}, {where} at {ours_layers}; import it with a config whose transformer "
+                          "layers are those.")
+    for spec in specs:
+        settings = {**spec, "num_kv_heads": spec.get("num_kv_heads") or spec.get("num_heads")}
+        differ = [f"{k}={settings.get(k, fla_default)!r} there, {ours[k]!r} for this config"
+                  for k, fla_default in (("num_heads", None), ("num_kv_heads", None), ("qkv_bias", False),
+                                         ("window_size", None), ("rope_theta", 10000.0))
+                  if settings.get(k, fla_default) != ours[k]]
+        if differ:
+            raise ExportError(f"{directory}: its softmax attention layers are another model's: 'attn' "
+                              + "; ".join(differ))
 
 
 # --------------------------------------------------------------------------- conversion
@@ -490,6 +567,8 @@ def import_model(source: str, directory: str | Path, cfg: ModelConfig) -> nn.Mod
               and not (isinstance(config[k], float) and math.isclose(config[k], expected[k], rel_tol=1e-9))]
     if differ:
         raise ExportError(f"{directory} holds another model than the config's: " + "; ".join(differ))
+    if fmt == "fla-gla":
+        _check_attention_spec(config, cfg, directory)
     ours = to_ours(theirs, RULES[fmt](cfg), source=str(directory))
     if cfg.tie_embeddings:
         ours["lm_head.weight"] = ours["tok_emb.weight"]

@@ -21,6 +21,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import ast  # noqa: E402
+import contextlib  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
@@ -155,6 +156,97 @@ def check_forgetting():
         raise AssertionError("impl='fla' with docs and past did not raise")
 
 
+# --------------------------------------------------------------------------- flash-attn stand-in
+
+# fla's softmax `Attention` layer (fla/layers/attn.py, what the `attn` option of its GLA / RWKV-7 configs inserts)
+# calls flash-attn, which has no CPU build: its __init__ raises ImportError while `flash_attn_func` is None. For
+# tests, torch SDPA stands in for the two functions it calls, in the one form fla's Attention uses without a
+# sliding window; anything else raises, so a test never runs on a semantics the stand-in does not have.
+
+def _refuse_other_forms(causal, window_size, dropout_p, options) -> None:
+    if not causal or tuple(window_size) != (-1, -1) or dropout_p or options:
+        raise NotImplementedError(
+            f"the SDPA stand-in for flash-attn computes causal attention without a window, dropout or other options "
+            f"only; got causal={causal}, window_size={window_size}, dropout_p={dropout_p}, {sorted(options)}")
+
+
+def sdpa_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), **options):
+    """flash_attn_func(q, k, v, causal=True) for q, k, v (B, T, H, D) of one length and head count, by torch SDPA
+    (flash-attn's default scale 1/√D is SDPA's too)."""
+    _refuse_other_forms(causal, window_size, dropout_p, options)
+    if q.shape != k.shape or k.shape != v.shape:
+        raise NotImplementedError(f"the SDPA stand-in takes q, k, v of one shape (no GQA, no KV cache); got "
+                                  f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       scale=softmax_scale)  # (B, H, T, D)
+    return o.transpose(1, 2)  # (B, T, H, D)
+
+
+def sdpa_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                softmax_scale=None, causal=False, window_size=(-1, -1), **options):
+    """flash_attn_varlen_func for packed q, k, v (N, H, D) whose sequences (cu_seqlens) are the same for queries
+    and keys: causal attention inside each sequence."""
+    _refuse_other_forms(causal, window_size, dropout_p, options)
+    if not torch.equal(cu_seqlens_q, cu_seqlens_k):
+        raise NotImplementedError("the SDPA stand-in takes the same sequences for queries and keys (no KV cache)")
+    bounds = cu_seqlens_q.tolist()
+    return torch.cat([sdpa_flash_attn_func(q[None, s:e], k[None, s:e], v[None, s:e], causal=True,
+                                           softmax_scale=softmax_scale)[0]
+                      for s, e in zip(bounds[:-1], bounds[1:])])  # (N, H, D)
+
+
+@contextlib.contextmanager
+def flash_attn_stand_in():
+    """fla.layers.attn with the SDPA stand-ins as its flash-attn functions, restored afterwards."""
+    import fla.layers.attn as attn
+
+    missing = object()
+    saved = {name: getattr(attn, name, missing) for name in ("flash_attn_func", "flash_attn_varlen_func")}
+    attn.flash_attn_func, attn.flash_attn_varlen_func = sdpa_flash_attn_func, sdpa_flash_attn_varlen_func
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                delattr(attn, name)
+            else:
+                setattr(attn, name, value)
+
+
+def _softmax_attention_fp64(q, k, v, scale):
+    """Causal softmax attention written out in float64 (B, T, H, D): the stand-in's oracle."""
+    q, k, v = (t.double() for t in (q, k, v))
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale  # (B, H, T, T)
+    T = q.shape[1]
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)  # (B, T, H, D)
+
+
+def check_flash_attn():
+    """The stand-ins equal causal softmax attention in fp64 (dense, packed sequences, a given scale) and refuse
+    the forms they do not compute."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 20, 3, 8, generator=gen) for _ in range(3))
+    for scale in (None, 0.3):
+        expected = _softmax_attention_fp64(q, k, v, 8 ** -0.5 if scale is None else scale)
+        assert_near(sdpa_flash_attn_func(q, k, v, softmax_scale=scale, causal=True).double(), expected, 1e-5, "o")
+    cu_seqlens = torch.tensor([0, 5, 12, 20, 33, 40], dtype=torch.int32)
+    packed = [t.flatten(0, 1) for t in (q, k, v)]  # (40, H, D): rows one after the other
+    o = sdpa_flash_attn_varlen_func(*packed, cu_seqlens, cu_seqlens, 13, 13, causal=True)
+    bounds = cu_seqlens.tolist()
+    expected = torch.cat([_softmax_attention_fp64(*(t[None, s:e] for t in packed), 8 ** -0.5)[0]
+                          for s, e in zip(bounds[:-1], bounds[1:])])
+    assert_near(o.double(), expected, 1e-5, "o (varlen)")
+    for options in ({"causal": False}, {"causal": True, "window_size": (3, 0)},
+                    {"causal": True, "dropout_p": 0.1}, {"causal": True, "softcap": 1.0}):
+        try:
+            sdpa_flash_attn_func(q, k, v, **options)
+        except NotImplementedError:
+            continue
+        raise AssertionError(f"the SDPA stand-in accepted {options}")
+
+
 if __name__ == "__main__":
-    {"gla": check_gla, "rwkv7": check_rwkv7, "forgetting": check_forgetting}[sys.argv[1]]()
+    {"gla": check_gla, "rwkv7": check_rwkv7, "forgetting": check_forgetting,
+     "flash_attn": check_flash_attn}[sys.argv[1]]()
     print("ok")
