@@ -306,13 +306,16 @@ NATURAL_TARGET = {"transformer": "hf", "gla": "fla", "rwkv7": "rwkv"}
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.toml")))
 def test_shipped_configs_build_their_reference_models(path):
     """Issue 14 item 4: a shipped config of an architecture builds its reference model, so it exports (RWKV-7:
-    LayerNorm with bias and a 4·d channel mix, BlinkDL's). FoX configs are Pro models (fla's FoX has no Pro block)
-    and hybrids have no single reference."""
+    LayerNorm with bias and a 4·d channel mix, BlinkDL's). FoX configs are Pro models (fla's FoX has no Pro block);
+    of the hybrids, GLA + transformer ones export to fla's GLA with 'attn' (the others: test_export_hybrid)."""
+    from pretrain.config import layer_mixers
     from pretrain.models.common import mlp_hidden_size
 
     cfg = load_config(["--config", str(REPO / path)]).model
     if cfg.arch in NATURAL_TARGET:
         format_for(cfg, NATURAL_TARGET[cfg.arch])
+    if cfg.arch == "hybrid" and set(layer_mixers(cfg)) == {"gla", "transformer"}:
+        assert format_for(cfg, "fla") == "fla-gla"
     if cfg.arch == "rwkv7":
         assert mlp_hidden_size(cfg) == 4 * cfg.d_model
 
