@@ -15,7 +15,7 @@ its first reset, and the chunk's end state keeps only its last segment. With imp
 runs the rows flattened to one (1, B·T) sequence cut at `cu_seqlens`.
 
 Decoding one token at a time (an inference cache), `gla_step` runs the recurrence itself, a few elementwise ops
-on the state (fla's `fused_recurrent_gla` on GPU): the chunked path costs over ten times as much at T = 1.
+on the state (fla's `fused_recurrent_gla` on GPU): the chunked path costs about ten times as much at T = 1 on CPU.
 
 The chunk helpers here (`_to_chunks`, `_lower_scores`, `_chunk_segments`, `_resolve_impl`, ...) are shared with
 `rwkv7.py` and `forgetting.py`.
