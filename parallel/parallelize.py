@@ -122,11 +122,13 @@ def _local_grads_by_layout(grads: list[torch.Tensor]) -> dict[tuple, list[torch.
 
 
 def _sum_of_squares(groups: dict[tuple, list[torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """Σ g² over the full (unsharded) gradients of `_local_grads_by_layout`'s groups, in fp32: one foreach norm per
-    group and one all-reduce per sharded mesh dim of each layout."""
+    """Σ g² over the full (unsharded) gradients of `_local_grads_by_layout`'s groups, in fp32 or wider: one foreach
+    norm per group and one all-reduce per sharded mesh dim of each layout."""
     by_layout: dict[tuple, torch.Tensor] = {}
-    for (mesh, sharded_dims, _), local in groups.items():
-        squares = torch.stack(torch._foreach_norm(local, 2.0, dtype=torch.float32)).square().sum()
+    for (mesh, sharded_dims, dtype), local in groups.items():
+        # fp32 for bf16/fp16 gradients; fp64 ones keep their precision (foreach_norm refuses to narrow them)
+        squares = torch.stack(torch._foreach_norm(local, 2.0, dtype=torch.promote_types(dtype, torch.float32)))
+        squares = squares.square().sum()
         by_layout[mesh, sharded_dims] = by_layout.get((mesh, sharded_dims), 0) + squares
     total = torch.zeros((), device=device)
     for (mesh, sharded_dims), local in by_layout.items():
