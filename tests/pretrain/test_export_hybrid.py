@@ -5,8 +5,9 @@ layers. GLA + transformer hybrids export to that: every parameter perturbed, fla
 directory gives our logits (fp32, CPU). fla's Attention calls flash-attn, which has no CPU build: torch SDPA stands
 in (tests/ops/fla_interpret.py, checked against softmax attention written out in fp64 in the same process first).
 fla's GLA kernels run under Triton's interpreter, so that part runs in one fresh process (this file's main) for all
-the cases at once. The same process also checks the first reason RWKV-7 + attention hybrids are refused: fla's
-RWKV7ForCausalLM with `attn` fails in its forward. Every other pattern and target is refused with its reason.
+the cases at once (slow); it also saves each model with fla's save_pretrained, which must import to the same
+model, and checks the first reason RWKV-7 + attention hybrids are refused: fla's RWKV7ForCausalLM with `attn`
+fails in its forward. The round trip, the import checks and every refusal run in this process.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def test_gla_hybrids_give_fla_our_logits(tmp_path):
     for mixers, error in zip(GLA_HYBRIDS, result["errors"]):
         print(f"\n[export] fla GLA hybrid {mixers!r}: max |logits difference| / max |logits| = {error:.2e}")
         assert error < TOL, f"{mixers}: logits differ by {error:.2e} relative to their scale"
+    # fla → ours starting from files fla itself wrote (save_pretrained): the same model as from ours
+    for (mixers, model), directory in zip(GLA_HYBRIDS.items(), directories):
+        cfg = hybrid(mixers, **model)
+        ours, theirs = (import_model("fla", d, cfg).state_dict() for d in (directory, directory + "-saved-by-fla"))
+        assert all(torch.equal(ours[name], theirs[name]) for name in ours), mixers
     # the first reason RWKV7_HYBRID_REASONS gives: if fla fixes it, the refusal needs a new look
     assert result["rwkv7_attn_forward"] == "ValueError: not enough values to unpack (expected 4, got 3)", result
     assert result["rwkv7_attn_feed_forward"] == "RWKV7FeedForward", result
@@ -61,12 +67,17 @@ def test_gla_hybrids_give_fla_our_logits(tmp_path):
 
 def fla_probe(directories: list[str]) -> dict:
     """In a fresh process (TRITON_INTERPRET=1): the SDPA stand-in against fp64 softmax attention, then fla's logits
-    from each exported directory against ours, then fla's RWKV-7 model with an attention layer."""
+    from each exported directory against ours, fla's own save of each (DIR-saved-by-fla), then fla's RWKV-7 model
+    with an attention layer."""
     from tests.ops.fla_interpret import check_flash_attn, flash_attn_stand_in
 
     check_flash_attn()
     errors = [fla_check(Path(d)) for d in directories]
-    from fla.models import GLAConfig, RWKV7Config, RWKV7ForCausalLM
+    from fla.models import GLAConfig, GLAForCausalLM, RWKV7Config, RWKV7ForCausalLM
+
+    with flash_attn_stand_in():
+        for d in directories:
+            GLAForCausalLM.from_pretrained(d).save_pretrained(d + "-saved-by-fla")
 
     config = RWKV7Config(hidden_size=64, num_hidden_layers=2, head_dim=64, vocab_size=97, attn={"layers": [0],
                                                                                                 "num_heads": 1})
