@@ -10,6 +10,8 @@ Plots (each only when the results have what it needs):
 - memory.png: peak memory against sequence length per architecture and recompute mode (MsT chunks noted).
 - breakdown.png: measured step time next to the performance model's split into compute, tensor-, data- and
   pipeline-parallel communication and pipeline bubble. That split is modelled, not measured, and labelled so.
+- inference.png (inference studies): decode tokens/s and the inference cache's size against the context length
+  per architecture: where keys and values grow with the context and recurrent states do not.
 Rows with status invalid / oom / failed are listed with their reasons.
 """
 
@@ -70,9 +72,17 @@ def efficiency(rows: list[dict]) -> dict[str, dict[int, float]]:
     return out
 
 
+def _training(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("measure", "train") == "train"]
+
+
+def _inference(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("measure") == "inference" and r["status"] == "ok"]
+
+
 def _by_series(rows: list[dict]) -> dict[str, dict[int, dict]]:
     series: dict[str, dict[int, dict]] = defaultdict(dict)
-    for r in rows:
+    for r in _training(rows):
         if r["status"] == "ok":
             series[series_key(r)][r["world_size"]] = r
     return series
@@ -120,7 +130,7 @@ def plot_scaling(rows: list[dict], path: Path) -> bool:
 
 
 def plot_mfu(rows: list[dict], path: Path) -> bool:
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in _training(rows) if r["status"] == "ok"]
     if not ok:
         return False
     use_mfu = all(r.get("mfu") is not None for r in ok)
@@ -145,7 +155,7 @@ def plot_mfu(rows: list[dict], path: Path) -> bool:
 
 def plot_memory(rows: list[dict], path: Path) -> bool:
     lines: dict[str, dict[int, float]] = defaultdict(dict)
-    for r in rows:
+    for r in _training(rows):
         if r["status"] == "ok" and r.get("peak_memory_gb") is not None:
             key = f"{_cfg(r, 'model', 'arch')} {size(r)} {layout(r)}"
             seq = _cfg(r, "model", "seq_len")
@@ -165,6 +175,37 @@ def plot_memory(rows: list[dict], path: Path) -> bool:
     ylabel = ("peak GPU memory allocated (GiB)" if kinds == {"gpu_allocated"}
               else "peak memory (GiB; CPU: resident set of rank 0)")
     return _save(fig, ax, path, xlabel="sequence length", ylabel=ylabel, title="Peak memory per layout and recompute mode")
+
+
+def _inference_lines(rows: list[dict], metric: str) -> dict[str, dict[int, float]]:
+    """Per architecture, model size and batch: `metric` at each context length."""
+    lines: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in _inference(rows):
+        lines[f"{_cfg(r, 'model', 'arch')} {size(r)} b{r['batch']}"][r["context"]] = r[metric]
+    return lines
+
+
+def plot_inference(rows: list[dict], path: Path) -> bool:
+    decode, cache = _inference_lines(rows, "decode_tokens_per_s"), _inference_lines(rows, "cache_bytes")
+    if not any(len(points) > 1 for points in decode.values()):
+        return False
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, lines, scale in ((left, decode, 1.0), (right, cache, 2**-20)):
+        for key, points in sorted(lines.items()):
+            contexts = sorted(points)
+            ax.plot(contexts, [points[c] * scale for c in contexts], "o-", label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({c for points in lines.values() for c in points}))
+        ax.get_xaxis().set_major_formatter("{x:.0f}")
+    right.set_yscale("log")
+    right.set_xlabel("context (prompt + decoded tokens)")
+    right.set_ylabel("inference cache (MiB)")
+    right.set_title("Cache size: keys/values grow, states do not")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    return _save(fig, left, path, xlabel="context (prompt + decoded tokens)", ylabel="decode tokens/s",
+                 title="Decode speed against context")
 
 
 def model_check(pairs: list[tuple[dict, object]], cluster_name: str) -> list[str]:
@@ -206,14 +247,23 @@ def _fmt(value, spec: str) -> str:
 
 def tables(rows: list[dict]) -> list[str]:
     """Markdown lines: the points, then scaling efficiency, then the points that did not run."""
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (series_key(r), r["world_size"]))
-    out = ["## Points", "", "| point | layout | GPUs | tokens/s | tokens/s/GPU | step ms (± sd) | TFLOP/s/GPU | "
+    ok = sorted((r for r in _training(rows) if r["status"] == "ok"), key=lambda r: (series_key(r), r["world_size"]))
+    out = [] if not ok else ["## Points", "", "| point | layout | GPUs | tokens/s | tokens/s/GPU | step ms (± sd) | TFLOP/s/GPU | "
            "MFU | peak mem GiB | rank CPU spread |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in ok:
         out.append(f"| {series_key(r)} | {layout(r)} | {r['world_size']} | {r['tokens_per_s']:,.0f} | "
                    f"{r['tokens_per_s_per_gpu']:,.0f} | {r['step_time_s'] * 1e3:.1f} ± "
                    f"{r['step_time_std_s'] * 1e3:.1f} | {r['tflops_per_gpu']:.3g} | {_fmt(r.get('mfu'), '.1%')} | "
                    f"{_fmt(r.get('peak_memory_gb'), '.2f')} | {_fmt(r.get('rank_cpu_spread'), '.1%')} |")
+    inference = sorted(_inference(rows), key=lambda r: (series_key(r), r["context"]))
+    if inference:
+        out += ["## Inference points", "", "Prefill of the prompt in one call, then one token per step through the "
+                "inference cache.", "", "| point | context | batch | prefill tokens/s | decode tokens/s | "
+                "decode ms/step | cache MiB | peak mem GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in inference:
+            out.append(f"| {series_key(r)} | {r['context']} | {r['batch']} | {r['prefill_tokens_per_s']:,.0f} | "
+                       f"{r['decode_tokens_per_s']:,.0f} | {r['decode_ms_per_step']:.2f} | "
+                       f"{r['cache_bytes'] / 2**20:.3g} | {_fmt(r.get('peak_memory_gb'), '.2f')} |")
     eff = {k: v for k, v in efficiency(rows).items() if len(v) > 1}
     if eff:
         counts = sorted({g for v in eff.values() for g in v})
@@ -238,18 +288,24 @@ def header(rows: list[dict], source: Path) -> list[str]:
     studies = sorted({r.get("study", "?") for r in rows})
     devices = sorted({r["device"] for r in rows if r.get("device")})
     versions = [r["versions"] for r in rows if r.get("versions")]
-    out = [f"# Throughput study: {', '.join(studies)}", "",
+    kind = "Inference" if all(r.get("measure") == "inference" for r in rows) else "Throughput"
+    out = [f"# {kind} study: {', '.join(studies)}", "",
            f"From `{source}`: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + " point(s).", "",
            f"- device: {', '.join(devices) or 'unknown'}"]
     if versions:
         out.append("- software: " + ", ".join(f"{k} {v}" for k, v in versions[-1].items()))
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in _training(rows) if r["status"] == "ok"]
+    if _inference(rows):
+        r = _inference(rows)[0]
+        out.append(f"- timing (inference): mean of {r['repeats']} prefill+decode runs per point after {r['warmup']} "
+                   f"untimed one(s)")
     if ok:
         steps = statistics.mode(r["timed_steps"] for r in ok)
         warm = statistics.mode(r["warmup_steps"] for r in ok)
         out.append(f"- timing: mean of {steps} optimizer steps per point after {warm} untimed warm-up steps")
-    if any(r.get("memory_kind") == "cpu_rss_rank0" for r in ok):
-        out.append("- memory on CPU is rank 0's peak resident set (interpreter and libraries included)")
+    if any(r.get("memory_kind") in ("cpu_rss_rank0", "cpu_rss") for r in rows if r["status"] == "ok"):
+        out.append("- memory on CPU is the peak resident set (of rank 0 in training; interpreter and libraries "
+                   "included)")
     return out
 
 
@@ -297,7 +353,8 @@ def write_report(results: Path, out_dir: Path | None = None, *, cluster_path: Pa
     lines = header(rows, results) + [""] + tables(rows)
     figures = [("scaling.png", "Scaling", plot_scaling(rows, out_dir / "scaling.png")),
                ("mfu.png", "MFU", plot_mfu(rows, out_dir / "mfu.png")),
-               ("memory.png", "Peak memory", plot_memory(rows, out_dir / "memory.png"))]
+               ("memory.png", "Peak memory", plot_memory(rows, out_dir / "memory.png")),
+               ("inference.png", "Inference", plot_inference(rows, out_dir / "inference.png"))]
     if cluster_path is not None:
         from launch.perfmodel import Cluster, predict_measured
 
@@ -313,5 +370,5 @@ def write_report(results: Path, out_dir: Path | None = None, *, cluster_path: Pa
             lines += [f"![{title}]({name})", ""]
     md = out_dir / "report.md"
     md.write_text("\n".join(lines) + "\n")
-    (out_dir / "report.html").write_text(markdown_to_html(lines, f"Throughput study: {results}"))
+    (out_dir / "report.html").write_text(markdown_to_html(lines, lines[0].lstrip("# ")))
     return md

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import sweep
+from launch import report, sweep
 from launch.report import efficiency, layout, load_rows
 from tests.launch.conftest import REPO, clean_env
 
@@ -223,6 +223,15 @@ def test_inference_study_times_prefill_and_decode_per_architecture_and_context(t
         assert rows[("gla", seq_len, 1)]["cache_bytes"] == 2 * 2 * 2 * 8 * 16 * 4
     again = launch("sweep", str(study), "--out", str(out), "--no-report", cwd=tmp_path)
     assert again.returncode == 0 and "0 point(s) to run, 8 done" in again.stdout, again.stdout
+
+    md = report.write_report(out / "results.jsonl").read_text()
+    assert md.startswith("# Inference study: inf") and "## Points\n" not in md, md  # no training table
+    table = [line for line in md.splitlines() if line.startswith("| arch=")]
+    assert len(table) == 4 + 4, md  # the 4 points that ran, then the 4 that cannot run on one process
+    gla_64 = rows[("gla", 64, 1)]
+    assert (f"| {report.series_key(gla_64)} | 64 | 2 | {gla_64['prefill_tokens_per_s']:,.0f} | "
+            f"{gla_64['decode_tokens_per_s']:,.0f} |") in md, md
+    assert "![Inference](inference.png)" in md and (out / "inference.png").stat().st_size > 0
 
 
 def test_inference_studies_are_valid_and_their_ids_differ_from_training_ones(tmp_path):
