@@ -4,19 +4,42 @@
 
 `fn` must be importable (defined at module level). Inside it `torch.distributed` is initialised with gloo
 and RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT are set as torchrun would set them.
+
+The N processes are kept between calls (one pool per world size): starting a process and importing torch and
+the packages costs 4 s for 2 processes and 9 s for 4 on a 2-core machine, more than most tests run. Each call
+gets what a freshly started process would have: a new process group on a new port, the caller's environment,
+working directory and stdout/stderr (passed as file descriptors, so pytest's capture sees the output), torch's
+defaults (dtype, grad mode, one thread, a fresh random seed) and the signal handlers the process started with.
+DTensor's sharding caches are emptied after each call: they are keyed by meshes, and a DeviceMesh compares equal
+to one of an earlier call whose process groups are gone. Process groups get names no earlier call used, so a
+mesh that survived anyway fails loudly instead of finding another call's group of the same name.
+Module globals a test changes are not undone: such a test passes `fresh=True` and gets new processes. A call
+where a rank fails, dies or times out ends its pool (the other ranks may be stuck in a collective); the next
+call starts a new one. `TESTS_DIST_FRESH=1` makes every call start new processes.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
+import itertools
 import os
-import queue as queue_lib
+import signal
 import socket
+import sys
 import time
 import traceback
+import warnings
+from multiprocessing import connection, reduction
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 import torch.multiprocessing as mp
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+_task_ids = itertools.count()
 
 
 def free_port() -> int:
@@ -25,32 +48,171 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
+def _rank_environment(env: dict, rank: int, world_size: int, port: int) -> dict:
+    return {**env, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _run_on_rank(rank: int, world_size: int, fn, args) -> tuple[str, object]:
     torch.set_num_threads(1)  # as torchrun does: N processes on a few cores must not oversubscribe them
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        result = fn(*args)
-        queue.put((rank, "ok", result))
+        return "ok", fn(*args)
     except BaseException:  # report every failure, including assertion errors, to the parent
-        queue.put((rank, "error", traceback.format_exc()))
+        return "error", traceback.format_exc()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
+def _fresh_worker(rank, world_size, port, fn, args, queue):
+    os.environ.update(_rank_environment({}, rank, world_size, port))
+    status, value = _run_on_rank(rank, world_size, fn, args)
+    queue.put((rank, status, value))
+
+
+def _forget_caches() -> None:
+    """Empty DTensor's sharding-propagation caches and every functools cache of torch.distributed and our
+    packages, as a new process would have them."""
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    with warnings.catch_warnings():  # looking at torch.distributed.reduce_op warns that it is deprecated
+        warnings.simplefilter("ignore")
+        _clear_lru_caches()
+
+
+def _clear_lru_caches() -> None:
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("torch.distributed", "pretrain", "parallel", "launch", "data")):
+            continue
+        for value in list(vars(module).values()):
+            members = list(vars(value).values()) if isinstance(value, type) else []
+            for obj in (value, *members):
+                if isinstance(obj, (staticmethod, classmethod)):
+                    obj = obj.__func__
+                if isinstance(obj, functools._lru_cache_wrapper):
+                    obj.cache_clear()
+
+
+def _pool_worker(rank: int, world_size: int, conn) -> None:
+    """Run tasks sent by the parent until it sends None, each as if in a freshly started process."""
+    handlers = {s: signal.getsignal(s) for s in _SIGNALS}
+    while (task := conn.recv()) is not None:
+        task_id, port, fn, args, env, cwd = task
+        stdout_fd, stderr_fd = reduction.recv_handle(conn), reduction.recv_handle(conn)
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(stdout_fd, 1), os.dup2(stderr_fd, 2)  # the caller's stdout/stderr, as a spawned child inherits
+        os.close(stdout_fd), os.close(stderr_fd)
+        os.environ.clear()
+        os.environ.update(_rank_environment(env, rank, world_size, port))
+        os.chdir(cwd)
+        torch.seed()
+        c10d._world.group_count = 1_000_000 * (task_id + 1)  # the same on every rank: names agree across ranks
+        status, value = _run_on_rank(rank, world_size, fn, args)
+        _forget_caches()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        signal.alarm(0)
+        torch.set_default_dtype(torch.float32)
+        torch.set_grad_enabled(True)
+        sys.stdout.flush(), sys.stderr.flush()
+        try:
+            conn.send((task_id, rank, status, value))
+        except Exception:  # an unpicklable result
+            conn.send((task_id, rank, "error", traceback.format_exc()))
+        del value
+        gc.collect()
+
+
+class _Pool:
+    def __init__(self, world_size: int):
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for rank in range(world_size):
+            parent_end, child_end = ctx.Pipe(duplex=True)  # a Unix socket pair: it can carry file descriptors
+            proc = ctx.Process(target=_pool_worker, args=(rank, world_size, child_end), name=f"dist-pool-{rank}")
+            proc.start()
+            child_end.close()
+            self.conns.append(parent_end)
+            self.procs.append(proc)
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def submit(self, task_id: int, fn, args) -> None:
+        port, env, cwd = free_port(), dict(os.environ), os.getcwd()
+        sys.stdout.flush(), sys.stderr.flush()
+        for conn, proc in zip(self.conns, self.procs):
+            conn.send((task_id, port, fn, args, env, cwd))
+            reduction.send_handle(conn, 1, proc.pid)
+            reduction.send_handle(conn, 2, proc.pid)
+
+    def close(self, *, kill: bool) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            if not kill:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+            proc.join(timeout=0 if kill else 5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+            conn.close()
+
+
+_pools: dict[int, _Pool] = {}
+
+
+@atexit.register  # before multiprocessing's own exit handler, which would wait for the workers forever
+def _close_pools() -> None:
+    while _pools:
+        _pools.popitem()[1].close(kill=False)
+
+
+def _collect_from_pool(pool: _Pool, task_id: int, world_size: int, timeout: float) -> tuple[dict, list]:
+    results: dict[int, object] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout
+    waiting = dict(enumerate(pool.conns))
+    while waiting and not errors:
+        for conn in connection.wait(list(waiting.values()), timeout=1.0):
+            rank = next(r for r, c in waiting.items() if c is conn)
+            try:
+                got_id, _, status, value = conn.recv()
+            except EOFError:
+                errors.append(f"rank {rank} exited without a result (exit code {pool.procs[rank].exitcode})")
+                break
+            assert got_id == task_id, f"rank {rank} answered task {got_id}, not {task_id}"
+            del waiting[rank]
+            if status == "ok":
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank} failed:\n{value}")  # the others may be stuck in a collective
+                break
+        else:
+            dead = [r for r in waiting if not pool.procs[r].is_alive() and not pool.conns[r].poll()]
+            if dead:
+                errors.append(f"rank(s) {dead} exited without a result (exit codes "
+                              f"{[pool.procs[r].exitcode for r in dead]})")
+            elif time.monotonic() > deadline:
+                errors.append(f"timed out after {timeout:.0f} s; finished ranks: {sorted(results)}")
+    return results, errors
+
+
+def _collect_from_fresh(fn, args, world_size: int, timeout: float) -> tuple[dict, list]:
+    import queue as queue_lib
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_fresh_worker, args=(r, world_size, port, fn, args, queue))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
-    errors = []
+    errors: list[str] = []
     deadline = time.monotonic() + timeout
     while len(results) < world_size and not errors:
         try:
@@ -68,12 +230,31 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
         if status == "ok":
             results[rank] = value
         else:
-            # the other ranks may be stuck in a collective; do not wait for them
             errors.append(f"rank {rank} failed:\n{value}")
     for p in procs:
         p.join(timeout=5 if errors else timeout)
         if p.is_alive():
             p.kill()
+    return results, errors
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, fresh: bool = False) -> list:
+    """fn(*args) on `world_size` gloo ranks; their return values by rank. `fresh`: new processes for this call
+    (for a test that changes module globals or process state a later test would see)."""
+    if fresh or os.environ.get("TESTS_DIST_FRESH") == "1":
+        results, errors = _collect_from_fresh(fn, args, world_size, timeout)
+    else:
+        pool = _pools.get(world_size)
+        if pool is None or not pool.alive():
+            if pool is not None:
+                pool.close(kill=True)
+            pool = _pools[world_size] = _Pool(world_size)
+        task_id = next(_task_ids)
+        pool.submit(task_id, fn, args)
+        results, errors = _collect_from_pool(pool, task_id, world_size, timeout)
+        if errors:
+            del _pools[world_size]
+            pool.close(kill=True)
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]

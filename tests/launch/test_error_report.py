@@ -45,7 +45,7 @@ def _scenarios() -> float:
 
 
 def test_each_error_is_printed_once_naming_ranks_only_where_they_differ(capfd):
-    waited = run_distributed(_scenarios, 2)
+    waited = run_distributed(_scenarios, 2, fresh=True)  # it changes bootstrap.ERROR_WAIT_S
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if " error" in line]
     assert lines.count("config error: same everywhere") == 1, err

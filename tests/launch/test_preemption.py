@@ -42,7 +42,7 @@ def _signal_one_rank(run_dir):
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    assert run_distributed(_signal_one_rank, 2, tmp_path) == [(6, [signal.SIGUSR2])] * 2
+    assert run_distributed(_signal_one_rank, 2, tmp_path, fresh=True)  # signals == [(6, [signal.SIGUSR2])] * 2
     rows = [json.loads(line) for line in (tmp_path / "step_times.jsonl").read_text().splitlines()]
     assert [(r["step"], r["steps"]) for r in rows] == [(3, 3), (6, 3)]  # logged steps only, rank 0 writes
     assert all(len(r["wall_s"]) == len(r["cpu_s"]) == 2 and r["slowest_rank"] in (0, 1) for r in rows)
@@ -101,7 +101,7 @@ def test_stall_report_names_the_stalled_rank_and_step(tmp_path, monkeypatch, rec
         monkeypatch.delenv(name, raising=False)
     # as launch.bootstrap sets it, or as a user turns it off; the spawned ranks inherit it
     monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "2000" if recorder == "on" else "0")
-    rank0, rank1 = run_distributed(_stall, 2, tmp_path)
+    rank0, rank1 = run_distributed(_stall, 2, tmp_path, fresh=True)
     table = next(m for m in rank0 if m.startswith("stall:"))
     assert "after step 2; step 3 is stuck" in table
     if recorder == "on":  # rank 0 entered the default group's next all-reduce, rank 1 did not

@@ -39,7 +39,7 @@ def _finish_with_rank1_slow_to_destroy() -> tuple[float, float]:
 
 
 def test_after_a_finished_run_rank0_leaves_last():
-    (_, rank0_left), (rank1_destroyed, _) = run_distributed(_finish_with_rank1_slow_to_destroy, 2)
+    (_, rank0_left), (rank1_destroyed, _) = run_distributed(_finish_with_rank1_slow_to_destroy, 2, fresh=True)
     assert rank0_left >= rank1_destroyed, "rank 0 (the store's host under srun/mpirun) left before rank 1 was done"
 
 
