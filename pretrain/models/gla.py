@@ -88,7 +88,8 @@ class GatedLinearAttention(nn.Module):
         if cache is None:
             o = self.attend(q, k, v, g, docs)  # (B, T, H, Dv)
         elif T == 1:  # decoding one token: the plain recurrent step on the cached state (B, H, Dk, Dv)
-            o, cache.tensors["state"] = gla_step(q, k, v, g, cache.tensors.get("state"), impl=self.impl)
+            o, cache.tensors["state"] = gla_step(q, k, v, g, initial_state=cache.tensors.get("state"),
+                                                impl=self.impl)
         else:  # prefill: the chunked recurrence, continuing from the cached state, constant cost per token
             o, cache.tensors["state"] = gla(q, k, v, g, impl=self.impl, initial_state=cache.tensors.get("state"),
                                             output_final_state=True)

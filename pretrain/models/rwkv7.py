@@ -129,8 +129,8 @@ class RWKV7TimeMix(nn.Module):
         if cache is None:
             o = self.attend(r, w, k, v, -kk, kk * a, docs)  # (B, T, H, D)
         elif T == 1:  # decoding one token: the plain recurrent step on the cached state (B, H, D, D)
-            o, cache.tensors["state"] = rwkv7_step(r, w, k, v, -kk, kk * a, cache.tensors.get("state"),
-                                                   impl=self.impl)
+            o, cache.tensors["state"] = rwkv7_step(r, w, k, v, -kk, kk * a,
+                                                   initial_state=cache.tensors.get("state"), impl=self.impl)
         else:  # prefill: the chunked recurrence, continuing from the cached state, constant cost per token
             o, cache.tensors["state"] = rwkv7(r, w, k, v, -kk, kk * a, impl=self.impl,
                                               initial_state=cache.tensors.get("state"), output_final_state=True)

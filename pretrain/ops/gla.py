@@ -243,33 +243,34 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scal
     return (o, state) if output_final_state else o
 
 
-def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor | None = None,
-             scale: float | None = None, *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None, *,
+             initial_state: torch.Tensor | None = None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One step of `gla` (T = 1), for decoding with a recurrent state: S = Diag(e^g) S + kᵀv, o = scale · q S.
 
-    q, k, g: [B, 1, H, K]; v: [B, 1, H, V]; state: [B, H, K, V] before the step (None: zeros). Returns (o [B, 1, H, V]
-    in q's dtype, the new state [B, H, K, V], float32 or wider), as `gla(..., output_final_state=True)` would for
-    T = 1, but with a handful of elementwise ops instead of the chunked machinery (padding to a sub-chunk, scores,
-    a loop over chunks). impl: "auto" (fla's `fused_recurrent_gla` for CUDA tensors when fla imports, else
-    "torch"), "torch", "fla".
+    q, k, g: [B, 1, H, K]; v: [B, 1, H, V]; initial_state: [B, H, K, V] before the step (None: zeros). Returns
+    (o [B, 1, H, V] in q's dtype, the new state [B, H, K, V], float32 or wider), as `gla(...,
+    output_final_state=True)` would for T = 1, but with a handful of elementwise ops instead of the chunked
+    machinery (padding to a sub-chunk, scores, a loop over chunks). impl: "auto" (fla's `fused_recurrent_gla` for
+    CUDA tensors when fla imports, else "torch"), "torch", "fla". impl="fla" is for inference only: fla's
+    `fused_recurrent_gla` does have a backward, but no test here checks it (training runs `gla`, i.e. `chunk_gla`).
     """
     if q.ndim != 4 or q.shape[1] != 1 or k.shape != q.shape or g.shape != q.shape or v.ndim != 4 \
             or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"gla_step wants q, k, g as [B, 1, H, K] (all alike) and v as [B, 1, H, V]; got q "
                          f"{list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, g {list(g.shape)}")
     B, _, H, K = q.shape
-    _check_state(state, B, H, K, v.shape[-1], "gla_step")
+    _check_state(initial_state, B, H, K, v.shape[-1], "gla_step")
     scale = K ** -0.5 if scale is None else scale
     if _resolve_impl(impl, q, ("auto", "torch", "fla"), "gla_step") == "fla":
         from fla.ops.gla import fused_recurrent_gla
 
-        h0 = None if state is None else state.float()  # fla's kernels keep the state in float32
+        h0 = None if initial_state is None else initial_state.float()  # fla's kernels keep the state in float32
         return fused_recurrent_gla(q, k, v, g, scale=scale, initial_state=h0, output_final_state=True)
     out_dtype, dt = q.dtype, _compute_dtype(q.dtype)
     q, k, v, g = (x[:, 0].to(dt) for x in (q, k, v, g))  # (B, H, ·)
     S = k.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, K, V)  this step's write
-    if state is not None:
-        S = torch.addcmul(S, g.exp().unsqueeze(-1), state.to(dt))  # (B, H, K, V)
+    if initial_state is not None:
+        S = torch.addcmul(S, g.exp().unsqueeze(-1), initial_state.to(dt))  # (B, H, K, V)
     o = (q.unsqueeze(-2) @ S) * scale  # (B, H, 1, V)
     return o.transpose(1, 2).to(out_dtype), S  # (B, 1, H, V), (B, H, K, V)
 

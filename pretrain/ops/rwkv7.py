@@ -75,16 +75,16 @@ def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a:
     return (o, state) if output_final_state else o
 
 
-def rwkv7_step(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-               state: torch.Tensor | None = None, *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def rwkv7_step(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+               initial_state: torch.Tensor | None = None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One step of `rwkv7` (T = 1), for decoding with a recurrent state:
     S = Diag(e^w) S + b (aᵀ S) + kᵀ v, o = r S (the new S).
 
-    r, w, k, a, b: [B, 1, H, K]; v: [B, 1, H, V]; state: [B, H, K, V] before the step (None: zeros). Returns
-    (o [B, 1, H, V] in r's dtype, the new state [B, H, K, V], float32 or wider), as `rwkv7(...,
+    r, w, k, a, b: [B, 1, H, K]; v: [B, 1, H, V]; initial_state: [B, H, K, V] before the step (None: zeros).
+    Returns (o [B, 1, H, V] in r's dtype, the new state [B, H, K, V], float32 or wider), as `rwkv7(...,
     output_final_state=True)` would for T = 1, without the chunked machinery (scores, a triangular solve, a loop
     over chunks). impl: "auto" (fla's `fused_recurrent_rwkv7` for CUDA tensors when fla imports, else "torch"),
-    "torch", "fla".
+    "torch", "fla". impl="fla" is for inference only: fla's kernel has no backward (it raises in backward).
     """
     shape = r.shape
     if r.ndim != 4 or shape[1] != 1 or any(x.shape != shape for x in (w, k, a, b)) or v.ndim != 4 \
@@ -93,17 +93,17 @@ def rwkv7_step(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                          f"{list(r.shape)}, w {list(w.shape)}, k {list(k.shape)}, v {list(v.shape)}, "
                          f"a {list(a.shape)}, b {list(b.shape)}")
     B, _, H, K = shape
-    _check_state(state, B, H, K, v.shape[-1], "rwkv7_step")
+    _check_state(initial_state, B, H, K, v.shape[-1], "rwkv7_step")
     if _resolve_impl(impl, r, ("auto", "torch", "fla"), "rwkv7_step") == "fla":
         from fla.ops.rwkv7 import fused_recurrent_rwkv7
 
-        h0 = None if state is None else state.float()  # fla's kernels keep the state in float32
+        h0 = None if initial_state is None else initial_state.float()  # fla's kernels keep the state in float32
         return fused_recurrent_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=h0, output_final_state=True)
     out_dtype, dt = r.dtype, _compute_dtype(r.dtype)
     r, w, k, v, a, b = (x[:, 0].to(dt) for x in (r, w, k, v, a, b))  # (B, H, ·)
     S = k.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, K, V)  this step's write
-    if state is not None:
-        state = state.to(dt)
+    if initial_state is not None:
+        state = initial_state.to(dt)  # (B, H, K, V)
         u = a.unsqueeze(-2) @ state  # (B, H, 1, V)  aᵀ S, what the low-rank term reads
         S = S + w.exp().unsqueeze(-1) * state + b.unsqueeze(-1) * u  # (B, H, K, V)
     o = r.unsqueeze(-2) @ S  # (B, H, 1, V)

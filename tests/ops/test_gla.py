@@ -134,7 +134,7 @@ def test_step_matches_fla_naive_one_step_at_a_time():
     S = h0
     for t in range(q.shape[1]):
         inputs = [x[:, t:t + 1].clone().requires_grad_() for x in (q, k, v, g)] + [S.clone().requires_grad_()]
-        o, S_next = gla_step(*inputs[:4], inputs[4])
+        o, S_next = gla_step(*inputs[:4], initial_state=inputs[4])
         assert o.shape == (2, 1, 2, 32) and S_next.shape == h0.shape
         reference = naive_recurrent_gla(*inputs[:4], initial_state=inputs[4], output_final_state=True)
         assert_matches((o, S_next), reference, inputs, NAMES, 1e-6)
@@ -148,7 +148,7 @@ def test_step_float64_matches_loop():
     scale = 0.3
     S, outputs = h0, []
     for t in range(q.shape[1]):
-        o, S = gla_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], S, scale)
+        o, S = gla_step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], scale, initial_state=S)
         outputs.append(o)
     assert S.dtype == torch.float64
     o_loop, S_loop = loop_gla(q, k, v, g, h0, scale)
@@ -162,12 +162,14 @@ def test_step_without_a_state_starts_from_zero_and_keeps_a_float32_state():
     o_chunked, S_chunked = gla(q, k, v, g, output_final_state=True)
     assert_near(o, o_chunked, 1e-6, "o")
     assert_near(S, S_chunked, 1e-6, "state")
-    o_bf16, S_bf16 = gla_step(q.bfloat16(), k.bfloat16(), v.bfloat16(), g.bfloat16(), S)
+    o_bf16, S_bf16 = gla_step(q.bfloat16(), k.bfloat16(), v.bfloat16(), g.bfloat16(), initial_state=S)
     assert o_bf16.dtype == torch.bfloat16 and S_bf16.dtype == torch.float32
 
 
-@pytest.mark.parametrize("bad", ["two_steps", "k_shape", "v_heads", "state", "fla_on_cpu"])
-def test_step_bad_input_raises(bad):
+@pytest.mark.parametrize("bad,message", [
+    ("two_steps", r"got q \[1, 2, 2, 16\]"), ("k_shape", r"k \[1, 1, 2, 8\]"), ("v_heads", r"v \[1, 1, 1, 16\]"),
+    ("state", r"initial_state must be .* got \[1, 1, 16, 16\]"), ("fla_on_cpu", "needs CUDA tensors")])
+def test_step_bad_input_raises(bad, message):
     q, k, v, g, h0 = (x.detach() for x in make_inputs(1, 2, 2, 16, 16))
     q, k, v, g = (x[:, :1] for x in (q, k, v, g))
     kwargs = {}
@@ -181,8 +183,8 @@ def test_step_bad_input_raises(bad):
         h0 = h0[:, :1]
     else:
         kwargs["impl"] = "fla"
-    with pytest.raises(ValueError):
-        gla_step(q, k, v, g, h0, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        gla_step(q, k, v, g, initial_state=h0, **kwargs)
 
 
 @pytest.mark.gpu
@@ -190,7 +192,7 @@ def test_fla_step_matches_torch_step_bf16():
     pytest.importorskip("fla")
     q, k, v, g, h0 = (x.detach().cuda() for x in make_inputs(2, 1, 4, 64, 128, seed=7))
     g = F.logsigmoid(torch.randn_like(g)) / 16  # GLA's gate range
-    o_ref, S_ref = gla_step(q, k, v, g, h0, impl="torch")
-    o, S = gla_step(q.bfloat16(), k.bfloat16(), v.bfloat16(), g.bfloat16(), h0, impl="fla")
+    o_ref, S_ref = gla_step(q, k, v, g, initial_state=h0, impl="torch")
+    o, S = gla_step(q.bfloat16(), k.bfloat16(), v.bfloat16(), g.bfloat16(), initial_state=h0, impl="fla")
     assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
     assert rel_err(o, o_ref) <= 2e-2 and rel_err(S, S_ref) <= 2e-2

@@ -152,7 +152,7 @@ def test_step_matches_fla_dplr_recurrence_one_step_at_a_time(rwkv_ab):
     S = h0
     for t in range(r.shape[1]):
         inputs = [x[:, t:t + 1].clone().requires_grad_() for x in (r, w, k, v, a, b)] + [S.clone().requires_grad_()]
-        o, S_next = rwkv7_step(*inputs)
+        o, S_next = rwkv7_step(*inputs[:6], initial_state=inputs[6])
         assert o.shape == (2, 1, 2, 32) and S_next.shape == h0.shape
         assert_matches((o, S_next), fla_reference(*inputs), inputs, NAMES, 1e-6)
         S = S_next.detach()
@@ -163,7 +163,7 @@ def test_step_float64_matches_loop():
     r, w, k, v, a, b, h0 = (x.detach() for x in make_inputs(2, 20, 2, 16, 24, dtype=torch.float64, seed=5))
     S, outputs = h0, []
     for t in range(r.shape[1]):
-        o, S = rwkv7_step(*(x[:, t:t + 1] for x in (r, w, k, v, a, b)), S)
+        o, S = rwkv7_step(*(x[:, t:t + 1] for x in (r, w, k, v, a, b)), initial_state=S)
         outputs.append(o)
     assert S.dtype == torch.float64
     o_loop, S_loop = loop_rwkv7(r, w, k, v, a, b, h0)
@@ -177,13 +177,16 @@ def test_step_without_a_state_starts_from_zero_and_keeps_a_float32_state():
     o_chunked, S_chunked = rwkv7(*inputs, output_final_state=True)
     assert_near(o, o_chunked, 1e-6, "o")
     assert_near(S, S_chunked, 1e-6, "state")
-    o_bf16, S_bf16 = rwkv7_step(*(x.bfloat16() for x in inputs), S)
+    o_bf16, S_bf16 = rwkv7_step(*(x.bfloat16() for x in inputs), initial_state=S)
     assert o_bf16.dtype == torch.bfloat16 and S_bf16.dtype == torch.float32
 
 
-@pytest.mark.parametrize("bad", ["two_steps", "w_shape", "b_shape", "state", "fla_on_cpu"])
-def test_step_bad_input_raises(bad):
-    r, w, k, v, a, b, h0 = (x.detach()[:, :1] if x.ndim == 4 else x.detach() for x in make_inputs(1, 2, 2, 16, 16))
+@pytest.mark.parametrize("bad,message", [
+    ("two_steps", r"got r \[1, 2, 2, 16\]"), ("w_shape", r"w \[1, 1, 2, 8\]"), ("b_shape", r"b \[1, 1, 1, 16\]"),
+    ("state", r"initial_state must be .* got \[1, 2, 16, 8\]"), ("fla_on_cpu", "needs CUDA tensors")])
+def test_step_bad_input_raises(bad, message):
+    *inputs, h0 = (x.detach() for x in make_inputs(1, 2, 2, 16, 16))
+    r, w, k, v, a, b = (x[:, :1] for x in inputs)  # one step of the six inputs; the state h0 keeps its shape
     kwargs = {}
     if bad == "two_steps":
         r, w, k, v, a, b = (torch.cat((x, x), 1) for x in (r, w, k, v, a, b))
@@ -195,8 +198,8 @@ def test_step_bad_input_raises(bad):
         h0 = h0.transpose(-1, -2)[..., :8]
     else:
         kwargs["impl"] = "fla"
-    with pytest.raises(ValueError):
-        rwkv7_step(r, w, k, v, a, b, h0, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        rwkv7_step(r, w, k, v, a, b, initial_state=h0, **kwargs)
 
 
 @pytest.mark.gpu
@@ -204,7 +207,7 @@ def test_fla_step_matches_torch_step_bf16():
     pytest.importorskip("fla")
     inputs = [x.detach().cuda() for x in make_inputs(2, 1, 4, 64, 64, seed=7)]
     inputs[1] = -0.6065 * torch.sigmoid(torch.randn_like(inputs[1]))  # RWKV-7's decay range
-    o_ref, S_ref = rwkv7_step(*inputs, impl="torch")
-    o, S = rwkv7_step(*(x.bfloat16() for x in inputs[:6]), inputs[6], impl="fla")
+    o_ref, S_ref = rwkv7_step(*inputs[:6], initial_state=inputs[6], impl="torch")
+    o, S = rwkv7_step(*(x.bfloat16() for x in inputs[:6]), initial_state=inputs[6], impl="fla")
     assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
     assert rel_err(o, o_ref) <= 2e-2 and rel_err(S, S_ref) <= 2e-2
