@@ -134,7 +134,7 @@ def _sum_of_squares(groups: dict[tuple, list[torch.Tensor]], device: torch.devic
     for (mesh, sharded_dims), local in by_layout.items():
         for dim in sharded_dims:
             dist.all_reduce(local, group=mesh.get_group(dim))
-        total += local
+        total = total + local  # not in place: the sum takes the widest dtype (fp64 gradients stay fp64)
     return total
 
 

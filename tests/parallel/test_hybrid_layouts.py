@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from parallel.parallelize import ParallelModel
 from parallel.pipeline import balance_layers, stage_carries, stage_imbalance, stage_layers
 from pretrain.config import ConfigError, ModelConfig, build_config
 from pretrain.metrics import flops_by_layer, flops_per_token
+from pretrain.models import build_model
 from tests.dist import run_distributed
 from tests.parallel.layouts import STEPS, TOLERANCE, assert_same_params, assert_same_training, train_config
 
@@ -95,6 +97,20 @@ def test_cp2_document_masking_rwkv7_fox_float64():
     relative error in the state chain or in ring attention's dc fails this (3e-10, 8e-9) while the float32
     comparison cannot see it. Losses stay at 1e-5: the model takes them from float32 logits in any dtype."""
     check(2, {"cp": 2}, documents=True, patterns=PATTERNS[2:], dtype=torch.float64, params_atol=1e-10)
+
+
+def test_grad_norm_of_a_float64_model_is_float64():
+    """clip_grad_norm_ of a model cast with .double() under the float32 default dtype (one process): the norm is
+    float64 and equals the float64 norm of all its gradients to 1e-12 (a float32 accumulator errs by ~1e-8)."""
+    torch.manual_seed(0)
+    model = build_model(hybrid_config(PATTERNS[2]).model).double()
+    tokens = torch.randint(0, 67, (2, 17))
+    model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert expected.dtype == torch.float64
+    norm = ParallelModel(parts=[model]).clip_grad_norm_(0.0)
+    assert norm.dtype == torch.float64
+    torch.testing.assert_close(norm, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.slow
