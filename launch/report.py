@@ -178,10 +178,11 @@ def plot_memory(rows: list[dict], path: Path) -> bool:
 
 
 def _inference_lines(rows: list[dict], metric: str) -> dict[str, dict[int, float]]:
-    """Per architecture, model size and batch: `metric` at each context length."""
+    """Per point label less its sequence length (architecture, pattern, size, ...): `metric` at each context."""
     lines: dict[str, dict[int, float]] = defaultdict(dict)
     for r in _inference(rows):
-        lines[f"{_cfg(r, 'model', 'arch')} {size(r)} b{r['batch']}"][r["context"]] = r[metric]
+        key = " ".join(t for t in series_key(r).split() if not t.startswith("seq_len=")) or "(all)"
+        lines[key][r["context"]] = r[metric]
     return lines
 
 
@@ -246,10 +247,13 @@ def _fmt(value, spec: str) -> str:
 
 
 def tables(rows: list[dict]) -> list[str]:
-    """Markdown lines: the points, then scaling efficiency, then the points that did not run."""
-    ok = sorted((r for r in _training(rows) if r["status"] == "ok"), key=lambda r: (series_key(r), r["world_size"]))
-    out = [] if not ok else ["## Points", "", "| point | layout | GPUs | tokens/s | tokens/s/GPU | step ms (± sd) | TFLOP/s/GPU | "
-           "MFU | peak mem GiB | rank CPU spread |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown lines: the training points, the inference points, scaling efficiency, the points that did not
+    run."""
+    ok = sorted((r for r in _training(rows) if r["status"] == "ok"),
+                key=lambda r: (series_key(r), r["world_size"]))
+    out = [] if not ok else [
+        "## Points", "", "| point | layout | GPUs | tokens/s | tokens/s/GPU | step ms (± sd) | TFLOP/s/GPU | MFU | "
+        "peak mem GiB | rank CPU spread |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in ok:
         out.append(f"| {series_key(r)} | {layout(r)} | {r['world_size']} | {r['tokens_per_s']:,.0f} | "
                    f"{r['tokens_per_s_per_gpu']:,.0f} | {r['step_time_s'] * 1e3:.1f} ± "
@@ -294,10 +298,10 @@ def header(rows: list[dict], source: Path) -> list[str]:
            f"- device: {', '.join(devices) or 'unknown'}"]
     if versions:
         out.append("- software: " + ", ".join(f"{k} {v}" for k, v in versions[-1].items()))
-    ok = [r for r in _training(rows) if r["status"] == "ok"]
-    if _inference(rows):
-        r = _inference(rows)[0]
-        out.append(f"- timing (inference): mean of {r['repeats']} prefill+decode runs per point after {r['warmup']} "
+    ok, inference = [r for r in _training(rows) if r["status"] == "ok"], _inference(rows)
+    if inference:
+        repeats, warmup = (statistics.mode(r[k] for r in inference) for k in ("repeats", "warmup"))
+        out.append(f"- timing (inference): mean of {repeats} prefill+decode runs per point after {warmup} "
                    f"untimed one(s)")
     if ok:
         steps = statistics.mode(r["timed_steps"] for r in ok)

@@ -13,9 +13,13 @@ defaults (dtype, grad mode, one thread, a fresh random seed) and the signal hand
 DTensor's sharding caches are emptied after each call: they are keyed by meshes, and a DeviceMesh compares equal
 to one of an earlier call whose process groups are gone. Process groups get names no earlier call used, so a
 mesh that survived anyway fails loudly instead of finding another call's group of the same name.
-Module globals a test changes are not undone: such a test passes `fresh=True` and gets new processes. A call
-where a rank fails, dies or times out ends its pool (the other ranks may be stuck in a collective); the next
-call starts a new one. `TESTS_DIST_FRESH=1` makes every call start new processes.
+Warning filters and the root logger come back as they were; the warnings already shown are forgotten. A call
+that leaves Python threads running or replaces a function or class of torch.distributed, torch.Tensor or our
+packages (a test's patch) ends its pool after it. So does a call where a rank fails, dies or times out (the other
+ranks may be stuck in a collective). The next call starts a new pool. Not undone: data a test changes in module
+globals, modules imported (a fresh process imports them again) and atexit handlers (they run when the pool
+ends). A test that needs more passes `fresh=True` and gets new processes; `TESTS_DIST_FRESH=1` makes every call
+start new processes.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import atexit
 import functools
 import gc
 import itertools
+import logging
 import os
 import signal
 import socket
 import sys
 import time
+import threading
 import traceback
 import warnings
 from multiprocessing import connection, reduction
@@ -38,7 +44,6 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 import torch.multiprocessing as mp
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 _task_ids = itertools.count()
 
 
@@ -82,9 +87,14 @@ def _forget_caches() -> None:
         _clear_lru_caches()
 
 
+def _is_ours_or_distributed(module_name: str) -> bool:
+    return any(module_name == p or module_name.startswith(p + ".")
+               for p in ("torch.distributed", "pretrain", "parallel", "launch", "data", "tests"))
+
+
 def _clear_lru_caches() -> None:
     for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(("torch.distributed", "pretrain", "parallel", "launch", "data")):
+        if module is None or not _is_ours_or_distributed(name):
             continue
         for value in list(vars(module).values()):
             members = list(vars(value).values()) if isinstance(value, type) else []
@@ -95,11 +105,46 @@ def _clear_lru_caches() -> None:
                     obj.cache_clear()
 
 
+def _module_state() -> dict[tuple[str, str], int]:
+    """What a call could patch that a later call would see: the functions and classes of our packages' modules and
+    of torch.distributed, and torch.Tensor's attributes (by identity)."""
+    state = {("torch.Tensor", name): id(value) for name, value in vars(torch.Tensor).items()}
+    with warnings.catch_warnings():  # looking at torch.distributed.reduce_op warns that it is deprecated
+        warnings.simplefilter("ignore")
+        for name, module in list(sys.modules.items()):
+            if module is not None and _is_ours_or_distributed(name):
+                # functions and classes only: counters and other data change legitimately
+                state.update(((name, attr), id(value)) for attr, value in list(vars(module).items())
+                             if callable(value))
+    return state
+
+
+def _changed_by_the_call(threads_before: set, state_before: dict) -> str | None:
+    """Why the process is no longer as new (threads left running, a module attribute replaced), or None."""
+    threads = [t.name for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    if threads:
+        return f"threads left running: {threads}"
+    state = _module_state()
+    patched = [f"{module}.{attr}" for (module, attr), ident in state_before.items()
+               if state.get((module, attr), ident) != ident]
+    return f"attributes replaced: {patched[:5]}" if patched else None
+
+
 def _pool_worker(rank: int, world_size: int, conn) -> None:
     """Run tasks sent by the parent until it sends None, each as if in a freshly started process."""
-    handlers = {s: signal.getsignal(s) for s in _SIGNALS}
+    handlers = {}
+    for s in signal.valid_signals():
+        try:  # the handlers Python can set again (not SIGKILL's, not those installed outside Python)
+            handler = signal.getsignal(s)
+            if handler is not None:
+                signal.signal(s, handler)
+                handlers[s] = handler
+        except (OSError, ValueError):
+            pass
+    warning_filters, root_logger = warnings.filters[:], logging.getLogger()
+    log_level, log_handlers = root_logger.level, root_logger.handlers[:]
     while (task := conn.recv()) is not None:
-        task_id, port, fn, args, env, cwd = task
+        task_id, port, fn, args, env, cwd, path = task
         stdout_fd, stderr_fd = reduction.recv_handle(conn), reduction.recv_handle(conn)
         sys.stdout.flush(), sys.stderr.flush()
         os.dup2(stdout_fd, 1), os.dup2(stderr_fd, 2)  # the caller's stdout/stderr, as a spawned child inherits
@@ -107,20 +152,28 @@ def _pool_worker(rank: int, world_size: int, conn) -> None:
         os.environ.clear()
         os.environ.update(_rank_environment(env, rank, world_size, port))
         os.chdir(cwd)
+        sys.path[:] = path
         torch.seed()
         c10d._world.group_count = 1_000_000 * (task_id + 1)  # the same on every rank: names agree across ranks
+        threads_before, state_before = set(threading.enumerate()), _module_state()
         status, value = _run_on_rank(rank, world_size, fn, args)
-        _forget_caches()
+        del task, fn, args
+        signal.setitimer(signal.ITIMER_REAL, 0)  # before the handlers: a pending alarm must not reach the test's
         for s, handler in handlers.items():
             signal.signal(s, handler)
-        signal.alarm(0)
+        _forget_caches()
+        warnings.filters[:] = warning_filters
+        warnings._filters_mutated()  # forget which warnings were shown: a fresh process shows them again
+        root_logger.setLevel(log_level)
+        root_logger.handlers[:] = log_handlers
         torch.set_default_dtype(torch.float32)
         torch.set_grad_enabled(True)
         sys.stdout.flush(), sys.stderr.flush()
+        changed = _changed_by_the_call(threads_before, state_before)
         try:
-            conn.send((task_id, rank, status, value))
+            conn.send((task_id, rank, status, value, changed))
         except Exception:  # an unpicklable result
-            conn.send((task_id, rank, "error", traceback.format_exc()))
+            conn.send((task_id, rank, "error", traceback.format_exc(), changed))
         del value
         gc.collect()
 
@@ -144,7 +197,7 @@ class _Pool:
         port, env, cwd = free_port(), dict(os.environ), os.getcwd()
         sys.stdout.flush(), sys.stderr.flush()
         for conn, proc in zip(self.conns, self.procs):
-            conn.send((task_id, port, fn, args, env, cwd))
+            conn.send((task_id, port, fn, args, env, cwd, sys.path))
             reduction.send_handle(conn, 1, proc.pid)
             reduction.send_handle(conn, 2, proc.pid)
 
@@ -171,21 +224,27 @@ def _close_pools() -> None:
         _pools.popitem()[1].close(kill=False)
 
 
-def _collect_from_pool(pool: _Pool, task_id: int, world_size: int, timeout: float) -> tuple[dict, list]:
+def _collect_from_pool(pool: _Pool, task_id: int, world_size: int, timeout: float) -> tuple[dict, list, list]:
+    """Results by rank, errors, and why a rank's process is no longer as new (then the pool must end)."""
     results: dict[int, object] = {}
     errors: list[str] = []
+    changed: list[str] = []
     deadline = time.monotonic() + timeout
     waiting = dict(enumerate(pool.conns))
     while waiting and not errors:
         for conn in connection.wait(list(waiting.values()), timeout=1.0):
             rank = next(r for r, c in waiting.items() if c is conn)
             try:
-                got_id, _, status, value = conn.recv()
+                got_id, _, status, value, why_changed = conn.recv()
             except EOFError:
                 errors.append(f"rank {rank} exited without a result (exit code {pool.procs[rank].exitcode})")
                 break
-            assert got_id == task_id, f"rank {rank} answered task {got_id}, not {task_id}"
+            if got_id != task_id:
+                errors.append(f"rank {rank} answered call {got_id}, not {task_id} (a harness bug)")
+                break
             del waiting[rank]
+            if why_changed:
+                changed.append(f"rank {rank}: {why_changed}")
             if status == "ok":
                 results[rank] = value
             else:
@@ -198,7 +257,7 @@ def _collect_from_pool(pool: _Pool, task_id: int, world_size: int, timeout: floa
                               f"{[pool.procs[r].exitcode for r in dead]})")
             elif time.monotonic() > deadline:
                 errors.append(f"timed out after {timeout:.0f} s; finished ranks: {sorted(results)}")
-    return results, errors
+    return results, errors, changed
 
 
 def _collect_from_fresh(fn, args, world_size: int, timeout: float) -> tuple[dict, list]:
@@ -250,11 +309,16 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, fresh: b
                 pool.close(kill=True)
             pool = _pools[world_size] = _Pool(world_size)
         task_id = next(_task_ids)
-        pool.submit(task_id, fn, args)
-        results, errors = _collect_from_pool(pool, task_id, world_size, timeout)
-        if errors:
+        try:
+            pool.submit(task_id, fn, args)
+            results, errors, changed = _collect_from_pool(pool, task_id, world_size, timeout)
+        except BaseException:  # e.g. pytest-timeout or Ctrl-C: the ranks may still be running this call
             del _pools[world_size]
             pool.close(kill=True)
+            raise
+        if errors or changed:  # a rank may be stuck in a collective, or its process is no longer as new
+            del _pools[world_size]
+            pool.close(kill=bool(errors))
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]

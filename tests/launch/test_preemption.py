@@ -42,7 +42,7 @@ def _signal_one_rank(run_dir):
 
 
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
-    assert run_distributed(_signal_one_rank, 2, tmp_path, fresh=True)  # signals == [(6, [signal.SIGUSR2])] * 2
+    assert run_distributed(_signal_one_rank, 2, tmp_path, fresh=True) == [(6, [signal.SIGUSR2])] * 2
     rows = [json.loads(line) for line in (tmp_path / "step_times.jsonl").read_text().splitlines()]
     assert [(r["step"], r["steps"]) for r in rows] == [(3, 3), (6, 3)]  # logged steps only, rank 0 writes
     assert all(len(r["wall_s"]) == len(r["cpu_s"]) == 2 and r["slowest_rank"] in (0, 1) for r in rows)
