@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from parallel.tensor import (vocab_parallel_logits_grad, vocab_parallel_loss_sum, vocab_parallel_softmax_parts,
                              vocab_shard_start)
-from pretrain.models.common import IGNORE_INDEX
+from pretrain.models.common import IGNORE_INDEX, at_least_fp32
 
 
 def _chunk_slices(n: int, chunks: int) -> list[slice]:
@@ -35,8 +35,8 @@ def _chunk_slices(n: int, chunks: int) -> list[slice]:
 
 
 def _loss_sum(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ cross-entropy over labels != -100 of rows h (n, d), in fp32 like `LanguageModel.loss`."""
-    return F.cross_entropy(lm_head(h).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    """Σ cross-entropy over labels != -100 of rows h (n, d), in fp32 or wider like `LanguageModel.loss`."""
+    return F.cross_entropy(at_least_fp32(lm_head(h)), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -90,7 +90,8 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
                         torch.get_autocast_dtype(h.device.type))
         total = torch.zeros((), device=h.device)
         for s in ctx.slices:
-            shifted, sum_exp = vocab_parallel_softmax_parts(F.linear(h[s], weight).float(), group)  # (n, V_local)
+            logits = at_least_fp32(F.linear(h[s], weight))  # (n, V_local)
+            shifted, sum_exp = vocab_parallel_softmax_parts(logits, group)
             total = total + vocab_parallel_loss_sum(shifted, sum_exp, labels[s], vocab_start=vocab_start, group=group)
         count = (labels != IGNORE_INDEX).sum()
         ctx.save_for_backward(h, labels, weight, count)
@@ -105,7 +106,7 @@ class _ChunkedVocabParallelLoss(torch.autograd.Function):
         for s in ctx.slices:
             with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
                 h_chunk, w = h[s].detach().requires_grad_(), weight.detach().requires_grad_()
-                logits = F.linear(h_chunk, w).float()  # (n, V_local), recomputed
+                logits = at_least_fp32(F.linear(h_chunk, w))  # (n, V_local), recomputed
             with torch.no_grad():
                 shifted, sum_exp = vocab_parallel_softmax_parts(logits, ctx.group)
                 grad_logits = vocab_parallel_logits_grad(shifted, sum_exp, labels[s], vocab_start=ctx.vocab_start,

@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
-from pretrain.models.common import IGNORE_INDEX
+from pretrain.models.common import IGNORE_INDEX, at_least_fp32
 
 
 class ReplicatedParams(ParallelStyle):
@@ -198,7 +198,7 @@ def vocab_parallel_loss(lm_head: nn.Module, h: torch.Tensor, labels: torch.Tenso
     """Mean cross-entropy over labels != -100 from a vocab-sharded LM head; the full logits never exist."""
     logits = lm_head(h)  # DTensor (B, T, V) sharded on V
     mesh = logits.device_mesh
-    local = logits.to_local().float()  # (B, T, V_local): this rank's vocabulary slice
+    local = at_least_fp32(logits.to_local())  # (B, T, V_local): this rank's vocabulary slice
     start = vocab_shard_start(logits.shape[-1], mesh.size(), mesh.get_local_rank())
     return vocab_parallel_cross_entropy(local.flatten(0, 1), labels.flatten(), vocab_start=start,
                                         group=mesh.get_group())
@@ -256,7 +256,7 @@ def vocab_parallel_logits_grad(shifted: torch.Tensor, sum_exp: torch.Tensor, lab
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, vocab_start, group):  # logits (N, V_local) fp32, labels (N,)
+    def forward(ctx, logits, labels, vocab_start, group):  # logits (N, V_local) fp32 or fp64, labels (N,)
         shifted, sum_exp = vocab_parallel_softmax_parts(logits, group)
         total = vocab_parallel_loss_sum(shifted, sum_exp, labels, vocab_start=vocab_start, group=group)
         count = (labels != IGNORE_INDEX).sum()

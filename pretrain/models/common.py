@@ -84,6 +84,11 @@ def build_mlp(cfg: ModelConfig) -> nn.Module:
     return cls(cfg.d_model, mlp_hidden_size(cfg), bias=cfg.bias)
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 or wider (bf16/fp16 → fp32; fp32 and fp64 stay): the dtype of losses, gates and rotations."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def rope_angles(positions: int | torch.Tensor, head_dim: int, theta: float,
                 device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, computed in fp32: each (T, head_dim / 2) for positions 0 … T − 1 given as
@@ -97,7 +102,7 @@ def rope_angles(positions: int | torch.Tensor, head_dim: int, theta: float,
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., :D/2], x[..., D/2:]) of x (B, T, H, D) by the per-position angles ([B,] T, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each
+    x1, x2 = at_least_fp32(x).chunk(2, dim=-1)  # (B, T, H, D/2) each
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # ([B,] T, 1, D/2): broadcast over heads
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
@@ -283,8 +288,8 @@ class LanguageModel(nn.Module):
         return position_ids.clamp(max=self.cfg.seq_len - 1)  # (B, T)
 
     def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the LM head's logits over labels != -100, computed in fp32."""
-        logits = self.lm_head(h).float()  # (B, T, V)
+        """Mean cross-entropy of the LM head's logits over labels != -100, computed in fp32 (fp64 for fp64 logits)."""
+        logits = at_least_fp32(self.lm_head(h))  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.models.common import LanguageModel, LayerCache
+from pretrain.models.common import LanguageModel, LayerCache, at_least_fp32
 from pretrain.models.transformer import HeadRMSNorm
 from pretrain.ops.gla import gla, gla_step
 
@@ -39,10 +39,6 @@ class LowRank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.ACTIVATIONS[self.activation](self.down(x)))
-
-
-def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def linear_mixer_impl(cfg: ModelConfig) -> str:

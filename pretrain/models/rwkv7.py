@@ -35,9 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.models.common import (Block, LanguageModel, LayerCache, init_by_steps, make_norm,
+from pretrain.models.common import (Block, LanguageModel, LayerCache, at_least_fp32, init_by_steps, make_norm,
                                     mlp_hidden_size, orthogonal_weight, shift_tokens, zero_weight)
-from pretrain.models.gla import LowRank, at_least_fp32, linear_mixer_impl, reject_rope
+from pretrain.models.gla import LowRank, linear_mixer_impl, reject_rope
 from pretrain.ops.rwkv7 import rwkv7, rwkv7_step
 
 DECAY_SCALE = math.exp(-0.5)  # w = −e^{−½}·σ(·) ∈ (−0.607, 0): a step keeps at least e^{−0.607} ≈ 0.545 of S

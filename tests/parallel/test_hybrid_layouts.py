@@ -1,6 +1,6 @@
 """Hybrid models under every layout train like one process (5 optimizer steps, losses and final parameters within
-1e-5 in float32; one case in float64, parameters within 1e-10), resume exactly, and split into pipeline stages by
-cost."""
+1e-5 in float32; one case in float64, parameters within 1e-10 and losses within 1e-14), resume exactly, and split into
+pipeline stages by cost. A float64 model's loss and gradient norm stay float64."""
 
 import functools
 import itertools
@@ -9,7 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from parallel.minisequence import apply_minisequence
 from parallel.parallelize import ParallelModel
 from parallel.pipeline import balance_layers, stage_carries, stage_imbalance, stage_layers
 from pretrain.config import ConfigError, ModelConfig, build_config
@@ -57,13 +59,17 @@ def reference(mixers: str, train_json: str, documents: bool = False, dtype: torc
 
 
 def check(world: int, parallel: dict, train: dict | None = None, patterns=PATTERNS, *, documents: bool = False,
-          dtype: torch.dtype = torch.float32, params_atol: float = TOLERANCE) -> None:
+          dtype: torch.dtype = torch.float32, params_atol: float = TOLERANCE, losses_atol: float = TOLERANCE) -> None:
     train = train or {}
     run = functools.partial(train_hybrids, documents=documents, dtype=dtype)
     results = run_distributed(run, world, patterns, parallel, train)
     train_json = json.dumps(train, sort_keys=True)
     expected = {mixers: reference(mixers, train_json, documents, dtype) for mixers in patterns}
     assert_same_training(results, expected, patterns, params_atol=params_atol)
+    for mixers in patterns:  # assert_same_training holds losses to TOLERANCE; float64 ones can be held tighter
+        for rank_result in results:
+            np.testing.assert_allclose(rank_result[mixers][0], expected[mixers][0], rtol=0, atol=losses_atol,
+                                       err_msg=f"{mixers} losses")
 
 
 @pytest.mark.parametrize("parallel, train", [
@@ -95,8 +101,10 @@ def test_cp2_document_masking_rwkv7_fox_float64():
     relative and 5 steps to 2e-15 in every parameter (10 steps too, and 'fox,rwkv7', pure RWKV-7 and pure FoX
     alike): the drift is float32 rounding grown by training, not a layout bug. Hence float64 and 1e-10: a 1e-6
     relative error in the state chain or in ring attention's dc fails this (3e-10, 8e-9) while the float32
-    comparison cannot see it. Losses stay at 1e-5: the model takes them from float32 logits in any dtype."""
-    check(2, {"cp": 2}, documents=True, patterns=PATTERNS[2:], dtype=torch.float64, params_atol=1e-10)
+    comparison cannot see it. The losses agree to 9e-16 (float64 logits give a float64 loss), held to 1e-14; with the
+    loss taken from float32 logits they differed by 3.6e-7."""
+    check(2, {"cp": 2}, documents=True, patterns=PATTERNS[2:], dtype=torch.float64, params_atol=1e-10,
+          losses_atol=1e-14)
 
 
 def test_grad_norm_of_a_float64_model_is_float64():
@@ -111,6 +119,21 @@ def test_grad_norm_of_a_float64_model_is_float64():
     norm = ParallelModel(parts=[model]).clip_grad_norm_(0.0)
     assert norm.dtype == torch.float64
     torch.testing.assert_close(norm, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("chunks", [1, 3], ids=["plain", "minisequence"])
+def test_loss_of_a_float64_model_is_float64(chunks):
+    """A .double() model's loss (plain, and mini-sequence's chunked LM head) is float64 and equals float64
+    cross-entropy of its float64 logits to 1e-12: no float32 cast on the way (one process)."""
+    torch.manual_seed(0)
+    model = build_model(hybrid_config(PATTERNS[2]).model).double()
+    apply_minisequence(model, chunks)
+    tokens = torch.randint(0, 67, (2, 17))
+    loss = model(tokens[:, :-1], labels=tokens[:, 1:])
+    logits = model(tokens[:, :-1])  # (B, T, V)
+    assert logits.dtype == loss.dtype == torch.float64
+    expected = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.slow
