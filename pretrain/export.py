@@ -402,6 +402,8 @@ def _check_attention_spec(config: dict, cfg: ModelConfig, directory) -> None:
         raise ExportError(f"{directory}: its config.json puts softmax attention ('attn' layers) at layers "
                           f"{theirs_layers}, {where} at {ours_layers}; import it with a config whose transformer "
                           "layers are those.")
+    if ours is None:  # no softmax layers on either side (an empty 'attn' entry): no settings to compare
+        return
     for spec in specs:
         settings = {**spec, "num_kv_heads": spec.get("num_kv_heads") or spec.get("num_heads")}
         differ = [f"{k}={settings.get(k, fla_default)!r} there, {ours[k]!r} for this config"

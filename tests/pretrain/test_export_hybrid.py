@@ -132,6 +132,13 @@ def test_import_checks_the_attention_layers(tmp_path):
     write(perturbed_model(pure), pure, "fla-gla", tmp_path / "pure")
     with pytest.raises(ExportError, match=r"at layers \[\], model.mixers='gla\*3,transformer' at \[3\]"):
         import_model("fla", tmp_path / "pure", cfg)
+    # an 'attn' entry with no layers (its settings then apply to none) imports into a pure GLA config as before
+    expected = import_model("fla", tmp_path / "pure", pure).state_dict()
+    pure_config = json.loads((tmp_path / "pure" / "config.json").read_text())
+    no_attention = {**pure_config, "attn": {**config["attn"], "layers": []}}
+    (tmp_path / "pure" / "config.json").write_text(json.dumps(no_attention))
+    imported = import_model("fla", tmp_path / "pure", pure).state_dict()
+    assert imported.keys() == expected.keys() and all(torch.equal(imported[k], expected[k]) for k in expected)
 
 
 # --------------------------------------------------------------------------- refusals
