@@ -38,7 +38,7 @@ from pretrain.config import ConfigError, ModelConfig
 from pretrain.models.common import (Block, LanguageModel, LayerCache, at_least_fp32, init_by_steps, make_norm,
                                     mlp_hidden_size, orthogonal_weight, shift_tokens, zero_weight)
 from pretrain.models.gla import LowRank, linear_mixer_impl, reject_rope
-from pretrain.ops.rwkv7 import rwkv7, rwkv7_step
+from pretrain.ops.rwkv7 import rwkv7, rwkv7_kappa_step
 
 DECAY_SCALE = math.exp(-0.5)  # w = −e^{−½}·σ(·) ∈ (−0.607, 0): a step keeps at least e^{−0.607} ≈ 0.545 of S
 GROUP_NORM_EPS = 64e-5  # the reference's ln_x eps for its 64-wide heads (fla: head_dim · 1e-5)
@@ -129,8 +129,8 @@ class RWKV7TimeMix(nn.Module):
         if cache is None:
             o = self.attend(r, w, k, v, -kk, kk * a, docs)  # (B, T, H, D)
         elif T == 1:  # decoding one token: the plain recurrent step on the cached state (B, H, D, D)
-            o, cache.tensors["state"] = rwkv7_step(r, w, k, v, -kk, kk * a,
-                                                   initial_state=cache.tensors.get("state"), impl=self.impl)
+            o, cache.tensors["state"] = rwkv7_kappa_step(r, w, k, v, kk, a, initial_state=cache.tensors.get("state"),
+                                                         impl=self.impl)
         else:  # prefill: the chunked recurrence, continuing from the cached state, constant cost per token
             o, cache.tensors["state"] = rwkv7(r, w, k, v, -kk, kk * a, impl=self.impl,
                                               initial_state=cache.tensors.get("state"), output_final_state=True)

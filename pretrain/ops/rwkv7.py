@@ -24,7 +24,9 @@ before the chunk's first start, and the end-state map keeps the last segment (th
 the chunk has no start; b̃ᵀ W' vanishes by itself then, since W' of the last segment is 0).
 
 Decoding one token at a time (an inference cache), `rwkv7_step` runs the recurrence itself, one [K] × [K, V]
-product and elementwise ops on the state (fla's `fused_recurrent_rwkv7` on GPU), not the chunked machinery.
+product and elementwise ops on the state (fla's `fused_recurrent_rwkv7` on GPU), not the chunked machinery;
+`rwkv7_kappa_step` takes the layer's κ̂ and α instead of a and b (fla's `fused_mul_recurrent_rwkv7` forms them
+inside its kernel), which is what the RWKV-7 layer decodes with.
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a:
     return (o, state) if output_final_state else o
 
 
+def _check_step_shapes(r, w, k, v, a, b, initial_state, op: str) -> None:
+    shape = r.shape
+    if r.ndim != 4 or shape[1] != 1 or any(x.shape != shape for x in (w, k, a, b)) or v.ndim != 4 \
+            or v.shape[:3] != shape[:3]:
+        raise ValueError(f"{op} wants r, w, k, a, b as [B, 1, H, K] (all alike) and v as [B, 1, H, V]; got r "
+                         f"{list(r.shape)}, w {list(w.shape)}, k {list(k.shape)}, v {list(v.shape)}, "
+                         f"a {list(a.shape)}, b {list(b.shape)}")
+    B, _, H, K = shape
+    _check_state(initial_state, B, H, K, v.shape[-1], op)
+
+
 def rwkv7_step(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
                initial_state: torch.Tensor | None = None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """One step of `rwkv7` (T = 1), for decoding with a recurrent state:
@@ -86,14 +99,7 @@ def rwkv7_step(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     over chunks). impl: "auto" (fla's `fused_recurrent_rwkv7` for CUDA tensors when fla imports, else "torch"),
     "torch", "fla". impl="fla" is for inference only: fla's kernel has no backward (it raises in backward).
     """
-    shape = r.shape
-    if r.ndim != 4 or shape[1] != 1 or any(x.shape != shape for x in (w, k, a, b)) or v.ndim != 4 \
-            or v.shape[:3] != shape[:3]:
-        raise ValueError(f"rwkv7_step wants r, w, k, a, b as [B, 1, H, K] (all alike) and v as [B, 1, H, V]; got r "
-                         f"{list(r.shape)}, w {list(w.shape)}, k {list(k.shape)}, v {list(v.shape)}, "
-                         f"a {list(a.shape)}, b {list(b.shape)}")
-    B, _, H, K = shape
-    _check_state(initial_state, B, H, K, v.shape[-1], "rwkv7_step")
+    _check_step_shapes(r, w, k, v, a, b, initial_state, "rwkv7_step")
     if _resolve_impl(impl, r, ("auto", "torch", "fla"), "rwkv7_step") == "fla":
         from fla.ops.rwkv7 import fused_recurrent_rwkv7
 
@@ -108,6 +114,31 @@ def rwkv7_step(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         S = S + w.exp().unsqueeze(-1) * state + b.unsqueeze(-1) * u  # (B, H, K, V)
     o = r.unsqueeze(-2) @ S  # (B, H, 1, V)
     return o.transpose(1, 2).to(out_dtype), S  # (B, 1, H, V), (B, H, K, V)
+
+
+def rwkv7_kappa_step(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kk: torch.Tensor,
+                     alpha: torch.Tensor, *, initial_state: torch.Tensor | None = None,
+                     impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """`rwkv7_step` in the RWKV-7 layer's own terms: a = −κ̂, b = κ̂ ⊙ α, given κ̂ (`kk`) and α (`alpha`),
+    [B, 1, H, K] each; everything else as there. With impl="fla", fla's `fused_mul_recurrent_rwkv7` forms a and b
+    inside its decode kernel, two elementwise kernels fewer per layer and token than `rwkv7_step(..., -kk,
+    kk * alpha)`. impl="fla" is for inference only: that kernel records no autograd graph, so it refuses inputs
+    that require grad while grad mode is on.
+    """
+    if kk.shape != r.shape or alpha.shape != r.shape:
+        raise ValueError(f"rwkv7_kappa_step wants kk and alpha shaped like r {list(r.shape)}; got kk "
+                         f"{list(kk.shape)}, alpha {list(alpha.shape)}")
+    _check_step_shapes(r, w, k, v, kk, alpha, initial_state, "rwkv7_kappa_step")  # a, b: shaped like kk, alpha
+    if _resolve_impl(impl, r, ("auto", "torch", "fla"), "rwkv7_kappa_step") != "fla":
+        return rwkv7_step(r, w, k, v, -kk, kk * alpha, initial_state=initial_state, impl="torch")
+    inputs = (r, w, k, v, kk, alpha, initial_state)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        raise ValueError("rwkv7_kappa_step: impl='fla' computes no gradients (fla's fused_mul_recurrent_rwkv7 is an "
+                         "inference kernel); run it under torch.no_grad() or use impl='torch'")
+    from fla.ops.rwkv7 import fused_mul_recurrent_rwkv7
+
+    h0 = None if initial_state is None else initial_state.float()  # fla's kernels keep the state in float32
+    return fused_mul_recurrent_rwkv7(r, w, k, v, kk, alpha, scale=1.0, initial_state=h0, output_final_state=True)
 
 
 def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size, *, docs):
@@ -169,4 +200,4 @@ def _rwkv7_torch(r, w, k, v, a, b, initial_state, chunk_size, *, docs):
     return _from_chunks(o, T).to(out_dtype), S
 
 
-__all__ = ["rwkv7", "rwkv7_step"]
+__all__ = ["rwkv7", "rwkv7_kappa_step", "rwkv7_step"]

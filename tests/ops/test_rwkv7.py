@@ -1,20 +1,27 @@
 """`pretrain.ops.rwkv7`: equals fla's `dplr_recurrence` (outputs and every input gradient), the plain recurrence
 in float64, carries state across calls, keeps memory linear in T, and rejects bad input. `rwkv7_step` (one decode
-step) equals `dplr_recurrence` and the float64 loop step by step from a nonzero state.
+step) equals `dplr_recurrence` and the float64 loop step by step from a nonzero state; `rwkv7_kappa_step` is it with
+the layer's a = −κ̂, b = κ̂ ⊙ α, and its fla kernel (run by Triton's interpreter on CPU) equals the torch path.
 
 Tolerances: float32 vs fla, max |error| ≤ 1e-4 · max(1, max |reference|); float64 vs the loop, 1e-10 (same
 scaling); bf16 on GPU vs the float32 torch path, normwise relative error ≤ 2e-2 (outputs) / 5e-2 (grads).
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.ops.rwkv7 import rwkv7, rwkv7_step
+from pretrain.ops.rwkv7 import rwkv7, rwkv7_kappa_step, rwkv7_step
 from tests.ops.helpers import (assert_grads_rel, assert_matches, assert_near, assert_saved_memory_linear, log_gates,
                                qkv, rel_err)
 
 NAMES = ("r", "w", "k", "v", "a", "b", "h0")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_inputs(B, T, H, K, V, dtype=torch.float32, seed=0, rwkv_ab=True):
@@ -209,5 +216,87 @@ def test_fla_step_matches_torch_step_bf16():
     inputs[1] = -0.6065 * torch.sigmoid(torch.randn_like(inputs[1]))  # RWKV-7's decay range
     o_ref, S_ref = rwkv7_step(*inputs[:6], initial_state=inputs[6], impl="torch")
     o, S = rwkv7_step(*(x.bfloat16() for x in inputs[:6]), initial_state=inputs[6], impl="fla")
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
+    assert rel_err(o, o_ref) <= 2e-2 and rel_err(S, S_ref) <= 2e-2
+
+
+# --------------------------------------------------------------------------- the step in the layer's terms (κ̂, α)
+
+def kappa_inputs(seed: int, K: int = 16) -> list[torch.Tensor]:
+    """r, w, k, v, κ̂, α, h0 for one step (B = 2, H = 2), in RWKV-7's decay range w = −e^{−½}·σ(·)."""
+    gen = torch.Generator().manual_seed(seed)
+    r, k, v = qkv(gen, 2, 1, 2, K, K, torch.float32)
+    w = -0.6065 * torch.sigmoid(torch.randn(2, 1, 2, K, generator=gen))
+    kk = F.normalize(torch.randn(2, 1, 2, K, generator=gen), dim=-1)
+    alpha = torch.rand(2, 1, 2, K, generator=gen)
+    return [r, w, k, v, kk, alpha, torch.randn(2, 2, K, K, generator=gen)]
+
+
+def test_kappa_step_is_the_step_with_a_and_b_of_the_layer():
+    """rwkv7_kappa_step(r, w, k, v, κ̂, α) = rwkv7_step(r, w, k, v, a = −κ̂, b = κ̂ ⊙ α) (DESIGN.md), bitwise."""
+    *inputs, h0 = kappa_inputs(8)
+    r, w, k, v, kk, alpha = inputs
+    o, S = rwkv7_kappa_step(*inputs, initial_state=h0)
+    o_ref, S_ref = rwkv7_step(r, w, k, v, -kk, kk * alpha, initial_state=h0)
+    assert torch.equal(o, o_ref) and torch.equal(S, S_ref)
+
+
+@pytest.mark.parametrize("bad,message", [("kk", r"kk and alpha shaped like r .* got kk \[2, 1, 2, 8\]"),
+                                         ("v", r"got r .* v \[2, 1, 1, 16\]"),
+                                         ("state", r"initial_state must be .* got \[2, 2, 16, 8\]"),
+                                         ("fla_on_cpu", "needs CUDA tensors")])
+def test_kappa_step_bad_input_raises(bad, message):
+    r, w, k, v, kk, alpha, h0 = kappa_inputs(8)
+    kwargs = {}
+    if bad == "kk":
+        kk = kk[..., :8]
+    elif bad == "v":
+        v = v[:, :, :1]
+    elif bad == "state":
+        h0 = h0[..., :8]
+    else:
+        kwargs["impl"] = "fla"
+    with pytest.raises(ValueError, match=message):
+        rwkv7_kappa_step(r, w, k, v, kk, alpha, initial_state=h0, **kwargs)
+
+
+def check_fla_kappa_step_interpreted() -> None:
+    """fla's `fused_mul_recurrent_rwkv7` (our impl="fla") equals the torch path, float32, max |error| ≤ 1e-5 ·
+    max(1, max |reference|), with and without a state; it refuses inputs that require grad. Run only in a process
+    set up by tests.ops.fla_interpret (Triton's interpreter on CPU): the next test does that."""
+    *inputs, h0 = kappa_inputs(9)
+    for state in (h0, None):
+        expected = rwkv7_kappa_step(*inputs, initial_state=state, impl="torch")
+        with torch.no_grad():
+            actual = rwkv7_kappa_step(*inputs, initial_state=state, impl="fla")
+        assert actual[1].dtype == torch.float32
+        for what, a, b in zip(("o", "state"), actual, expected):
+            assert_near(a, b, 1e-5, f"{what} ({'with' if state is not None else 'without'} a state)")
+    try:
+        rwkv7_kappa_step(inputs[0].requires_grad_(), *inputs[1:], initial_state=h0, impl="fla")
+    except ValueError as error:
+        assert "computes no gradients" in str(error), error
+    else:
+        raise AssertionError("impl='fla' accepted an input that requires grad")
+
+
+@pytest.mark.slow
+def test_fla_kappa_step_matches_torch_path_interpreted():
+    """fla's decode kernel, run on CPU by Triton's interpreter in a fresh process (~10 s)."""
+    pytest.importorskip("fla")
+    script = ("import tests.ops.fla_interpret; from tests.ops.test_rwkv7 import check_fla_kappa_step_interpreted; "
+              "check_fla_kappa_step_interpreted(); print('ok')")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_fla_kappa_step_matches_torch_step_bf16():
+    pytest.importorskip("fla")
+    *inputs, h0 = (x.cuda() for x in kappa_inputs(10, K=64))
+    o_ref, S_ref = rwkv7_kappa_step(*inputs, initial_state=h0, impl="torch")
+    with torch.no_grad():
+        o, S = rwkv7_kappa_step(*(x.bfloat16() for x in inputs), initial_state=h0, impl="fla")
     assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
     assert rel_err(o, o_ref) <= 2e-2 and rel_err(S, S_ref) <= 2e-2
