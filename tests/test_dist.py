@@ -3,6 +3,7 @@ process changed or broken ends its pool."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import pytest
@@ -68,3 +69,15 @@ def test_each_call_gets_its_own_process_groups():
     (again, other_group), _ = run_distributed(_sharded_sum, 2)
     assert total == again == 2 * sum(range(8))
     assert group != other_group
+
+
+def _crash_on_a_pooled_rank_1() -> int:
+    if dist.get_rank() == 1 and multiprocessing.current_process().name.startswith("dist-pool"):
+        os.abort()  # as a native crash would
+    return dist.get_rank()
+
+
+def test_a_native_crash_in_a_pooled_process_runs_the_call_again_in_new_processes():
+    run_distributed(_process, 2)  # a pool exists
+    with pytest.warns(UserWarning, match="rank 1 exited without a result.*running it again in new processes"):
+        assert run_distributed(_crash_on_a_pooled_rank_1, 2) == [0, 1]
