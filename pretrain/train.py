@@ -31,6 +31,7 @@ from pretrain.checkpoint import Checkpointer, CheckpointError, RunLock, UnsafeCh
 from pretrain.config import Config, ConfigError, kernel_warning, load_config
 from pretrain.metrics import MetricsLogger, attention_span, flops_per_token, peak_flops
 from pretrain.models import build_model
+from pretrain.models.common import at_least_fp32
 from pretrain.optim import build_optimizer, lr_at
 
 log = logging.getLogger("pretrain")
@@ -87,7 +88,7 @@ def evaluate(model: ParallelModel, batches, autocast) -> float:
         if model.schedule is not None:
             loss = model.pipeline_eval(batches)
         else:
-            loss = torch.stack([model.parts[0](tokens, **inputs).float()
+            loss = torch.stack([at_least_fp32(model.parts[0](tokens, **inputs))
                                 for tokens, inputs in map(model_inputs, batches)]).mean()
     for part in model.parts:
         part.train()
