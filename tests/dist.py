@@ -14,13 +14,13 @@ DTensor's sharding caches are emptied after each call: they are keyed by meshes,
 to one of an earlier call whose process groups are gone. Process groups get names no earlier call used, so a
 mesh that survived anyway fails loudly instead of finding another call's group of the same name.
 Warning filters and the root logger come back as they were; the warnings already shown are forgotten. A call
-that leaves Python threads running or replaces a function or class of torch.distributed, torch.Tensor or our
-packages (a test's patch) ends its pool after it. So does a call where a rank fails, dies or times out (the other
+that leaves Python threads running, more than MAX_NATIVE_THREADS threads in all, or replaces a function or class
+of torch.distributed, torch.Tensor or our packages (a test's patch) ends its pool after it. So does a call where a rank fails, dies or times out (the other
 ranks may be stuck in a collective). The next call starts a new pool. A call whose pooled process died without a
 Python error (a native crash) runs once more in new processes, with a warning, and the new outcome counts. Not undone: data a test changes in module
 globals, modules imported (a fresh process imports them again) and atexit handlers (they run when the pool
 ends). A test that needs more passes `fresh=True` and gets new processes; `TESTS_DIST_FRESH=1` makes every call
-start new processes.
+start new processes. `TESTS_DIST_DEBUG=1` prints why a pooled process is replaced (to the call's stderr).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import torch.distributed.distributed_c10d as c10d
 import torch.multiprocessing as mp
 
 _task_ids = itertools.count()
+MAX_NATIVE_THREADS = 128  # a pooled process with more threads after a call is replaced
 
 
 def free_port() -> int:
@@ -120,11 +121,25 @@ def _module_state() -> dict[tuple[str, str], int]:
     return state
 
 
+def _os_threads() -> int:
+    """Threads of this process, native ones included (gloo's, of process groups that something still holds)."""
+    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else threading.active_count()
+
+
 def _changed_by_the_call(threads_before: set, state_before: dict) -> str | None:
-    """Why the process is no longer as new (threads left running, a module attribute replaced), or None."""
+    """Why the process is no longer as new (Python threads left running, a module attribute replaced, too many
+    native threads), or None."""
     threads = [t.name for t in threading.enumerate() if t not in threads_before and t.is_alive()]
     if threads:
         return f"threads left running: {threads}"
+    # Calls leave native threads behind (20-50 after a tp/pp layout, of process groups torch keeps): they piled up
+    # to hundreds per process over a run and loaded the machine, so a process past the bound is replaced.
+    for _ in range(20):  # threads of destroyed process groups may take a moment to end
+        if _os_threads() <= MAX_NATIVE_THREADS:
+            break
+        time.sleep(0.01)
+    else:
+        return f"{_os_threads()} native threads (more than {MAX_NATIVE_THREADS})"
     state = _module_state()
     patched = [f"{module}.{attr}" for (module, attr), ident in state_before.items()
                if state.get((module, attr), ident) != ident]
@@ -170,13 +185,15 @@ def _pool_worker(rank: int, world_size: int, conn) -> None:
         torch.set_default_dtype(torch.float32)
         torch.set_grad_enabled(True)
         sys.stdout.flush(), sys.stderr.flush()
+        gc.collect()  # what the call left in reference cycles (process groups among them) goes now
         changed = _changed_by_the_call(threads_before, state_before)
+        if os.environ.get("TESTS_DIST_DEBUG") and changed:
+            print(f"dist pool rank {rank}: {changed}", file=sys.stderr, flush=True)
         try:
             conn.send((task_id, rank, status, value, changed))
         except Exception:  # an unpicklable result
             conn.send((task_id, rank, "error", traceback.format_exc(), changed))
         del value
-        gc.collect()
 
 
 class _Pool:
